@@ -1,0 +1,16 @@
+"""herd: run, serve, quantize, train and distill Llama-4-architecture models on one readable codebase."""
+from __future__ import annotations
+
+from pathlib import Path
+
+__version__ = "0.1.0"
+
+
+def load(path, dtype=None, device="cpu"):
+    """Load a model: an HF checkpoint folder (config.json + safetensors). Returns a torch module with `.config`;
+    calling it on input_ids (B, T) returns logits (B, T, vocab).
+
+    dtype: torch dtype for floating-point weights (None keeps the stored dtype).
+    """
+    from .checkpoint import load_hf
+    return load_hf(Path(path), dtype=dtype, device=device)

@@ -1,0 +1,240 @@
+"""The Llama 4 text trunk (and, with its features switched off, Llama 2/3). Math only.
+
+Architecture, each a per-layer boolean from `config.LayerSpec`:
+- Pre-norm decoder blocks with RMSNorm (fp32 compute, cast back, then the weight).
+- Grouped-query attention; RoPE on the interleaved (2i, 2i+1) pairs, with optional llama3 frequency scaling.
+- iRoPE (https://ai.meta.com/blog/llama-4-multimodal-intelligence/): 3 of 4 layers use RoPE and attend only inside
+  block-aligned chunks of `attn_chunk_size` tokens; every 4th layer is NoPE and attends globally, with attention
+  temperature tuning (q scaled by 1 + attn_scale * ln(floor((p + 1) / floor_scale) + 1)).
+- QK-norm: a weightless RMS norm of each q and k head, after RoPE, on RoPE layers.
+- Mixture of experts: top-1 on the raw router logits, the sigmoid of the winner scales the expert's INPUT, plus an
+  always-on shared expert (Switch/DeepSeekMoE style, https://arxiv.org/abs/2401.06066). Dense SwiGLU elsewhere.
+
+Tensor letters: B batch, T new tokens, S attended keys, H query heads, K kv heads, D head dim, N = B*T tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import LayerSpec, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_normalize(x, self.eps) * self.weight
+
+
+def rms_normalize(x, eps: float):
+    # fp32 statistics, then back to the activation dtype BEFORE any weight multiply (Llama reference order)
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).type_as(x)
+
+
+# ---- rotary position embedding ----------------------------------------------------------------------------------
+def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
+    """inv_freq (D/2,) in fp32, llama3-scaled when the config says so."""
+    D = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq
+    # llama3 scaling: keep high frequencies, divide low ones by `factor`, blend the band between.
+    low_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_wavelen = s.original_max_seq_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    if s.high_freq_factor != s.low_freq_factor:
+        smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+        is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        scaled = torch.where(is_mid, blended, scaled)
+    return scaled
+
+
+def rope_angles(pos: torch.Tensor, inv_freq: torch.Tensor):
+    """(cos, sin), each (B, T, 1, D/2) fp32, for absolute positions pos (B, T)."""
+    angles = pos.float()[..., None] * inv_freq           # (B, T, D/2)
+    return angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x (B, T, H, D) by the angles (Meta/GPT-J convention)."""
+    xf = x.float().unflatten(-1, (-1, 2))                # (B, T, H, D/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+def attention_temperature(pos, floor_scale: float, attn_scale: float):
+    """NoPE-layer q scale (B, T, 1, 1): exactly 1 for p + 1 < floor_scale, grows like log(p) beyond."""
+    scale = 1.0 + attn_scale * torch.log1p(torch.floor((pos.float() + 1.0) / floor_scale))
+    return scale[:, :, None, None]
+
+
+def attention_mask(q_pos, k_pos, chunk_size: int | None):
+    """Boolean (B, 1, T, S): key visible iff it exists (pos >= 0), is not in the future, and, on chunked layers,
+    lies in the same block-aligned chunk as the query (floor(k / C) == floor(q / C); not a sliding window)."""
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]        # (B, T, 1), (B, 1, S)
+    mask = (kp >= 0) & (kp <= qp)
+    if chunk_size is not None:
+        mask &= torch.div(kp, chunk_size, rounding_mode="floor") == torch.div(qp, chunk_size, rounding_mode="floor")
+    # Padding queries (pos < 0) see nothing; give them every key so softmax stays finite. Their outputs are unused.
+    mask |= ~mask.any(-1, keepdim=True)
+    return mask[:, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.spec: LayerSpec = cfg.layers[layer_id]
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.chunk_size = cfg.attn_chunk_size if self.spec.chunked else None
+        self.norm_eps, self.floor_scale, self.attn_scale = cfg.norm_eps, cfg.floor_scale, cfg.attn_scale
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def project_qkv(self, x):
+        """q (B, T, H, D), k and v (B, T, K, D). quantize.py swaps this for a fused projection."""
+        B, T, _ = x.shape
+        return (self.wq(x).view(B, T, self.n_heads, self.head_dim),
+                self.wk(x).view(B, T, self.n_kv_heads, self.head_dim),
+                self.wv(x).view(B, T, self.n_kv_heads, self.head_dim))
+
+    def forward(self, x, pos, rope, kv_cache=None):
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        if self.spec.uses_rope:
+            q, k = apply_rope(q, rope[0], rope[1]), apply_rope(k, rope[0], rope[1])
+        if self.spec.qk_norm:
+            q, k = rms_normalize(q, self.norm_eps), rms_normalize(k, self.norm_eps)
+        if self.spec.temperature_tuning:
+            q = (q * attention_temperature(pos, self.floor_scale, self.attn_scale)).type_as(q)
+        if kv_cache is not None:
+            # The cache returns every key this step may attend to (earlier ones + these) and their positions.
+            k, v, k_pos = kv_cache.update(self.layer_id, k, v, pos)
+        else:
+            k_pos = pos
+        mask = attention_mask(pos, k_pos, self.chunk_size)
+        out = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)   # gate
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)   # up
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)   # down
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stacked: w1, w3 (E, F, D) and w2 (E, D, F), each [out, in] like nn.Linear."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w3 = nn.Parameter(torch.empty(n_experts, hidden_dim, dim))
+        self.w2 = nn.Parameter(torch.empty(n_experts, dim, hidden_dim))
+
+    def forward(self, x, expert_idx, gate):
+        # x (N, D), expert_idx and gate (N, top_k): only the chosen expert runs for each token
+        return ops.run_experts(x, expert_idx, gate, self.w1, self.w2, self.w3)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        m = cfg.moe
+        self.top_k = m.top_k
+        self.router = nn.Linear(cfg.dim, m.n_experts, bias=False)
+        self.experts = Experts(m.n_experts, cfg.dim, m.expert_dim)
+        self.shared_expert = FeedForward(cfg.dim, m.expert_dim)
+        self.router_logits = None   # (N, E) of the last training forward, for the load-balancing loss
+
+    def forward(self, x):                                   # x: (B, T, D)
+        B, T, D = x.shape
+        x = x.reshape(-1, D)                                # (N, D)
+        logits = self.router(x)                             # (N, E), raw: top-k is taken before any sigmoid
+        top_logits, top_idx = logits.topk(self.top_k, dim=-1)  # (N, K)
+        gate = torch.sigmoid(top_logits.float()).to(x.dtype)   # scales the expert's input, not its output
+        if self.training:
+            self.router_logits = logits
+        out = self.shared_expert(x) + self.experts(x, top_idx, gate)
+        return out.view(B, T, D)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        self.attention = Attention(cfg, layer_id)
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = MoE(cfg) if cfg.layers[layer_id].is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, pos, rope, kv_cache=None):
+        h = x + self.attention(self.attention_norm(x), pos, rope, kv_cache)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        # NOTE: this runs on the meta device: it only defines shapes. Weights come from init_weights() or a
+        # checkpoint loaded with assign=True.
+        super().__init__()
+        self.config = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None):
+        """Fresh weights for training from scratch: normal(0, std) matrices, unit norms."""
+        g = torch.Generator(device="cpu")
+        if seed is not None:
+            g.manual_seed(seed)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+        return self
+
+    def forward(self, tokens, *, input_pos=None, kv_cache=None, embeddings=None, logit_index=None):
+        """tokens (B, T) -> logits (B, T, V) in fp32.
+
+        input_pos: (B, T) absolute positions, -1 for padding; default 0..T-1 in every row.
+        kv_cache: the engine's cache (see engine.KVCache.update); None recomputes everything.
+        embeddings: (B, T, dim) input rows to use instead of the token embeddings (early fusion, see vision.py).
+        logit_index: (B,) one position per row whose logits are wanted -> (B, 1, V); saves the full-vocab matmul.
+        """
+        B, T = tokens.shape
+        if input_pos is None:
+            input_pos = torch.arange(T, device=tokens.device).expand(B, T)
+        h = self.tok_embeddings(tokens) if embeddings is None else embeddings
+        rope = rope_angles(input_pos, rope_frequencies(self.config, tokens.device))
+        for layer in self.layers:
+            h = layer(h, input_pos, rope, kv_cache)
+        if logit_index is not None:
+            h = h[torch.arange(B, device=h.device), logit_index][:, None]   # (B, 1, dim)
+        return self.output(self.norm(h)).float()

@@ -1,0 +1,66 @@
+"""Every fast path against its reference twin."""
+import torch
+
+from herd import ops
+from herd.model import attention_mask
+
+
+def test_run_experts_matches_reference():
+    N, D, F, E, K = 37, 16, 24, 6, 1
+    x = torch.randn(N, D)
+    w1, w3, w2 = torch.randn(E, F, D), torch.randn(E, F, D), torch.randn(E, D, F)
+    logits = torch.randn(N, E)
+    top, idx = logits.topk(K, dim=-1)
+    gate = torch.sigmoid(top)
+    fast = ops.run_experts(x, idx, gate, w1, w2, w3)
+    ref = ops.run_experts_reference(x, idx, gate, w1, w2, w3)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_run_experts_top2_and_empty_experts():
+    N, D, F, E = 9, 8, 12, 8
+    x = torch.randn(N, D)
+    w1, w3, w2 = torch.randn(E, F, D), torch.randn(E, F, D), torch.randn(E, D, F)
+    idx = torch.randint(0, 3, (N, 2))          # experts 3..7 receive nothing
+    idx[:, 1] = (idx[:, 0] + 1) % 3
+    gate = torch.rand(N, 2)
+    torch.testing.assert_close(ops.run_experts(x, idx, gate, w1, w2, w3),
+                               ops.run_experts_reference(x, idx, gate, w1, w2, w3), rtol=1e-5, atol=1e-4)
+
+
+def test_run_experts_gradients_match():
+    N, D, F, E = 20, 8, 12, 4
+    x = torch.randn(N, D, requires_grad=True)
+    ws = [torch.randn(E, F, D, requires_grad=True), torch.randn(E, D, F, requires_grad=True),
+          torch.randn(E, F, D, requires_grad=True)]
+    idx = torch.randint(0, E, (N, 1))
+    gate = torch.rand(N, 1, requires_grad=True)
+    grads = []
+    for fn in (ops.run_experts, ops.run_experts_reference):
+        out = fn(x, idx, gate, ws[0], ws[1], ws[2])
+        grads.append(torch.autograd.grad(out.square().sum(), [x, gate, *ws]))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_attention_matches_reference():
+    B, H, K, T, S, D = 2, 8, 2, 5, 12, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, K, S, D), torch.randn(B, K, S, D)
+    q_pos = torch.arange(7, 12).expand(B, T)
+    k_pos = torch.arange(S).expand(B, S).clone()
+    k_pos[1, :3] = -1                               # empty cache slots in row 1
+    mask = attention_mask(q_pos, k_pos, chunk_size=4)
+    torch.testing.assert_close(ops.attention(q, k, v, mask), ops.attention_reference(q, k, v, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_mask_is_block_aligned():
+    """Spec 9(c): chunk size 4, positions across a boundary. Position 4 starts a chunk and sees only itself."""
+    pos = torch.arange(10)[None]
+    m = attention_mask(pos, pos, chunk_size=4)[0, 0]
+    assert m[4].nonzero().flatten().tolist() == [4]
+    assert m[7].nonzero().flatten().tolist() == [4, 5, 6, 7]
+    assert m[8].nonzero().flatten().tolist() == [8]
+    assert m[3].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    full = attention_mask(pos, pos, chunk_size=None)[0, 0]
+    assert torch.equal(full, torch.ones(10, 10, dtype=torch.bool).tril())
