@@ -46,6 +46,16 @@ class VisionConfig:
     projector_dim: int = 4096      # adapter MLP width (projector_input_dim == projector_output_dim)
     max_tiles: int = 16
 
+    def __post_init__(self):
+        k = 1 / self.pixel_shuffle_ratio
+        if self.image_size % self.patch_size or self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise ConfigError(f"vision: image_size {self.image_size} must be a multiple of patch_size "
+                              f"{self.patch_size}, and dim {self.dim} / n_heads {self.n_heads} a multiple of 4 "
+                              "(2D RoPE gives a quarter of each head to rows, a quarter to columns)")
+        if k != round(k) or self.patches_per_side % round(k):
+            raise ConfigError(f"vision: pixel_shuffle_ratio {self.pixel_shuffle_ratio} must be 1/k with k dividing "
+                              f"the {self.patches_per_side} patches per side")
+
     @property
     def patches_per_side(self) -> int:
         return self.image_size // self.patch_size
@@ -73,6 +83,7 @@ class ModelConfig:
     # checkpoints (HF Llama 2/3) at load so model.py has one rotation.
     rope_theta: float = 500000.0
     rope_scaling: RopeScaling | None = None
+    rope_freq_factors: list[float] | None = None   # per-frequency divisors stored in some GGUF files (rope_freqs)
     # iRoPE: every `nope_every`-th layer has no RoPE and attends globally; 0 = every layer uses RoPE.
     # `rope_layers` (explicit per-layer list, 1 = uses RoPE, HF's inverted `no_rope_layers`) wins when given.
     nope_every: int = 4
@@ -242,7 +253,8 @@ def from_hf_config(hf: dict, path: str = "config.json") -> ModelConfig:
                 image_size=vc.get("image_size", 336), patch_size=vc.get("patch_size", 14),
                 dim=vc.get("hidden_size", 1408), n_layers=vc.get("num_hidden_layers", 34),
                 n_heads=vc.get("num_attention_heads", 16), ffn_dim=vc.get("intermediate_size", 5632),
-                norm_eps=vc.get("norm_eps", 1e-5), rope_theta=vc.get("rope_theta", 10000.0),
+                norm_eps=vc.get("norm_eps", 1e-5),
+                rope_theta=vc.get("rope_theta", (vc.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
                 pixel_shuffle_ratio=vc.get("pixel_shuffle_ratio", 0.5),
                 projector_dim=vc.get("projector_output_dim", vc.get("projector_input_dim", 4096)),
             )

@@ -9,6 +9,8 @@ Architecture, each a per-layer boolean from `config.LayerSpec`:
 - QK-norm: a weightless RMS norm of each q and k head, after RoPE, on RoPE layers.
 - Mixture of experts: top-1 on the raw router logits, the sigmoid of the winner scales the expert's INPUT, plus an
   always-on shared expert (Switch/DeepSeekMoE style, https://arxiv.org/abs/2401.06066). Dense SwiGLU elsewhere.
+- Early fusion: image tiles go through vision.py's encoder and `vision_proj`, and their embeddings replace the
+  token embeddings at the `<|patch|>` positions before the first block (images and text share the whole trunk).
 
 Tensor letters: B batch, T new tokens, S attended keys, H query heads, K kv heads, D head dim, N = B*T tokens.
 """
@@ -22,6 +24,7 @@ from torch import nn
 
 from . import ops
 from .config import LayerSpec, ModelConfig
+from .vision import VisionEncoder, image_token_mask
 
 
 class RMSNorm(nn.Module):
@@ -45,6 +48,8 @@ def rope_frequencies(cfg: ModelConfig, device=None) -> torch.Tensor:
     """inv_freq (D/2,) in fp32, llama3-scaled when the config says so."""
     D = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, D, 2, device=device, dtype=torch.float32) / D))
+    if cfg.rope_freq_factors is not None:
+        return inv_freq / torch.tensor(cfg.rope_freq_factors, device=device, dtype=torch.float32)
     s = cfg.rope_scaling
     if s is None:
         return inv_freq
@@ -206,6 +211,9 @@ class Transformer(nn.Module):
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
+        if cfg.vision is not None:
+            self.vision = VisionEncoder(cfg.vision)
+            self.vision_proj = nn.Linear(cfg.vision.projector_dim, cfg.dim, bias=False)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None):
@@ -216,22 +224,29 @@ class Transformer(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
         return self
 
-    def forward(self, tokens, *, input_pos=None, kv_cache=None, embeddings=None, logit_index=None):
+    def forward(self, tokens, *, input_pos=None, kv_cache=None, embeddings=None, logit_index=None, images=None):
         """tokens (B, T) -> logits (B, T, V) in fp32.
 
         input_pos: (B, T) absolute positions, -1 for padding; default 0..T-1 in every row.
         kv_cache: the engine's cache (see engine.KVCache.update); None recomputes everything.
         embeddings: (B, T, dim) input rows to use instead of the token embeddings (early fusion, see vision.py).
         logit_index: (B,) one position per row whose logits are wanted -> (B, 1, V); saves the full-vocab matmul.
+        images: (n_tiles, 3, S, S) normalized tiles of every image in these rows (images.prepare_images), in the
+            order their `<|patch|>` tokens appear (row 0 first); each tile fills tokens_per_tile patch positions.
         """
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
         h = self.tok_embeddings(tokens) if embeddings is None else embeddings
+        if images is not None:
+            image_mask = image_token_mask(tokens, images, self.config)       # (B, T); checks the counts first
+            h = h.masked_scatter(image_mask[..., None], self.vision_proj(self.vision(images)).to(h.dtype))
         rope = rope_angles(input_pos, rope_frequencies(self.config, tokens.device))
         for layer in self.layers:
             h = layer(h, input_pos, rope, kv_cache)

@@ -46,7 +46,9 @@ def run_experts(x, expert_idx, gate, w1, w2, w3):
         h = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())              # (n, F)
         out[start:start + n] = h @ w2[e].t()                         # (n, D)
         start += n
-    return torch.zeros_like(x).index_add_(0, token, out)
+    unsorted = torch.empty_like(out)
+    unsorted[order] = out                                            # back to (token, k) order
+    return unsorted.view(N, K, D).sum(dim=1)
 
 
 def run_experts_reference(x, expert_idx, gate, w1, w2, w3):

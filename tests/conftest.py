@@ -1,6 +1,9 @@
 import pytest
 import torch
 
+# Test models are tiny: one thread avoids OpenMP overhead and contention on a shared 2-core machine.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -1,0 +1,356 @@
+"""The generation engine: KV cache, sampling, batched prefill and decode, continuous batching. Token ids only.
+
+- KVCache preallocates per-layer buffers. For Llama 4 the layout is hybrid: a chunked-attention layer can only ever
+  see keys of the current `attn_chunk_size` chunk, so it keeps a ring of one chunk; NoPE (global) layers keep all.
+- Engine admits requests into free cache rows between decode steps (continuous batching): waiting prompts are
+  prefilled together, right-padded (padding has position -1 and is never written), in pieces of `prefill_chunk`
+  tokens so activation memory does not grow with the prompt; then one batched decode step runs every active row.
+- Sampling is a pure function of (logits, per-row parameters, per-row generators).
+- `generate_reference` is the naive no-cache loop the engine is tested against.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import ModelConfig
+
+
+class ContextLengthError(ValueError):
+    """A prompt that does not fit the context window; the message gives the limits."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0   # HF-style: divides positive logits of tokens seen in prompt or output
+    presence_penalty: float = 0.0     # OpenAI-style, on tokens already generated
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None       # None: none; 0: the chosen token's; n: also the top n
+
+    def validate(self):
+        checks = [(self.max_tokens >= 1, "max_tokens must be >= 1"),
+                  (self.temperature >= 0, "temperature must be >= 0"),
+                  (self.top_k >= 0, "top_k must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+                  (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+                  (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+                  (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+                  (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+                  (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+        return self
+
+
+# ---- sampling -----------------------------------------------------------------------------------------------------
+def apply_penalties(logits, output_counts, seen, repetition, presence, frequency):
+    """logits (B, V); output_counts (B, V) generated-token counts; seen (B, V) bool prompt-or-output tokens;
+    penalties (B,). Returns new logits."""
+    rep = repetition[:, None]
+    penalized = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen & (rep != 1.0), penalized, logits)
+    return logits - presence[:, None] * (output_counts > 0) - frequency[:, None] * output_counts
+
+
+def filter_logits(logits, temperature, top_k, top_p, min_p):
+    """Temperature, top-k, min-p and top-p on (B, V) logits with per-row parameters (B,); filtered entries -inf."""
+    logits = logits / temperature.clamp(min=1e-6)[:, None]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    V = logits.shape[-1]
+    rank = torch.arange(V, device=logits.device)[None]
+    k = torch.where(top_k > 0, top_k, V)[:, None]
+    remove = rank >= k
+    probs = sorted_logits.softmax(-1)
+    remove |= probs < min_p[:, None] * probs[:, :1]
+    # top-p keeps the smallest prefix whose mass reaches p (the first token always stays)
+    remove |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    remove[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+
+
+def sample(logits, temperature, top_k, top_p, min_p, generators):
+    """Next ids (B,) from logits (B, V): argmax where temperature is 0, else a draw from the filtered distribution
+    with that row's generator (so a seeded request is reproducible whatever else is in the batch)."""
+    greedy = logits.argmax(-1)
+    if bool((temperature <= 0).all()):
+        return greedy
+    probs = filter_logits(logits.float(), temperature, top_k, top_p, min_p).softmax(-1)
+    drawn = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i])[0] if temperature[i] > 0
+                         else greedy[i] for i in range(logits.shape[0])])
+    return drawn
+
+
+# ---- KV cache -----------------------------------------------------------------------------------------------------
+class KVCache:
+    """Per-layer key/value buffers (B, S, K, D) and the absolute position held in each slot (B, S), -1 = empty.
+
+    Chunked layers: S = attn_chunk_size, slot = pos % S (a ring; older chunks are invisible anyway).
+    Global layers: S = max_seq_len, slot = pos. `rows` selects the cache rows of the current forward: a slice for
+    decode (views, no copies) or an index tensor for prefill.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=torch.float32, device="cpu"):
+        self.max_seq_len = max_seq_len
+        self.k, self.v, self.pos, self.ring = [], [], [], []
+        for spec in cfg.layers:
+            ring = spec.chunked and cfg.attn_chunk_size < max_seq_len
+            S = cfg.attn_chunk_size if ring else max_seq_len
+            self.k.append(torch.zeros(batch_size, S, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device))
+            self.v.append(torch.zeros_like(self.k[-1]))
+            self.pos.append(torch.full((batch_size, S), -1, dtype=torch.long, device=device))
+            self.ring.append(ring)
+        self.rows: slice | torch.Tensor = slice(None)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.pos))
+
+    def reset(self, row: int):
+        for p in self.pos:
+            p[row] = -1
+
+    def _row_ids(self, B):
+        if isinstance(self.rows, slice):
+            start = self.rows.start or 0
+            return torch.arange(start, start + B, device=self.pos[0].device)
+        return self.rows
+
+    def update(self, layer: int, k, v, pos):
+        """Store this step's k, v (B, T, K, D) at positions pos (B, T); return every key the step may attend to,
+        with their positions: (k_all, v_all, pos_all)."""
+        kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
+        S, T = kb.shape[1], pos.shape[1]
+        row_ids = self._row_ids(pos.shape[0])
+        valid = pos >= 0
+        if self.ring[layer] and T > 1:
+            # Several new tokens on a ring: writing first could overwrite keys an earlier query of this step still
+            # needs, so attend over (old ring + new keys) and write afterwards. Only each row's last S new tokens
+            # can still matter later.
+            k_all = torch.cat([kb[self.rows], k], dim=1)
+            v_all = torch.cat([vb[self.rows], v], dim=1)
+            pos_all = torch.cat([pb[self.rows], pos], dim=1)
+            last = pos.max(dim=1, keepdim=True).values
+            keep = valid & (pos > last - S)
+            b, t = keep.nonzero(as_tuple=True)
+            slots = pos[b, t] % S
+            kb[row_ids[b], slots], vb[row_ids[b], slots], pb[row_ids[b], slots] = k[b, t], v[b, t], pos[b, t]
+            return k_all, v_all, pos_all
+        b, t = valid.nonzero(as_tuple=True)
+        p = pos[b, t]
+        if not self.ring[layer] and p.numel() and int(p.max()) >= S:
+            raise ContextLengthError(f"position {int(p.max())} is past the cache's {S} slots")
+        slots = p % S
+        kb[row_ids[b], slots], vb[row_ids[b], slots], pb[row_ids[b], slots] = k[b, t], v[b, t], p
+        if self.ring[layer]:
+            return kb[self.rows], vb[self.rows], pb[self.rows]
+        filled = int(pos.max()) + 1       # global layers: attend only over the slots in use
+        return kb[self.rows, :filled], vb[self.rows, :filled], pb[self.rows, :filled]
+
+
+# ---- requests and the engine ----------------------------------------------------------------------------------
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    id: int = 0
+    output: list[int] = field(default_factory=list)
+    logprobs: list[dict] = field(default_factory=list)   # per output token: {"logprob", "top": [(id, lp), ...]}
+    row: int | None = None
+    finish_reason: str | None = None   # "stop" (eos / stop token / stop string), "length", "cancelled"
+    generator: torch.Generator | None = None
+    counts: torch.Tensor | None = None   # (V,) generated-token counts, for the penalties
+    seen: torch.Tensor | None = None     # (V,) bool, prompt or generated
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Continuous batching over one model. `add` queues a request; each `step` admits waiting requests into free
+    cache rows (one batched, chunked prefill), then decodes one token for every running request, and returns the
+    (request, token id) pairs it produced. Not thread-safe: one thread drives it."""
+
+    def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
+                 cache_dtype=None):
+        self.model = model
+        self.cfg: ModelConfig = model.config
+        self.max_seq_len = min(max_seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        self.prefill_chunk = prefill_chunk
+        p = next(model.parameters())
+        self.device = p.device
+        self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, cache_dtype or self._activation_dtype(p),
+                             p.device)
+        self.max_batch = max_batch
+        self.rows: list[Request | None] = [None] * max_batch
+        self.waiting: deque[Request] = deque()
+        self._ids = itertools.count()
+
+    @staticmethod
+    def _activation_dtype(p):
+        return p.dtype if p.is_floating_point() else torch.bfloat16
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def add(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+        params = (params or SamplingParams()).validate()
+        if not prompt:
+            raise ValueError("empty prompt: at least one token is needed")
+        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+        if len(prompt) >= self.max_seq_len:
+            raise ContextLengthError(
+                f"prompt is {len(prompt)} tokens; this model's context here is {self.max_seq_len} tokens "
+                f"(prompt + generated), so at most {self.max_seq_len - 1} prompt tokens fit")
+        req = Request(list(prompt), params, id=next(self._ids))
+        if params.temperature > 0:
+            req.generator = torch.Generator(device="cpu")
+            req.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        V = self.cfg.vocab_size
+        req.counts = torch.zeros(V, device=self.device)
+        req.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+        req.seen[torch.tensor(prompt, device=self.device)] = True
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request, reason: str = "cancelled"):
+        """Stop a request now (client gone, stop string seen): its cache row is free for the next step."""
+        if req.finished:
+            return
+        req.finish_reason = reason
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._release(req)
+
+    def _release(self, req: Request):
+        if req.row is not None and self.rows[req.row] is req:
+            self.rows[req.row] = None
+            self.cache.reset(req.row)
+
+    @property
+    def running(self) -> list[Request]:
+        return [r for r in self.rows if r is not None]
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.rows)
+
+    # -- one step ---------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Request, int]]:
+        events: list[tuple[Request, int]] = []
+        admitted = self._admit()
+        if admitted:
+            events += self._prefill(admitted)
+        decoding = [r for r in self.rows if r is not None and r not in admitted]
+        if decoding:
+            events += self._decode(decoding)
+        return events
+
+    def _admit(self) -> list[Request]:
+        admitted = []
+        for row in range(self.max_batch):
+            if not self.waiting:
+                break
+            if self.rows[row] is None:
+                req = self.waiting.popleft()
+                req.row = row
+                self.rows[row] = req
+                admitted.append(req)
+        return admitted
+
+    def _prefill(self, reqs: list[Request]) -> list[tuple[Request, int]]:
+        lengths = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
+        T = int(lengths.max())
+        tokens = torch.zeros(len(reqs), T, dtype=torch.long, device=self.device)
+        for i, r in enumerate(reqs):
+            tokens[i, :len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
+        cols = torch.arange(T, device=self.device)[None]
+        pos = torch.where(cols < lengths[:, None], cols, -1)          # (B, T), -1 = right padding
+        self.cache.rows = torch.tensor([r.row for r in reqs], device=self.device)
+        last_logits = None
+        for start in range(0, T, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, T)
+            # each row's last prompt token, if it falls inside this piece
+            idx = (lengths - 1 - start).clamp(0, end - start - 1)
+            logits = self.model(tokens[:, start:end], input_pos=pos[:, start:end], kv_cache=self.cache,
+                                logit_index=idx)[:, 0]                  # (B, V)
+            here = (lengths - 1 >= start) & (lengths - 1 < end)
+            last_logits = logits if last_logits is None else torch.where(here[:, None], logits, last_logits)
+        return self._sample_and_advance(reqs, last_logits)
+
+    def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
+        n = max(r.row for r in reqs) + 1           # rows 0..n-1 as a view; idle rows ride along as padding
+        tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
+        pos = torch.full((n, 1), -1, dtype=torch.long, device=self.device)
+        for r in reqs:
+            tokens[r.row, 0] = r.output[-1]
+            pos[r.row, 0] = len(r.prompt) + len(r.output) - 1
+        self.cache.rows = slice(0, n)
+        logits = self.model(tokens, input_pos=pos, kv_cache=self.cache)[:, -1]   # (n, V)
+        return self._sample_and_advance(reqs, logits[[r.row for r in reqs]])
+
+    def _sample_and_advance(self, reqs, logits) -> list[tuple[Request, int]]:
+        dev = logits.device
+        P = [r.params for r in reqs]
+        f = lambda name: torch.tensor([getattr(p, name) for p in P], dtype=torch.float32, device=dev)
+        counts = torch.stack([r.counts for r in reqs])
+        seen = torch.stack([r.seen for r in reqs])
+        logits = apply_penalties(logits.float(), counts, seen, f("repetition_penalty"), f("presence_penalty"),
+                                 f("frequency_penalty"))
+        ids = sample(logits, f("temperature"), f("top_k").long(), f("top_p"), f("min_p"),
+                     [r.generator for r in reqs])
+        want_logprobs = any(p.logprobs is not None for p in P)
+        logprobs = logits.log_softmax(-1) if want_logprobs else None
+        events = []
+        for i, r in enumerate(reqs):
+            tok = int(ids[i])
+            r.output.append(tok)
+            r.counts[tok] += 1
+            r.seen[tok] = True
+            if r.params.logprobs is not None:
+                top = logprobs[i].topk(r.params.logprobs) if r.params.logprobs else None
+                r.logprobs.append({"logprob": float(logprobs[i, tok]),
+                                   "top": list(zip(top.indices.tolist(), top.values.tolist())) if top else []})
+            events.append((r, tok))
+            stop_ids = set(r.params.stop_token_ids) | (set() if r.params.ignore_eos else set(self.cfg.eos_token_ids))
+            if tok in stop_ids:
+                r.finish_reason = "stop"
+            elif len(r.output) >= r.params.max_tokens or len(r.prompt) + len(r.output) >= self.max_seq_len:
+                r.finish_reason = "length"
+            if r.finished:
+                self._release(r)
+        return events
+
+
+def generate(model, prompts: list[list[int]], params: SamplingParams | None = None, **engine_kw) -> list[Request]:
+    """Run prompts to completion as one batch; returns the finished requests in prompt order."""
+    engine = Engine(model, max_batch=len(prompts), **engine_kw)
+    reqs = [engine.add(p, params) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    return reqs
+
+
+@torch.inference_mode()
+def generate_reference(model, prompt: list[int], max_tokens: int, eos_ids=()) -> list[int]:
+    """Greedy decoding that recomputes the whole sequence every step: no cache, no batching. Test reference."""
+    ids = list(prompt)
+    out = []
+    for _ in range(max_tokens):
+        tok = int(model(torch.tensor([ids]))[0, -1].argmax())
+        out.append(tok)
+        ids.append(tok)
+        if tok in eos_ids:
+            break
+    return out
