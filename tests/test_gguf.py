@@ -100,3 +100,35 @@ def test_unknown_tensor_type(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(GGUFError, match="unknown tensor type 99"):
         herd.load(path)
+
+
+def test_llama4_moe_gguf(tmp_path):
+    """A llama4-architecture GGUF (stacked *_exps experts, shared experts, dense layers between MoE layers)."""
+    cfg = preset("debug")
+    cfg.attn_chunk_size, cfg.floor_scale = 8192, 8192.0     # llama.cpp's fixed llama4 conventions
+    cfg.source = "llama4_text"
+    cfg.__post_init__()
+    model = Transformer(cfg).init_weights(std=0.2, seed=4).eval()
+    w = GGUFWriter(str(tmp_path / "l4.gguf"), "llama4")
+    for add, value in [(w.add_block_count, cfg.n_layers), (w.add_context_length, cfg.max_seq_len),
+                       (w.add_embedding_length, cfg.dim), (w.add_feed_forward_length, cfg.ffn_dim),
+                       (w.add_head_count, cfg.n_heads), (w.add_head_count_kv, cfg.n_kv_heads),
+                       (w.add_rope_freq_base, cfg.rope_theta), (w.add_layer_norm_rms_eps, cfg.norm_eps),
+                       (w.add_vocab_size, cfg.vocab_size), (w.add_expert_count, cfg.moe.n_experts),
+                       (w.add_expert_used_count, cfg.moe.top_k),
+                       (w.add_expert_feed_forward_length, cfg.moe.expert_dim),
+                       (w.add_interleave_moe_layer_step, cfg.moe_every)]:
+        add(value)
+    for name, t in model.state_dict().items():
+        generic = name.replace(name.split(".")[1], "{L}", 1) if name.startswith("layers.") else name
+        layer = name.split(".")[1] if name.startswith("layers.") else ""
+        w.add_tensor(NATIVE_TO_GGUF[generic].replace("{L}", layer), t.detach().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    loaded = herd.load(tmp_path / "l4.gguf")
+    assert [s.is_moe for s in loaded.config.layers] == [s.is_moe for s in cfg.layers]
+    assert loaded.config.use_qk_norm and not loaded.config.layers[3].uses_rope
+    ids = torch.randint(0, 512, (2, 30))
+    torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
