@@ -248,8 +248,8 @@ def load_hf(folder: str | Path, dtype=None, device="cpu", progress=False) -> Tra
     qspec = _read_quant_spec(folder, device)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     if qspec is not None:       # the on-disk layout of the recorded scheme: quantize.py, computed on meta
-        from .quantize import quantized_state_dict
-        expected = {k: v.shape for k, v in _quant_call(folder, quantized_state_dict, model, qspec).items()}
+        from .quantize import quantized_shapes
+        expected = _quant_call(folder, quantized_shapes, model, qspec)
     if cfg.tie_embeddings:
         expected.pop("output.weight", None)
     sd = read_hf_state_dict(folder, cfg, expected, dtype, progress)

@@ -21,6 +21,101 @@ def attention_reference(q, k, v, mask):
     return (scores.softmax(-1) @ v.float()).type_as(q)
 
 
+# Keys per block of `attention_blockwise`: bounds the (T, block) mask and scores whatever the context length.
+KV_BLOCK = 8192
+
+
+def attention_blockwise(q, k, v, mask_fn, block_size: int | None = None):
+    """`attention` for any key range, without a (T, S) mask or score matrix at full size: keys are visited in blocks
+    and merged with an online log-sum-exp (FlashAttention's softmax rescaling, https://arxiv.org/abs/2205.14135).
+    Block j gives o_j and lse_j; then out = sum_j exp(lse_j - lse) o_j with lse = logsumexp_j lse_j.
+
+    q (B, H, T, D); k, v (B, K, S, D) tensors or `QuantizedKV`; mask_fn(start, end) -> the `attention` mask of keys
+    start..end-1, bool (B, 1, T, end - start), or None when every query sees all of them -> (B, H, T, D).
+    block_size defaults to KV_BLOCK; one block is exactly `attention`. Blocks no query sees are skipped (old chunks on
+    chunked layers).
+    """
+    S, block_size = k.shape[2], block_size or KV_BLOCK
+    if S <= block_size:
+        return attention(q, _dense(k, q.dtype), _dense(v, q.dtype), mask_fn(0, S))
+    out = lse = None
+    for start in range(0, S, block_size):
+        end = min(start + block_size, S)
+        mask = mask_fn(start, end)
+        if mask is not None and not mask.any():
+            continue
+        o, l = _attend_block(q, _dense(k[:, :, start:end], q.dtype), _dense(v[:, :, start:end], q.dtype), mask)
+        if out is None:
+            out, lse = o.float(), l
+            continue
+        new = torch.logaddexp(lse, l)
+        out = out * (lse - new).exp()[..., None] + o.float() * (l - new).exp()[..., None]
+        lse = new
+    return out.type_as(q)
+
+
+def _attend_block(q, k, v, mask):
+    """Attention of q (B, H, T, D) over one key block k, v (B, K, s, D) with mask (B, 1, T, s) or None (all visible)
+    -> (out (B, H, T, D), lse (B, H, T) fp32).
+    NOTE: a query row that sees no key of the block gets lse = -1e30 (finite, so merging never makes 0 * inf)."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)      # (B, H, s, D)
+    bias = None
+    if mask is not None:
+        bias = torch.where(mask, q.new_zeros(()), q.new_full((), float("-inf")))      # (B, 1, T, s)
+    if q.device.type == "cpu":
+        # torch's fused CPU flash kernel; unlike public SDPA it also returns the log-sum-exp (natural log)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, attn_mask=bias)
+    else:
+        out, lse = _attend_block_math(q, k, v, bias)
+    if bias is not None:
+        lse = torch.where(mask.any(-1), lse, -1e30)                                    # (B, 1, T) over heads
+    return out, lse.float()
+
+
+# ---- int8 keys and values -------------------------------------------------------------------------------------------
+class QuantizedKV:
+    """Keys or values stored as int8 with one fp32 scale per token and head: x ~= values * scale, values (..., D)
+    int8, scale (..., 1). Slices and transposes (never along D) like the tensor it stands for, so attention can
+    dequantize one key block at a time (engine.KVCache holds its global layers this way when asked)."""
+
+    def __init__(self, values: torch.Tensor, scale: torch.Tensor):
+        self.values, self.scale = values, scale
+
+    @property
+    def shape(self):
+        return self.values.shape
+
+    def __getitem__(self, idx):
+        return QuantizedKV(self.values[idx], self.scale[idx])
+
+    def transpose(self, a: int, b: int):
+        return QuantizedKV(self.values.transpose(a, b), self.scale.transpose(a, b))
+
+    def dequantize(self, dtype):
+        return (self.values.float() * self.scale).to(dtype)
+
+
+def quantize_kv(x) -> QuantizedKV:
+    """Symmetric absmax int8 over the last dim (one scale per token and head): error <= scale / 2 per element."""
+    scale = x.float().abs().amax(-1, keepdim=True).clamp(min=1e-12) / 127
+    return QuantizedKV((x.float() / scale).round().clamp(-127, 127).to(torch.int8), scale)
+
+
+def _attend_block_math(q, k, v, bias):
+    """What the fused kernel computes, in fp32 (devices without it): q (B, H, T, D), k, v (B, H, s, D), additive bias
+    (B, 1, T, s) or None -> (out, lse)."""
+    scores = (q.float() @ k.float().transpose(-1, -2)) / q.shape[-1] ** 0.5             # (B, H, T, s)
+    if bias is not None:
+        scores = scores + bias
+    lse = scores.logsumexp(-1)
+    return ((scores - lse[..., None]).nan_to_num(nan=float("-inf")).exp() @ v.float()).type_as(q), lse
+
+
+def _dense(x, dtype):
+    return x.dequantize(dtype) if isinstance(x, QuantizedKV) else x
+
+
 # ---- mixture of experts ---------------------------------------------------------------------------------------
 # Legend: N tokens, E experts, K top-k, D model dim, F expert hidden dim.
 def run_experts(x, expert_idx, gate, w1, w2, w3):
@@ -30,21 +125,27 @@ def run_experts(x, expert_idx, gate, w1, w2, w3):
     Token copies are sorted by expert, so each expert runs one matmul over its contiguous group; experts with no
     tokens cost nothing. The loop is over experts (at most E iterations), never over tokens.
     """
+    def expert(e, seg):                                              # seg (n, D) -> (n, D)
+        return (F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())) @ w2[e].t()
+    return dispatch_experts(x, expert_idx, gate, w1.shape[0], expert)
+
+
+def dispatch_experts(x, expert_idx, gate, n_experts: int, expert):
+    """The sparse dispatch of `run_experts` for any expert implementation (quantize.py's packed experts use it):
+    `expert(e, seg)` maps the (n, D) gated inputs routed to expert e to their (n, D) outputs."""
     N, D = x.shape
     K = expert_idx.shape[1]
     flat_expert = expert_idx.reshape(-1)                             # (N*K,)
     order = flat_expert.argsort(stable=True)                         # copies grouped by expert
     token = order // K                                               # source token of each sorted copy
     xs = x[token] * gate.reshape(-1, 1)[order]                       # (N*K, D), gate scales the INPUT
-    counts = torch.bincount(flat_expert, minlength=w1.shape[0]).tolist()
+    counts = torch.bincount(flat_expert, minlength=n_experts).tolist()
     out = torch.empty_like(xs)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        seg = xs[start:start + n]                                    # (n, D)
-        h = F.silu(seg @ w1[e].t()) * (seg @ w3[e].t())              # (n, F)
-        out[start:start + n] = h @ w2[e].t()                         # (n, D)
+        out[start:start + n] = expert(e, xs[start:start + n])       # (n, D)
         start += n
     unsorted = torch.empty_like(out)
     unsorted[order] = out                                            # back to (token, k) order
