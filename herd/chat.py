@@ -5,11 +5,15 @@
   `tool` becomes `ipython`, images expand to their token blocks where they appear, then the generation header.
   Message text is encoded with special-token parsing off, so user text cannot forge control tokens.
 - Any other model: the checkpoint's own jinja chat template (GGUF `tokenizer.chat_template`,
-  `tokenizer_config.json`), rendered in a sandbox, then encoded without adding a second BOS.
+  `tokenizer_config.json`), rendered in a sandbox, then encoded without adding a second BOS. Templates that know
+  no tools get the tool list and a JSON call format in the system message.
+- Assistant text -> tool calls (`parse_tool_calls`): Llama 4's pythonic lists and JSON calls, parsed, never run.
 """
 from __future__ import annotations
 
+import ast
 import json
+import re
 from datetime import datetime
 
 from .tokenizer import Tokenizer
@@ -144,7 +148,7 @@ def render_template(tok: Tokenizer, messages: list[dict], tools: list[dict] | No
         return _jinja_env().from_string(tok.chat_template).render(
             messages=flat, tools=tools, add_generation_prompt=add_generation_prompt,
             bos_token=tok.bos_token, eos_token=tok.eos_token)
-    except TemplateError as e:
+    except (TemplateError, TypeError, KeyError, AttributeError) as e:   # e.g. 'text' + None in a template
         raise ChatError(f"chat template failed to render: {e}") from None
 
 
@@ -156,6 +160,7 @@ def format_chat(tok: Tokenizer, messages: list[dict], tools: list[dict] | None =
         return format_llama4(tok, messages, tools, add_generation_prompt, image_blocks)
     if image_blocks:
         raise ChatError("images need a Llama 4 vision model; this model reads text only")
+    messages, tools = _template_messages(tok, messages, tools)
     text = render_template(tok, messages, tools, add_generation_prompt)
     ids = tok.encode(text)     # the template writes its own BOS where it wants one
     if tok.add_bos and tok.bos_id is not None and (not ids or ids[0] != tok.bos_id):
@@ -171,3 +176,245 @@ def stop_token_ids(tok: Tokenizer) -> list[int]:
         if t is not None and t not in ids:
             ids.append(t)
     return ids
+
+
+# ---- tools for models without a native tool format ----------------------------------------------------------------
+def template_has_tools(template: str | None) -> bool:
+    """Whether a jinja chat template renders `tools` itself (Llama 3.1, Qwen and Hermes templates do; SmolLM2's
+    ChatML template does not)."""
+    return bool(template) and re.search(r"\btools\b", template) is not None
+
+
+def tool_call_key(tok: Tokenizer) -> str:
+    """The key that holds the arguments in this model's JSON call form: Llama 4's is "parameters"."""
+    return "parameters" if tok.is_llama4 else "arguments"
+
+
+def json_tool_instructions(tools: list[dict]) -> str:
+    """System text for a template with no tool support: the functions, and the JSON call form `parse_tool_calls`
+    reads."""
+    specs = [t.get("function", t) for t in tools]
+    return ('You can call functions. To call one, answer ONLY with a JSON object {"name": <function name>, '
+            '"arguments": <object of argument values>} (a JSON list of such objects for several calls), and nothing '
+            "else. If no function fits, answer normally in text.\n"
+            "Here is a list of functions in JSON format:\n" + json.dumps(specs, indent=2, ensure_ascii=False))
+
+
+def _arguments(call: dict) -> tuple[str, dict]:
+    fn = call.get("function", call)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            raise ChatError(f"tool call {fn.get('name')!r}: arguments are not valid JSON") from None
+    if not isinstance(args, dict):
+        raise ChatError(f"tool call {fn.get('name')!r}: arguments must be a JSON object")
+    return fn.get("name", ""), args
+
+
+def _text_of(msg: dict, index: int) -> str:
+    return "".join(p.get("text", "") for p in message_parts(msg, index) if p["type"] == "text")
+
+
+def _template_messages(tok: Tokenizer, messages: list[dict], tools: list[dict] | None):
+    """(messages, tools) as the checkpoint's template gets them. A template that knows tools gets them as they are
+    (call arguments as objects, the HF convention); one that does not gets the tool list and call format in the
+    system message, past calls as their JSON text and tool results as plain `tool` turns."""
+    if template_has_tools(tok.chat_template):
+        out = []
+        for m in messages:
+            m = dict(m)
+            if m.get("tool_calls"):
+                m["tool_calls"] = [{"type": "function", "id": c.get("id"),
+                                    "function": dict(zip(("name", "arguments"), _arguments(c)))}
+                                   for c in m["tool_calls"]]
+            out.append(m)
+        return out, tools
+    out = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        text = _text_of(m, i)
+        if m.get("tool_calls"):
+            calls = [dict(zip(("name", "arguments"), _arguments(c))) for c in m["tool_calls"]]
+            call_text = json.dumps(calls[0] if len(calls) == 1 else calls, ensure_ascii=False)
+            text = (text + "\n" if text else "") + call_text
+            m.pop("tool_calls")
+        m["content"] = text
+        out.append(m)
+    if tools:
+        sys_text = json_tool_instructions(tools)
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = (out[0]["content"] + "\n\n" if out[0]["content"] else "") + sys_text
+        else:
+            out.insert(0, {"role": "system", "content": sys_text})
+    return out, None
+
+
+# ---- assistant text -> tool calls ---------------------------------------------------------------------------------
+_TAGS = ("<|python_start|>", "<|python_end|>", "<tool_call>", "</tool_call>")
+_LITERAL_NAMES = {"true": True, "false": False, "null": None, "True": True, "False": False, "None": None}
+
+
+def _literal(node):
+    """A call argument's value: constants, lists, tuples, dicts, signed numbers, true/false/null. Nothing is
+    evaluated: anything else raises ValueError."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_literal(e) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        if any(k is None for k in node.keys):
+            raise ValueError("**mapping in a literal")
+        return {_literal(k): _literal(v) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)) \
+            and isinstance(node.operand, ast.Constant) and isinstance(node.operand.value, (int, float)):
+        return -node.operand.value if isinstance(node.op, ast.USub) else node.operand.value
+    if isinstance(node, ast.Name) and node.id in _LITERAL_NAMES:
+        return _LITERAL_NAMES[node.id]
+    raise ValueError(f"not a literal: {type(node).__name__}")
+
+
+def _pythonic_calls(src: str) -> list[dict] | None:
+    """`[f(a=1), g(b="x")]` or a single `f(a=1)` -> [{"name", "arguments"}], or None if it is not exactly that."""
+    try:
+        tree = ast.parse(src.strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError):
+        return None
+    nodes = tree.elts if isinstance(tree, ast.List) else [tree]
+    calls = []
+    for node in nodes:
+        if not isinstance(node, ast.Call) or node.args or not isinstance(node.func, (ast.Name, ast.Attribute)):
+            return None
+        name = ast.unparse(node.func)
+        try:
+            args = {kw.arg: _literal(kw.value) for kw in node.keywords if kw.arg is not None}
+        except (ValueError, TypeError):   # TypeError: an unhashable dict key
+            return None
+        if len(args) != len(node.keywords):
+            return None
+        calls.append({"name": name, "arguments": args})
+    return calls or None
+
+
+def _json_call(obj) -> dict | None:
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    if obj.get("type") not in (None, "function"):
+        return None
+    extra = set(obj) - {"name", "type", "parameters", "arguments"}
+    if extra:
+        return None
+    args = obj.get("parameters", obj.get("arguments", {}))
+    if isinstance(args, str):             # arguments given as a JSON string, OpenAI style
+        try:
+            args = json.loads(args) if args.strip() else {}
+        except json.JSONDecodeError:
+            return None
+    return {"name": obj["name"], "arguments": args} if isinstance(args, dict) else None
+
+
+def _closing(text: str, start: int) -> int | None:
+    """Index of the bracket closing text[start] ('[' or '('), skipping quoted strings; None if unbalanced."""
+    depth, quote, i = 0, None, start
+    while i < len(text):
+        c = text[i]
+        if quote:
+            if c == "\\":
+                i += 1
+            elif c == quote:
+                quote = None
+        elif c in "\"'":
+            quote = c
+        elif c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
+
+
+def _calls_at(text: str, i: int) -> tuple[list[dict], int] | None:
+    """Tool calls starting exactly at text[i] and the index just past them, or None."""
+    if text[i] == "{":                    # one or more JSON objects, separated by ';', ',' or whitespace
+        decoder, calls, end = json.JSONDecoder(), [], i
+        while end < len(text) and text[end] == "{":
+            try:
+                obj, stop = decoder.raw_decode(text, end)
+            except json.JSONDecodeError:
+                break
+            call = _json_call(obj)
+            if call is None:
+                break
+            calls.append(call)
+            end = stop
+            j = end
+            while j < len(text) and text[j] in " \t\r\n;,":
+                j += 1
+            if j < len(text) and text[j] == "{":
+                end = j
+        return (calls, end) if calls else None
+    close = _closing(text, text.index("(", i) if text[i] != "[" else i)
+    if close is None:
+        return None
+    src = text[i:close + 1]
+    calls = _pythonic_calls(src)
+    if calls is None and text[i] == "[":
+        try:
+            obj = json.loads(src)
+        except json.JSONDecodeError:
+            return None
+        calls = [_json_call(o) for o in obj] if isinstance(obj, list) and obj else None
+        if calls is None or None in calls:
+            return None
+    return (calls, close + 1) if calls else None
+
+
+def _call_starts(text: str, tool_names) -> list[int]:
+    starts = [m.start() for m in re.finditer(r"[\[{]", text)]
+    if tool_names:      # a bare call without the list brackets (get_weather(city="Oslo")), not a list's first
+        names = "|".join(re.escape(n) for n in sorted(tool_names, key=len, reverse=True))
+        starts += [m.start() for m in re.finditer(rf"(?<![\w.\[])(?:{names})\s*\(", text)]
+    return sorted(set(starts))
+
+
+def parse_tool_calls(text: str, tool_names=None) -> tuple[str | None, list[dict]]:
+    """Assistant text -> (content, calls), calls = [{"name", "arguments": dict}, ...].
+
+    Reads Llama 4's pythonic list (`[get_weather(city="Oslo"), f(x=[1, {"a": 2}])]`, parsed with `ast`, arguments
+    literals only) and JSON calls (`{"name": ..., "parameters"|"arguments": {...}}`, one, several separated by ';'
+    or ',', or a JSON list), optionally wrapped in <|python_start|>...<|python_end|> or <tool_call> tags, and after
+    prose (which becomes the content). tool_names: when given, calls to other names are not calls. No calls:
+    (text, [])."""
+    for tag in _TAGS:
+        text = text.replace(tag, "")
+    for i in _call_starts(text, tool_names):
+        found = _calls_at(text, i)
+        if found is None:
+            continue
+        calls, end = found
+        if tool_names is not None and any(c["name"] not in tool_names for c in calls):
+            continue
+        content = (text[:i] + text[end:]).strip()
+        return content or None, calls
+    return text, []
+
+
+def tool_call_start(text: str, tool_names) -> int:
+    """How much of a growing assistant text is surely prose: the index where a tool call could begin (the first
+    '[' or '{', a tool name, or a trailing piece of one). Streaming sends text[:index] and holds the rest back."""
+    cut = len(text)
+    for m in re.finditer(r"[\[{]", text):
+        cut = m.start()
+        break
+    for name in tool_names or ():
+        at = text.find(name)
+        if at >= 0:
+            cut = min(cut, at)
+        for k in range(min(len(name) - 1, len(text)), 0, -1):     # "... get_wea" may become a call
+            if text.endswith(name[:k]):
+                cut = min(cut, len(text) - k)
+                break
+    return cut

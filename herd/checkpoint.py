@@ -362,8 +362,9 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         "num_experts_per_tok": cfg.moe.top_k if cfg.moe else 1,
         "moe_layers": moe_ids, "interleave_moe_layer_step": cfg.moe_every,
         "no_rope_layers": [int(s.uses_rope) for s in cfg.layers],
-        "layer_types": ["chunked_attention" if s.uses_rope else "full_attention" for s in cfg.layers],
-        "attention_chunk_size": cfg.attn_chunk_size, "use_qk_norm": cfg.use_qk_norm,
+        "layer_types": ["chunked_attention" if s.chunked else "full_attention" for s in cfg.layers],
+        # transformers builds a chunked mask even when no layer is chunked, so it needs a size: the whole context
+        "attention_chunk_size": cfg.attn_chunk_size or cfg.max_seq_len, "use_qk_norm": cfg.use_qk_norm,
         "attn_temperature_tuning": cfg.attn_temperature_tuning,
         "floor_scale": int(cfg.floor_scale) if float(cfg.floor_scale).is_integer() else cfg.floor_scale,  # HF: int
         "attn_scale": cfg.attn_scale,

@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+# Before torch loads (it is imported lazily below): OpenMP threads that spin-wait are descheduled on a shared,
+# loaded CPU; measured 23 ms instead of 0.8 ms for one SmolLM2 FFN matmul with 2 spinning threads (bench/speed.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def cmd_info(args):
@@ -33,8 +38,10 @@ def cmd_info(args):
         print(f"weights {scheme:5s}{human(weight_bytes(c, scheme), 'B'):>9s}")
 
 
-def _load(model_arg, verbose=False):
-    """(model path, model, tokenizer) for a CLI model argument; None means the default model."""
+def _load(model_arg, verbose=False, packed=False):
+    """(model path, model, tokenizer) for a CLI model argument; None means the default model. packed: a GGUF file's
+    Q4_0 / Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf_packed.py; measured ~2x the
+    fp32 decode speed on SmolLM2 at 0.3% perplexity cost, bench/speed.py and bench/perplexity.py)."""
     import time
     import herd
     from .textgen import default_model_path
@@ -42,11 +49,26 @@ def _load(model_arg, verbose=False):
 
     path = default_model_path() if model_arg in (None, "default") else model_arg
     t0 = time.perf_counter()
-    model = herd.load(path, progress=True)
+    from .gguf_loader import is_gguf
+    model = herd.load(path, progress=True, quant="packed" if packed and is_gguf(path) else None)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     if verbose:
         print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
     return path, model, tok
+
+
+def _print_kv_cache(engine):
+    """The engine's KV cache in bytes per token of context, from plan.kv_cache_bytes (the numbers `herd plan` uses;
+    tests/test_long_context.py checks they equal the buffers KVCache really allocates)."""
+    from .plan import kv_cache_bytes
+
+    cfg, ctx, cache = engine.cfg, engine.max_seq_len, engine.cache
+    n = kv_cache_bytes(cfg, ctx, dtype_bytes=cache.dtype.itemsize, pos_bytes=8, kv_int8=cache.kv_int8)
+    n_chunked = sum(s.chunked for s in cfg.layers)
+    layout = (f"{n_chunked} chunked layers hold {min(ctx, cfg.attn_chunk_size):,} tokens, "
+              if n_chunked else "") + f"{cfg.n_layers - n_chunked} global layers hold all"
+    print(f"[kv cache {n / 2**20:,.1f} MiB for {ctx:,} tokens of context = {n / ctx:,.0f} B per token ({layout})]",
+          file=sys.stderr)
 
 
 def _sampling(args, tok, **extra):
@@ -68,7 +90,12 @@ def _print_stream(chunks) -> str:
     return "".join(out)
 
 
+IMAGE_TOKENS = {"image_start": "<|image_start|>", "image_end": "<|image_end|>", "tile_x": "<|tile_x_separator|>",
+                "tile_y": "<|tile_y_separator|>", "image": "<|image|>", "patch": "<|patch|>"}
+
+
 def cmd_run(args):
+    import torch
     from pathlib import Path
     from .chat import format_chat
     from .config import PRESETS
@@ -83,15 +110,34 @@ def cmd_run(args):
     elif words and words[0] in PRESETS:
         raise SystemExit(f"herd: error: {words[0]!r} is a shape preset without weights; give a checkpoint path")
     prompt = " ".join(words) if words else None
-    _, model, tok = _load(model_arg, args.verbose)
-    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len)
+    _, model, tok = _load(model_arg, args.verbose, packed=args.packed)
+    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8)
+    if args.verbose:
+        _print_kv_cache(engine)
     history = [{"role": "system", "content": args.system}] if args.system else []
+    # Images go with the first user message; the engine re-prefills the conversation each turn, so every image
+    # block and its pixels are sent again with each prompt.
+    image_blocks, pixels, pending = [], [], list(args.image)
 
     def answer(text):
-        history.append({"role": "user", "content": text})
-        ids = format_chat(tok, history)
+        nonlocal pending
+        content = text
+        if pending:
+            if model.config.vision is None:
+                raise ValueError("--image given, but this model is text-only (its config has no vision_config)")
+            from .images import ImageTokenIds, prepare_images
+            ids_of = ImageTokenIds(**{field: tok.token_id(t) for field, t in IMAGE_TOKENS.items()})
+            values, blocks = prepare_images(pending, model.config.vision, ids_of)
+            image_blocks.extend(blocks)
+            pixels.append(values)
+            content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": text}]
+            pending = []
+        history.append({"role": "user", "content": content})
+        ids = format_chat(tok, history, image_blocks=image_blocks or None)
         timing = Timing()
-        reply = _print_stream(stream_completion(engine, tok, ids, _sampling(args, tok), timing=timing))
+        images = torch.cat(pixels) if pixels else None
+        reply = _print_stream(stream_completion(engine, tok, ids, _sampling(args, tok), timing=timing,
+                                                images=images))
         history.append({"role": "assistant", "content": reply})
         if args.verbose:
             print(f"[{timing.summary()}]", file=sys.stderr)
@@ -110,6 +156,8 @@ def cmd_run(args):
             return
         if line.strip() == "/reset":
             del history[1 if args.system else 0:]
+            image_blocks.clear()
+            pixels.clear()
             print("[conversation cleared]", file=sys.stderr)
             continue
         if line.strip():
@@ -129,12 +177,149 @@ def cmd_generate(args):
     params = _sampling(args, tok, ignore_eos=args.ignore_eos)
     if args.ignore_eos:
         params.stop_token_ids = ()
-    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len)
+    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8)
+    if args.verbose:
+        _print_kv_cache(engine)
     timing = Timing()
     sys.stdout.write(args.prompt)
     _print_stream(stream_completion(engine, tok, ids, params, timing=timing))
     if args.verbose:
         print(f"[{timing.summary()}]", file=sys.stderr)
+
+
+def cmd_quantize(args):
+    import herd
+    from .checkpoint import save_hf
+    from .quantize import make_spec, quantize_targets, quantized_state_dict
+    from .sizes import human
+
+    spec = make_spec(args.scheme, args.group_size, args.only)      # bad flags fail before the (slow) load
+    model = herd.load(args.src, progress=True)
+    sd = quantized_state_dict(model, spec)
+    save_hf(model, args.dst, extra_config={"quantization_config": spec.to_config()}, state=sd)
+
+    def nbytes(state):      # tied tensors (embeddings = output head) once
+        return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
+    before, after = nbytes(model.state_dict()), nbytes(sd)
+    n = len(quantize_targets(model, spec.only))
+    group = f", groups of {spec.group_size}" if spec.group_size else ""
+    print(f"quantized {n} modules ({spec.only}) to {spec.scheme}{group}: {human(before, 'B')} -> "
+          f"{human(after, 'B')}, written to {args.dst}")
+
+
+def cmd_plan(args):
+    from pathlib import Path
+    from .config import PRESETS, load_config, preset
+    from .plan import format_plan, make_plan
+
+    if args.model in PRESETS:
+        cfg = preset(args.model)
+    else:
+        p = Path(args.model)
+        cfg = load_config(p / "config.json" if p.is_dir() else p)
+    print(format_plan(args.model, cfg, make_plan(cfg, args.device, args.quant, args.context, args.batch)))
+
+
+def cmd_serve(args):
+    import torch
+    from .server import ServedModel, serve, short_name
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    served = []
+    for spec in args.models or ["default"]:
+        # NAME=PATH sets the id; otherwise it is the file's or folder's short name
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        path_used, model, tok = _load(None if path == "default" else path, verbose=True, packed=args.packed)
+        name = name or short_name(path_used)
+        if any(m.name == name for m in served):
+            raise ValueError(f"two models are both named {name!r}: give one an id with NAME=PATH")
+        served.append(ServedModel(name, model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                                  max_queue=args.max_queue))
+    print(f"[serving {', '.join(m.name for m in served)} on http://{args.host}:{args.port}/v1]", file=sys.stderr)
+    serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+
+
+def cmd_bench_serve(args):
+    from .bench_serve import format_report, run_bench
+
+    result = run_bench(args.url, concurrency=args.concurrency, requests=args.requests, max_tokens=args.max_tokens,
+                       model=args.model, api_key=args.api_key, prompt=args.prompt, ignore_eos=args.ignore_eos,
+                       timeout=args.timeout)
+    print(format_report(result, args.usd_per_hour))
+    if result["failed"]:
+        sys.exit(1)
+
+
+def cmd_train(args):
+    import json
+    from .train import train
+    summary = train(args)
+    print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
+
+
+def cmd_upcycle(args):
+    import json
+    import torch
+    import herd
+    from .checkpoint import save_hf
+    from .data import save_tokenizer
+    from .tokenizer import load_tokenizer
+    from .textgen import default_model_path
+    from .upcycle import closeness, upcycle
+
+    src = default_model_path() if args.dense == "default" else args.dense
+    dense = herd.load(src, progress=True).float()
+    if dense.config.moe is not None:
+        raise ValueError(f"{src}: already a mixture-of-experts model; upcycling starts from a dense one")
+    moe = upcycle(dense, args.experts, top_k=args.top_k, moe_every=args.moe_every,
+                  router_logit_std=args.router_logit_std, seed=args.seed)
+    save_hf(moe, args.out)
+    tok = load_tokenizer(src)
+    save_tokenizer(tok, args.out)
+    ids = tok.encode(args.probe_text, bos=True)[: args.probe_tokens]
+    report = closeness(dense, moe, torch.tensor([ids]))
+    print(f"upcycled {src} -> {args.out}: {sum(s.is_moe for s in moe.config.layers)} MoE layers x "
+          f"({args.experts} routed experts + 1 shared), expert width {moe.config.moe.expert_dim}")
+    print("step-0 closeness to the dense model: " + json.dumps(report))
+
+
+def cmd_synth(args):
+    import json
+    import torch
+    import herd
+    from .engine import SamplingParams
+    from .synth import read_prompts, synthesize
+    from .textgen import default_model_path
+    from .tokenizer import load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    prompts = read_prompts(args.prompts)
+    path = default_model_path() if args.teacher == "default" else args.teacher
+    model = herd.load(path, dtype=torch.bfloat16 if args.bf16 else None, progress=True)
+    tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    print(json.dumps(synthesize(model, tok, prompts, args.out, params, batch_size=args.batch_size,
+                                system=args.system, max_seq_len=args.max_seq_len)))
+
+
+def cmd_eval_niah(args):
+    from pathlib import Path
+    from .niah import format_grid, parse_depths, parse_length, plot_heatmap, run_niah
+
+    lengths = [parse_length(x) for x in args.lengths.split(",")]
+    depths = parse_depths(args.depths)
+    path, model, tok = _load(args.model, args.verbose)
+    chat = not args.no_chat and (tok.is_llama4 or bool(tok.chat_template))
+    print(f"needle in a haystack: {Path(str(path)).name}, context {model.config.max_seq_len:,} tokens, "
+          f"{'chat' if chat else 'raw'} prompts, {args.samples} needle(s) per cell", file=sys.stderr)
+    res = run_niah(model, tok, lengths, depths, samples=args.samples, seed=args.seed, chat=chat,
+                   log=lambda m: print(m, file=sys.stderr))
+    print(format_grid(res))
+    plot_heatmap(res, args.out, f"needle in a haystack: {Path(str(path)).name}")
+    print(f"heatmap written to {args.out}")
 
 
 def _add_sampling_flags(p, temperature):
@@ -146,6 +331,8 @@ def _add_sampling_flags(p, temperature):
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     # Runtime
     p.add_argument("--max-seq-len", type=int, default=4096, help="context window to allocate (prompt + output)")
+    p.add_argument("--kv-int8", action="store_true",
+                   help="int8 keys and values (one scale per token and head) in the global layers' KV cache")
     p.add_argument("--verbose", action="store_true", help="print load time and prefill / decode tokens per second")
 
 
@@ -161,6 +348,10 @@ def main(argv=None):
     p.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]",
                    help="optional model (GGUF file or HF folder), then a prompt; no prompt = interactive chat")
     p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the first message (repeat for several; Llama 4 vision models)")
+    p.add_argument("--packed", action="store_true",
+                   help="keep a GGUF file's Q4/Q8 weights packed for the int4/int8 CPU kernels (default: fp32)")
     _add_sampling_flags(p, temperature=0.0)
     p.set_defaults(func=cmd_run)
 
@@ -171,17 +362,126 @@ def main(argv=None):
     _add_sampling_flags(p, temperature=0.0)
     p.set_defaults(func=cmd_generate)
 
-    args = parser.parse_args(argv)
+    p = sub.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (safetensors + config.json)")
+    p.add_argument("src", help="HF checkpoint folder or GGUF file (float weights)")
+    p.add_argument("dst", help="output folder")
+    p.add_argument("--scheme", required=True, choices=["int8", "int4", "fp8"],
+                   help="int8 per output row, int4 group-wise (Meta's recipe), fp8 e4m3 per output row")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size along the input dim (default 128)")
+    p.add_argument("--only", default="experts", choices=["experts", "all"],
+                   help="experts: routed experts only; all: also attention, shared expert, dense FFN and untied "
+                        "output (router, norms, embeddings and vision stay as they are)")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("plan", help="memory plan: weights, KV cache, activations, overhead; longest context that fits")
+    p.add_argument("model", help="preset name (scout, maverick, debug) or checkpoint folder / config.json")
+    p.add_argument("--device", required=True, choices=["h100", "h200", "a100-80g", "rtx4090", "2x3090", "cpu-64g"])
+    p.add_argument("--quant", default="bf16", choices=["bf16", "fp8", "int4"],
+                   help="Meta's recipes: fp8_mixed (routed experts) or int4_mixed (routed + shared experts)")
+    p.add_argument("--context", type=int, default=8192, help="tokens per sequence")
+    p.add_argument("--batch", type=int, default=1, help="sequences held at once")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (the default model when none is given)")
+    p.add_argument("models", nargs="*", metavar="MODEL",
+                   help="GGUF file or HF folder, optionally NAME=PATH to set its id; 'default' = the default model")
+    # Server
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="uvicorn log level")
+    # Engine
+    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before HTTP 429")
+    p.add_argument("--max-seq-len", type=int, default=4096, help="context per request (prompt + output)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--packed", action="store_true",
+                   help="keep GGUF files' Q4/Q8 weights packed for the int4/int8 CPU kernels (default: fp32)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, TTFT, ITL, cost")
+    p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--concurrency", type=int, default=8, help="clients streaming at once")
+    p.add_argument("--requests", type=int, default=32, help="requests in total")
+    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each request")
+    p.add_argument("--usd-per-hour", type=float, default=None, help="machine price, for cost per 1M output tokens")
+    p.add_argument("--model", default=None, help="model id (default: the server's first model)")
+    p.add_argument("--api-key", default=None, help="bearer token for the server")
+    p.add_argument("--prompt", default=None, help="one prompt for every request (default: a built-in set)")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="ask for exactly --max-tokens tokens per request (the vLLM / herd extension)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before one request counts as failed")
+    p.set_defaults(func=cmd_bench_serve)
+
+    from .train import add_train_flags
+    p = sub.add_parser("train", help="train a model (MoE router losses on), resumable, DDP/FSDP2 under torchrun")
+    add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student on a teacher's softened logits (+ cross-entropy)")
+    add_train_flags(p, distill=True)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("upcycle", help="grow a Llama-4-style MoE from a dense checkpoint's FFNs")
+    p.add_argument("dense", help="dense checkpoint: HF folder or GGUF file ('default' for the default model)")
+    p.add_argument("out", help="output folder (HF layout)")
+    p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
+    p.add_argument("--top-k", type=int, default=1, help="routed experts per token")
+    p.add_argument("--moe-every", type=int, default=1, help="MoE on every n-th layer (2 = Maverick-style)")
+    p.add_argument("--router-logit-std", type=float, default=0.005, help="std of the step-0 router logits")
+    p.add_argument("--seed", type=int, default=0, help="router init seed")
+    p.add_argument("--probe-text", default="The history of science is the study of how people came to understand "
+                   "the natural world, from early astronomy and medicine to modern physics and biology.",
+                   help="text on which step-0 closeness to the dense model is measured")
+    p.add_argument("--probe-tokens", type=int, default=256, help="at most this many probe tokens")
+    p.set_defaults(func=cmd_upcycle)
+
+    p = sub.add_parser("eval", help="evaluations of a model")
+    evals = p.add_subparsers(dest="eval", required=True)
+    p = evals.add_parser("niah", help="needle in a haystack: recall accuracy by context length and needle depth")
+    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
+    p.add_argument("--lengths", default="1k,4k,16k,64k", help="prompt lengths in tokens (k = 1024)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle positions, 0 = start of the haystack")
+    p.add_argument("--samples", type=int, default=1, help="needles per cell (each a new city and number)")
+    p.add_argument("--seed", type=int, default=0, help="picks the needles")
+    p.add_argument("--no-chat", action="store_true", help="raw prompt even if the model has a chat format")
+    p.add_argument("--out", default="niah.png", help="heatmap PNG to write")
+    p.add_argument("--verbose", action="store_true", help="print load time")
+    p.set_defaults(func=cmd_eval_niah)
+
+    p = sub.add_parser("synth", help="a teacher model writes training text (JSONL) from a prompt file")
+    p.add_argument("teacher", help="GGUF file or HF folder ('default' for the default model)")
+    p.add_argument("--prompts", required=True, help="one prompt per line (.txt) or JSONL with 'prompt'")
+    p.add_argument("--out", required=True, help="output JSONL: prompt, response, text (the chat transcript)")
+    p.add_argument("--system", default=None, help="system message for every prompt")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together by the engine")
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible output)")
+    p.add_argument("--max-seq-len", type=int, default=1024, help="context to allocate per prompt + answer")
+    p.add_argument("--bf16", action="store_true", help="run the teacher in bf16")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.set_defaults(func=cmd_synth)
+
+    # `herd run MODEL --image a.png "prompt"`: words after an option are still the command's words
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "run" and not any(e.startswith("-") for e in extra):
+        args.words += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .chat import ChatError
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .engine import ContextLengthError
     from .gguf_loader import GGUFError
     from .tokenizer import TokenizerError
+    from .train import TrainingError
     try:
         args.func(args)
     except (ConfigError, CheckpointError, GGUFError, TokenizerError, ChatError, ContextLengthError,
-            FileNotFoundError, ValueError) as e:
+            FileNotFoundError, ValueError, TrainingError) as e:
         print(f"herd: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

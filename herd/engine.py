@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import ModelConfig
+from .ops import QuantizedKV, quantize_kv
 
 
 class ContextLengthError(ValueError):
@@ -97,24 +98,35 @@ class KVCache:
     """Per-layer key/value buffers (B, S, K, D) and the absolute position held in each slot (B, S), -1 = empty.
 
     Chunked layers: S = attn_chunk_size, slot = pos % S (a ring; older chunks are invisible anyway).
-    Global layers: S = max_seq_len, slot = pos. `rows` selects the cache rows of the current forward: a slice for
-    decode (views, no copies) or an index tensor for prefill.
+    Global layers: S = max_seq_len, slot = pos. `rows` selects the cache rows of the current forward: a slice (views,
+    no copies; decode, and prefill of consecutive rows) or an index tensor.
+    kv_int8: global layers store int8 keys and values with one scale per token and head (ops.QuantizedKV); attention
+    dequantizes them one key block at a time. Chunked layers stay in `dtype`. plan.kv_cache_bytes gives nbytes().
     """
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=torch.float32, device="cpu"):
-        self.max_seq_len = max_seq_len
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_seq_len: int, dtype=torch.float32, device="cpu",
+                 kv_int8: bool = False):
+        self.max_seq_len, self.dtype, self.kv_int8 = max_seq_len, dtype, kv_int8
         self.k, self.v, self.pos, self.ring = [], [], [], []
         for spec in cfg.layers:
             ring = spec.chunked and cfg.attn_chunk_size < max_seq_len
             S = cfg.attn_chunk_size if ring else max_seq_len
-            self.k.append(torch.zeros(batch_size, S, cfg.n_kv_heads, cfg.head_dim, dtype=dtype, device=device))
-            self.v.append(torch.zeros_like(self.k[-1]))
+            shape = (batch_size, S, cfg.n_kv_heads, cfg.head_dim)
+            for bufs in (self.k, self.v):
+                if kv_int8 and not spec.chunked:
+                    bufs.append(QuantizedKV(torch.zeros(shape, dtype=torch.int8, device=device),
+                                            torch.zeros(*shape[:3], 1, dtype=torch.float32, device=device)))
+                else:
+                    bufs.append(torch.zeros(shape, dtype=dtype, device=device))
             self.pos.append(torch.full((batch_size, S), -1, dtype=torch.long, device=device))
             self.ring.append(ring)
         self.rows: slice | torch.Tensor = slice(None)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, *self.pos))
+        """Bytes of every buffer the cache holds (keys, values, int8 scales, slot positions)."""
+        tensors = [t for x in (*self.k, *self.v)
+                   for t in ((x.values, x.scale) if isinstance(x, QuantizedKV) else (x,))]
+        return sum(t.numel() * t.element_size() for t in (*tensors, *self.pos))
 
     def reset(self, row: int):
         for p in self.pos:
@@ -135,11 +147,14 @@ class KVCache:
         valid = pos >= 0
         if self.ring[layer] and T > 1:
             # Several new tokens on a ring: writing first could overwrite keys an earlier query of this step still
-            # needs, so attend over (old ring + new keys) and write afterwards. Only each row's last S new tokens
-            # can still matter later.
-            k_all = torch.cat([kb[self.rows], k], dim=1)
-            v_all = torch.cat([vb[self.rows], v], dim=1)
-            pos_all = torch.cat([pb[self.rows], pos], dim=1)
+            # needs, so attend over (old keys + new keys) and write afterwards. Only each row's last S new tokens
+            # can still matter later. The old keys any query here can see are those of the chunk of the row's first
+            # new token before it, i.e. slots 0 .. first % S - 1: attend over just those, not the whole ring.
+            first = pos.masked_fill(~valid, torch.iinfo(pos.dtype).max).min(dim=1).values       # (B,)
+            n_old = int((first[valid.any(dim=1)] % S).max()) if valid.any() else 0
+            k_all = torch.cat([kb[self.rows, :n_old], k], dim=1)
+            v_all = torch.cat([vb[self.rows, :n_old], v], dim=1)
+            pos_all = torch.cat([pb[self.rows, :n_old], pos], dim=1)
             last = pos.max(dim=1, keepdim=True).values
             keep = valid & (pos > last - S)
             b, t = keep.nonzero(as_tuple=True)
@@ -151,7 +166,12 @@ class KVCache:
         if not self.ring[layer] and p.numel() and int(p.max()) >= S:
             raise ContextLengthError(f"position {int(p.max())} is past the cache's {S} slots")
         slots = p % S
-        kb[row_ids[b], slots], vb[row_ids[b], slots], pb[row_ids[b], slots] = k[b, t], v[b, t], p
+        if isinstance(kb, QuantizedKV):
+            for buf, x in ((kb, quantize_kv(k[b, t])), (vb, quantize_kv(v[b, t]))):
+                buf.values[row_ids[b], slots], buf.scale[row_ids[b], slots] = x.values, x.scale
+        else:
+            kb[row_ids[b], slots], vb[row_ids[b], slots] = k[b, t], v[b, t]
+        pb[row_ids[b], slots] = p
         if self.ring[layer]:
             return kb[self.rows], vb[self.rows], pb[self.rows]
         filled = int(pos.max()) + 1       # global layers: attend only over the slots in use
@@ -171,6 +191,10 @@ class Request:
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None   # (V,) generated-token counts, for the penalties
     seen: torch.Tensor | None = None     # (V,) bool, prompt or generated
+    images: torch.Tensor | None = None   # pixel values for the prompt's image patch tokens, dropped after prefill
+    # Optional per-request constraint (grammar-constrained decoding, herd/constrain.py): `mask(logits)` sets the
+    # logits (V,) of forbidden tokens to -inf in place before sampling; `accept(token_id)` advances its state.
+    constraint: object | None = None
 
     @property
     def finished(self) -> bool:
@@ -183,7 +207,7 @@ class Engine:
     (request, token id) pairs it produced. Not thread-safe: one thread drives it."""
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
-                 cache_dtype=None):
+                 cache_dtype=None, kv_int8: bool = False):
         self.model = model
         self.cfg: ModelConfig = model.config
         self.max_seq_len = min(max_seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
@@ -191,7 +215,7 @@ class Engine:
         p = next(model.parameters())
         self.device = p.device
         self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, cache_dtype or self._activation_dtype(p),
-                             p.device)
+                             p.device, kv_int8=kv_int8)
         self.max_batch = max_batch
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
@@ -202,7 +226,9 @@ class Engine:
         return p.dtype if p.is_floating_point() else torch.bfloat16
 
     # -- requests -------------------------------------------------------------------------------------------------
-    def add(self, prompt: list[int], params: SamplingParams | None = None) -> Request:
+    def add(self, prompt: list[int], params: SamplingParams | None = None, constraint=None, images=None) -> Request:
+        """Queue a prompt. images: (n_tiles, 3, S, S) pixel values for the prompt's `<|patch|>` tokens
+        (images.prepare_images), checked against the prompt here so a bad request fails before it is queued."""
         params = (params or SamplingParams()).validate()
         if not prompt:
             raise ValueError("empty prompt: at least one token is needed")
@@ -213,7 +239,10 @@ class Engine:
             raise ContextLengthError(
                 f"prompt is {len(prompt)} tokens; this model's context here is {self.max_seq_len} tokens "
                 f"(prompt + generated), so at most {self.max_seq_len - 1} prompt tokens fit")
-        req = Request(list(prompt), params, id=next(self._ids))
+        if images is not None:
+            from .vision import image_token_mask     # raises for text-only models and count mismatches
+            image_token_mask(torch.tensor([prompt]), images, self.cfg)
+        req = Request(list(prompt), params, id=next(self._ids), constraint=constraint, images=images)
         if params.temperature > 0:
             req.generator = torch.Generator(device="cpu")
             req.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
@@ -277,14 +306,24 @@ class Engine:
             tokens[i, :len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
         cols = torch.arange(T, device=self.device)[None]
         pos = torch.where(cols < lengths[:, None], cols, -1)          # (B, T), -1 = right padding
-        self.cache.rows = torch.tensor([r.row for r in reqs], device=self.device)
+        rows = [r.row for r in reqs]
+        # consecutive rows (always so for one request) are a slice: global layers then read views, not a copy of
+        # the whole context per prefill piece
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.cache.rows = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=self.device)
+        # Early fusion: embed the whole prompt once, so an image may straddle prefill pieces.
+        images = [r.images for r in reqs if r.images is not None]
+        embeddings = self.model.embed(tokens, torch.cat(images)) if images else None
+        for r in reqs:
+            r.images = None
         last_logits = None
         for start in range(0, T, self.prefill_chunk):
             end = min(start + self.prefill_chunk, T)
             # each row's last prompt token, if it falls inside this piece
             idx = (lengths - 1 - start).clamp(0, end - start - 1)
+            piece = embeddings[:, start:end] if embeddings is not None else None
             logits = self.model(tokens[:, start:end], input_pos=pos[:, start:end], kv_cache=self.cache,
-                                logit_index=idx)[:, 0]                  # (B, V)
+                                embeddings=piece, logit_index=idx)[:, 0]     # (B, V)
             here = (lengths - 1 >= start) & (lengths - 1 < end)
             last_logits = logits if last_logits is None else torch.where(here[:, None], logits, last_logits)
         return self._sample_and_advance(reqs, last_logits)
@@ -304,18 +343,28 @@ class Engine:
         dev = logits.device
         P = [r.params for r in reqs]
         f = lambda name: torch.tensor([getattr(p, name) for p in P], dtype=torch.float32, device=dev)
-        counts = torch.stack([r.counts for r in reqs])
-        seen = torch.stack([r.seen for r in reqs])
-        logits = apply_penalties(logits.float(), counts, seen, f("repetition_penalty"), f("presence_penalty"),
-                                 f("frequency_penalty"))
+        logits = logits.float()
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in P):
+            counts = torch.stack([r.counts for r in reqs])      # (B, V) copies: only when a penalty is on
+            seen = torch.stack([r.seen for r in reqs])
+            logits = apply_penalties(logits, counts, seen, f("repetition_penalty"), f("presence_penalty"),
+                                     f("frequency_penalty"))
+        scores = logits                  # logprobs report the model's distribution, before any constraint
+        if any(r.constraint is not None for r in reqs):
+            logits = logits.clone()
+            for i, r in enumerate(reqs):
+                if r.constraint is not None:
+                    r.constraint.mask(logits[i])
         ids = sample(logits, f("temperature"), f("top_k").long(), f("top_p"), f("min_p"),
                      [r.generator for r in reqs])
         want_logprobs = any(p.logprobs is not None for p in P)
-        logprobs = logits.log_softmax(-1) if want_logprobs else None
+        logprobs = scores.log_softmax(-1) if want_logprobs else None
         events = []
         for i, r in enumerate(reqs):
             tok = int(ids[i])
             r.output.append(tok)
+            if r.constraint is not None:
+                r.constraint.accept(tok)
             r.counts[tok] += 1
             r.seen[tok] = True
             if r.params.logprobs is not None:

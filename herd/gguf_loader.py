@@ -210,8 +210,18 @@ def read_gguf(path: str | Path, dtype=torch.float32, progress=False):
     return cfg, sd, meta
 
 
-def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False):
+def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, quant=None):
+    """quant=None: every tensor dequantized to `dtype` (fp32 by default). quant="packed": Q4_0 / Q4_1 / Q8_0 kept
+    packed for the CPU kernels (gguf_packed.py; CPU, packed modules' own dtypes)."""
     from .checkpoint import build_meta
+
+    if quant == "packed":
+        if dtype is not None or str(device) != "cpu":
+            raise GGUFError(f"{path}: quant='packed' runs on the CPU with the packed modules' own dtypes")
+        from .gguf_packed import load_gguf_packed
+        return load_gguf_packed(path, progress=progress)
+    if quant is not None:
+        raise GGUFError(f"{path}: unknown quant {quant!r}; expected None or 'packed'")
 
     cfg, sd, _ = read_gguf(path, dtype or torch.float32, progress)
     model = build_meta(cfg)

@@ -49,19 +49,24 @@ def decode_image(src, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
     """A path, bytes or PIL image -> a fully loaded RGB PIL image, upright per its EXIF orientation.
     Raises ImageError (never a half-decoded image)."""
     if isinstance(src, Image.Image):
-        name, im = "image", src
-    else:
-        name = str(src) if isinstance(src, (str, Path)) else f"image ({len(src)} bytes)"
+        return _decode("image", src, max_pixels)
+    if isinstance(src, (str, Path)):
         try:
-            data = Path(src).read_bytes() if isinstance(src, (str, Path)) else bytes(src)
+            with open(src, "rb") as f:       # streamed: Pillow reads the header first and may stop there
+                if f.seek(0, io.SEEK_END) == 0:
+                    raise ImageError(f"{src}: the file is empty (0 bytes)")
+                f.seek(0)
+                return _decode(str(src), f, max_pixels)
         except OSError as e:
-            raise ImageError(f"{name}: cannot read the file ({e.strerror or e})") from None
-        if not data:
-            raise ImageError(f"{name}: the file is empty (0 bytes)")
-        im = None
+            raise ImageError(f"{src}: cannot read the file ({e.strerror or e})") from None
+    if not src:
+        raise ImageError("image: empty (0 bytes)")
+    return _decode(f"image ({len(src)} bytes)", io.BytesIO(src), max_pixels)
+
+
+def _decode(name: str, src, max_pixels: int) -> Image.Image:
     try:
-        if im is None:
-            im = _open(io.BytesIO(data))
+        im = src if isinstance(src, Image.Image) else _open(src)
         w, h = im.size
         if w == 0 or h == 0:
             raise ImageError(f"{name}: the image has zero size ({w}x{h})")
@@ -75,7 +80,12 @@ def decode_image(src, max_pixels: int = MAX_DECODE_PIXELS) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: refused, too many pixels to decode safely ({e})") from None
     except Exception as e:   # Pillow raises OSError, SyntaxError, ValueError, EOFError ... on corrupt data
-        reason = "the file is truncated" if "truncated" in str(e) else f"{type(e).__name__}: {e}"
+        if "truncated" in str(e).lower():
+            reason = "the file is truncated"
+        elif isinstance(e, (Image.UnidentifiedImageError, SyntaxError)):   # SyntaxError: a plugin's bad header
+            reason = "unknown format or corrupt header"
+        else:
+            reason = f"{type(e).__name__}: {e}"
         raise ImageError(f"{name}: not a readable image ({reason})") from None
 
 
@@ -126,13 +136,15 @@ def best_fit(h: int, w: int, tile: int, max_tiles: int) -> tuple[int, int]:
 def resized_size(h: int, w: int, canvas_h: int, canvas_w: int, tile: int) -> tuple[int, int]:
     """Largest aspect-preserving (h', w') inside the canvas, except that a side shorter than one tile is only
     enlarged up to one tile side (small images are not blown up to fill a big canvas). Floors the free side."""
-    th, tw = min(max(h, tile), canvas_h), min(max(w, tile), canvas_w)
-    # NOTE: float arithmetic on purpose, as in Meta's and transformers' preprocessing: floor(155 * (336 / 248)) is
-    # 209 in floating point although 155 * 336 / 248 is exactly 210, and the model was trained on the former.
+    # NOTE: the references' floating point, reproduced to the last pixel: a target side taken from the canvas list
+    # (a torch tensor there) is divided in float32, any other in float64. Rounding matters: floor(155 * (336 / 248))
+    # is 209 although 155 * 336 / 248 is exactly 210, and the model was trained on what the references compute.
+    th = np.float32(canvas_h) if canvas_h < max(h, tile) else max(h, tile)
+    tw = np.float32(canvas_w) if canvas_w < max(w, tile) else max(w, tile)
     scale_h, scale_w = th / h, tw / w
     if scale_w < scale_h:
-        return max(min(math.floor(h * scale_w), th), 1), tw
-    return th, max(min(math.floor(w * scale_h), tw), 1)
+        return max(int(min(math.floor(h * scale_w), th)), 1), int(tw)
+    return int(th), max(int(min(math.floor(w * scale_h), tw)), 1)
 
 
 def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

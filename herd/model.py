@@ -88,14 +88,26 @@ def attention_temperature(pos, floor_scale: float, attn_scale: float):
 
 def attention_mask(q_pos, k_pos, chunk_size: int | None):
     """Boolean (B, 1, T, S): key visible iff it exists (pos >= 0), is not in the future, and, on chunked layers,
-    lies in the same block-aligned chunk as the query (floor(k / C) == floor(q / C); not a sliding window)."""
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]        # (B, T, 1), (B, 1, S)
-    mask = (kp >= 0) & (kp <= qp)
+    lies in the same block-aligned chunk as the query (floor(k / C) == floor(q / C); not a sliding window).
+    Padding queries (pos < 0) see every key so softmax stays finite; their outputs are unused.
+    Written as lo(q) <= k <= hi(q), two comparisons over (T, S) (this runs once per key block of a long prefill)."""
+    big = torch.iinfo(k_pos.dtype).max
+    kp = torch.where(k_pos >= 0, k_pos, big)[:, None, :]                        # (B, 1, S), empty slots: never seen
+    valid = (q_pos >= 0)[:, :, None]                                            # (B, T, 1)
+    mask = kp <= torch.where(valid, q_pos[:, :, None], big)
     if chunk_size is not None:
-        mask &= torch.div(kp, chunk_size, rounding_mode="floor") == torch.div(qp, chunk_size, rounding_mode="floor")
-    # Padding queries (pos < 0) see nothing; give them every key so softmax stays finite. Their outputs are unused.
-    mask |= ~mask.any(-1, keepdim=True)
+        chunk_start = q_pos[:, :, None] - q_pos[:, :, None] % chunk_size
+        mask &= kp >= torch.where(valid, chunk_start, -1)
     return mask[:, None]
+
+
+def key_block_mask(q_pos, k_pos, chunk_size: int | None):
+    """`attention_mask` for one block of keys, or None when every query sees every key of the block: no mask to
+    build for most of a long prefill's global attention, where the whole past is visible."""
+    lo = 0 if chunk_size is None else int(q_pos.max()) // chunk_size * chunk_size   # start of the last query's chunk
+    if int(k_pos.min()) >= lo and int(k_pos.max()) <= int(q_pos.min()):
+        return None
+    return attention_mask(q_pos, k_pos, chunk_size)
 
 
 class Attention(nn.Module):
@@ -132,8 +144,10 @@ class Attention(nn.Module):
             k, v, k_pos = kv_cache.update(self.layer_id, k, v, pos)
         else:
             k_pos = pos
-        mask = attention_mask(pos, k_pos, self.chunk_size)
-        out = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
+        # The mask of keys start..end-1: a long key range (NoPE layers at long context) is attended block by block,
+        # never as one (T, S) mask.
+        mask = lambda start, end: key_block_mask(pos, k_pos[:, start:end], self.chunk_size)
+        out = ops.attention_blockwise(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -230,6 +244,15 @@ class Transformer(nn.Module):
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
         return self
 
+    def embed(self, tokens, images=None):
+        """Input rows (B, T, dim): token embeddings, with the `<|patch|>` rows replaced by the images' projected
+        vision embeddings (early fusion). images: see forward."""
+        h = self.tok_embeddings(tokens)
+        if images is not None:
+            image_mask = image_token_mask(tokens, images, self.config)       # (B, T); checks the counts first
+            h = h.masked_scatter(image_mask[..., None], self.vision_proj(self.vision(images)).to(h.dtype))
+        return h
+
     def forward(self, tokens, *, input_pos=None, kv_cache=None, embeddings=None, logit_index=None, images=None):
         """tokens (B, T) -> logits (B, T, V) in fp32.
 
@@ -243,10 +266,7 @@ class Transformer(nn.Module):
         B, T = tokens.shape
         if input_pos is None:
             input_pos = torch.arange(T, device=tokens.device).expand(B, T)
-        h = self.tok_embeddings(tokens) if embeddings is None else embeddings
-        if images is not None:
-            image_mask = image_token_mask(tokens, images, self.config)       # (B, T); checks the counts first
-            h = h.masked_scatter(image_mask[..., None], self.vision_proj(self.vision(images)).to(h.dtype))
+        h = self.embed(tokens, images) if embeddings is None else embeddings
         rope = rope_angles(input_pos, rope_frequencies(self.config, tokens.device))
         for layer in self.layers:
             h = layer(h, input_pos, rope, kv_cache)

@@ -24,29 +24,19 @@ class ParamCount:
 
 def count_params(cfg: ModelConfig) -> ParamCount:
     model = build_meta(cfg)
-    total = routed = matrices = rows = 0
+    total = routed = vision = matrices = rows = 0
     for name, p in model.named_parameters():
         n = p.numel()
         total += n
         if ".experts." in name:
             routed += n
+        if name.startswith("vision"):        # vision.* encoder + adapter, vision_proj
+            vision += n
         if p.dim() >= 2:
             matrices += n
             rows += n // p.shape[-1]
-    active = total - routed + (routed * cfg.moe.top_k // cfg.moe.n_experts if cfg.moe else 0)
-    vision = vision_param_count(cfg) if cfg.vision is not None else 0
-    return ParamCount(total + vision, active, vision, routed, matrices + vision, rows)
-
-
-def vision_param_count(cfg: ModelConfig) -> int:
-    """Llama 4 vision encoder + adapter + projector (spec section 3), counted from shapes."""
-    v = cfg.vision
-    patch = 3 * v.patch_size ** 2 * v.dim
-    n_pos = v.patches_per_side ** 2 + 1
-    per_layer = 4 * (v.dim * v.dim + v.dim) + 2 * v.dim * v.ffn_dim + v.ffn_dim + v.dim + 4 * v.dim
-    shuffled = int(v.dim / v.pixel_shuffle_ratio ** 2)
-    adapter = shuffled * v.projector_dim + v.projector_dim * v.projector_dim
-    return patch + v.dim + n_pos * v.dim + 4 * v.dim + v.n_layers * per_layer + adapter + v.projector_dim * cfg.dim
+    active = total - vision - routed + (routed * cfg.moe.top_k // cfg.moe.n_experts if cfg.moe else 0)
+    return ParamCount(total, active, vision, routed, matrices, rows)
 
 
 def weight_bytes(count: ParamCount, scheme: str) -> int:

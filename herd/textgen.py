@@ -74,9 +74,9 @@ class Timing:
 
 
 def stream_completion(engine: Engine, tok: Tokenizer, prompt: list[int], params: SamplingParams,
-                      stop: list[str] | tuple[str, ...] = (), timing: Timing | None = None):
+                      stop: list[str] | tuple[str, ...] = (), timing: Timing | None = None, images=None):
     """Yield text deltas of one request run alone on the engine. Closing the generator cancels the request."""
-    req: Request = engine.add(prompt, params)
+    req: Request = engine.add(prompt, params, images=images)
     text = TextStream(tok, stop)
     t0 = time.perf_counter()
     t_first = None

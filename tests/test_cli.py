@@ -46,3 +46,10 @@ def test_info():
     assert "total params 108.6B" in r.stdout and "active       17.2B" in r.stdout
     r = herd_cli("info", "nonexistent-preset")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_image_to_text_only_model(tiny_llama4, tmp_path):
+    from PIL import Image
+    Image.new("RGB", (20, 30), "red").save(tmp_path / "red.png")
+    r = herd_cli("run", str(tiny_llama4), "--image", str(tmp_path / "red.png"), "What is this?")
+    assert r.returncode == 2 and "text-only" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,100 @@
+"""Perplexity of SmolLM2-135M-Instruct (the default model's GGUF) under each weight scheme vs fp32. Not a test.
+Prints a markdown table (with the machine) for the README.
+
+    python bench/perplexity.py [--tokens 4096] [--window 512] [--threads 2]
+
+Text: English prose shipped with Python itself (pydoc_data.topics: the "execmodel", "naming", "objects", "import",
+"calls", "compound" reference sections), the first --tokens tokens, scored in non-overlapping windows of --window
+tokens (every window starts fresh; the first token of a window is context only). No download. Caveat: public
+documentation may well be in the model's training data; it is the same text for every scheme.
+
+Schemes:
+- fp32: the GGUF dequantized to fp32 (herd.load(path)), the baseline.
+- int8 / int4 gN: herd.quantize.quantize_model(fp32, scheme, only="all"): every trunk linear (the tied output head
+  and the embedding stay fp32), bf16 activations in the quantized matmuls. int4 uses groups of 64 and 32: Meta's
+  128 does not divide SmolLM2's dim 576.
+- packed GGUF: herd.load(path, quant="packed"): Q4_1 blocks mapped exactly to int4 (group 32, scale + zero),
+  Q8_0 token embedding / tied head re-quantized per row to int8; fused q/k/v and gate/up.
+- packed GGUF, fp32 embedding: the same with the Q8_0 embedding / head kept in fp32 (what int8 costs there).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import os
+import subprocess
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench/speed.py
+
+import torch  # noqa: E402
+
+SECTIONS = ("execmodel", "naming", "objects", "import", "calls", "compound")
+
+
+@torch.inference_mode()
+def perplexity(model, ids: torch.Tensor, window: int) -> float:
+    nll, n = 0.0, 0
+    for start in range(0, len(ids) - 1, window):
+        chunk = ids[start:start + window][None]
+        if chunk.shape[1] < 2:
+            break
+        logp = model(chunk).log_softmax(-1)[0, :-1]                     # (T-1, V)
+        nll -= float(logp.gather(-1, chunk[0, 1:, None]).sum())
+        n += chunk.shape[1] - 1
+    return math.exp(nll / n)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import pydoc_data.topics as topics
+
+    import herd
+    from herd.gguf_packed import load_gguf_packed, weight_bytes
+    from herd.quantize import quantize_model
+    from herd.textgen import default_model_path
+    from herd.tokenizer import load_tokenizer
+
+    path = default_model_path()
+    text = "\n\n".join(topics.topics[k] for k in SECTIONS)
+    ids = torch.tensor(load_tokenizer(path).encode(text)[:args.tokens])
+    fp32 = herd.load(path)
+    schemes = {
+        "fp32 (GGUF dequantized)": lambda: fp32,
+        "int8 (quantize_model, all linears)": lambda: quantize_model(copy.deepcopy(fp32), "int8", only="all"),
+        "int4 g64 (quantize_model, all linears)": lambda: quantize_model(copy.deepcopy(fp32), "int4", 64, only="all"),
+        "int4 g32 (quantize_model, all linears)": lambda: quantize_model(copy.deepcopy(fp32), "int4", 32, only="all"),
+        "packed GGUF Q4_1 (herd.load quant='packed')": lambda: herd.load(path, quant="packed"),
+        "packed GGUF Q4_1, fp32 embedding/head": lambda: load_gguf_packed(path, int8_embeddings=False),
+    }
+    targets = {"int8": 1.0, "int4": 5.0, "packed": 5.0}
+    rows, base = [], None
+    for name, make in schemes.items():
+        t0 = time.perf_counter()
+        model = make()
+        ppl = perplexity(model, ids, args.window)
+        base = ppl if base is None else base
+        delta = 100 * (ppl / base - 1)
+        target = next((v for k, v in targets.items() if name.startswith(k)), None)
+        verdict = "baseline" if target is None else f"{'met' if abs(delta) <= target else 'MISSED'} (<= {target:g}%)"
+        rows.append(f"| {name} | {weight_bytes(model) / 1e6:.1f} | {ppl:.3f} | {delta:+.2f}% | {verdict} |")
+        print(f"  {name}: ppl {ppl:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        del model
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    cpu = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
+    print(f"\nSmolLM2-135M-Instruct ({path.name}), {len(ids)} tokens of Python's pydoc reference prose, windows of "
+          f"{args.window}; {cpu}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}\n")
+    print("| scheme | weight MB | perplexity | vs fp32 | target |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""A tiny chat model for engine-side and server tests: the `debug` preset (Llama 4 shaped, vocab 512) with random
+weights, a byte-level BPE tokenizer trained here on a few sentences, and a ChatML template that, like the default
+model's, knows nothing of tools. Written as an HF folder, so `herd serve FOLDER` loads it like any checkpoint."""
+import json
+from pathlib import Path
+
+from herd.checkpoint import save_hf
+from herd.config import preset
+from herd.model import Transformer
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]     # ids 0, 1, 2: 2 is the debug preset's EOS
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "What is the weather like in Oslo today? It is cold and sunny.",
+    "Llamas live in herds in the mountains of South America.",
+    '{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}',
+    '{"id": 12, "tags": ["a", "b"], "ok": true, "value": null, "score": -3.5}',
+    "You are a helpful assistant. Answer the question in one short sentence.",
+    "def add(a, b):\n    return a + b\n",
+    "Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Symbols: [ ] { } ( ) : , ; \" ' \\ / _ - +",
+    "Servers answer requests; engines decode tokens in batches, and clients stream the replies.",
+    "Paris is the capital of France, Berlin of Germany, Rome of Italy and Madrid of Spain.",
+    "Structured output must parse: every object closes, every string ends, every list is finished.",
+    "Temperature, top_p, seed, stop, max_tokens, logprobs, tools and tool_choice are request fields.",
+]
+
+
+def write_tiny_chat_model(folder, seed: int = 0) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    assert tok.get_vocab_size() <= 512 and tok.token_to_id("<|im_end|>") == 2
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "eos_token": "<|im_end|>", "add_bos_token": False}))
+    # std 0.3: peaked logits, so greedy answers do not hinge on float rounding between batch shapes
+    save_hf(Transformer(preset("debug")).init_weights(std=0.3, seed=seed), folder)
+    return folder
