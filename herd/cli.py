@@ -10,16 +10,21 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def cmd_info(args):
-    from .config import PRESETS, load_config, preset
-    from .sizes import count_params, human, weight_bytes
+def _config_of(model: str):
+    """The ModelConfig of a preset name, a checkpoint folder or a config.json."""
     from pathlib import Path
+    from .config import PRESETS, load_config, preset
 
-    if args.model in PRESETS:
-        cfg = preset(args.model)
-    else:
-        p = Path(args.model)
-        cfg = load_config(p / "config.json" if p.is_dir() else p)
+    if model in PRESETS:
+        return preset(model)
+    p = Path(model)
+    return load_config(p / "config.json" if p.is_dir() else p)
+
+
+def cmd_info(args):
+    from .sizes import count_params, human, weight_bytes
+
+    cfg = _config_of(args.model)
     c = count_params(cfg)
     moe = cfg.moe
     n_moe = sum(s.is_moe for s in cfg.layers)
@@ -208,15 +213,9 @@ def cmd_quantize(args):
 
 
 def cmd_plan(args):
-    from pathlib import Path
-    from .config import PRESETS, load_config, preset
     from .plan import format_plan, make_plan
 
-    if args.model in PRESETS:
-        cfg = preset(args.model)
-    else:
-        p = Path(args.model)
-        cfg = load_config(p / "config.json" if p.is_dir() else p)
+    cfg = _config_of(args.model)
     print(format_plan(args.model, cfg, make_plan(cfg, args.device, args.quant, args.context, args.batch)))
 
 

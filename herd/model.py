@@ -140,7 +140,8 @@ class Attention(nn.Module):
         if self.spec.temperature_tuning:
             q = (q * attention_temperature(pos, self.floor_scale, self.attn_scale)).type_as(q)
         if kv_cache is not None:
-            # The cache returns every key this step may attend to (earlier ones + these) and their positions.
+            # The cache returns every key this step may attend to (earlier ones + these) and their positions
+            # (int8 ops.QuantizedKV keys and values on global layers when the engine asks for them).
             k, v, k_pos = kv_cache.update(self.layer_id, k, v, pos)
         else:
             k_pos = pos
