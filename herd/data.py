@@ -58,21 +58,27 @@ def read_documents(paths: list[str | Path]) -> list[str]:
         if path.suffix != ".jsonl":
             docs.append(text)
             continue
-        n_before = len(docs)
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f'{path}: line {n} needs a string field "text"')
-            if obj["text"].strip():
-                docs.append(obj["text"])
-        if len(docs) == n_before:
+        texts = [t for t in jsonl_strings(path, text, "text") if t.strip()]
+        if not texts:
             raise DataError(f'{path}: no line has a non-empty "text"')
+        docs += texts
     return docs
+
+
+def jsonl_strings(path: Path, text: str, field: str) -> list[str]:
+    """The string `field` of every non-blank JSONL line, or a DataError naming the file and line."""
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
+            raise DataError(f'{path}: line {n} needs a string field "{field}"')
+        out.append(obj[field])
+    return out
 
 
 def tokenize(docs: list[str], tok) -> np.ndarray:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .chat import format_chat, stop_token_ids
-from .data import DataError, read_text
+from .data import DataError, jsonl_strings, read_text
 from .engine import SamplingParams, generate
 
 
@@ -16,16 +16,7 @@ def read_prompts(path: str | Path) -> list[str]:
     of each line of a .jsonl file."""
     path = Path(path)
     if path.suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(read_text(path).splitlines(), 1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str):
-                    raise DataError(f'{path}: line {n} needs a string field "prompt"')
-                prompts.append(obj["prompt"])
+        prompts = jsonl_strings(path, read_text(path), "prompt")
     else:
         prompts = [l.strip() for l in read_text(path).splitlines() if l.strip() and not l.startswith("#")]
     if not prompts:
