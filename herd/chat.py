@@ -7,7 +7,8 @@
 - Any other model: the checkpoint's own jinja chat template (GGUF `tokenizer.chat_template`,
   `tokenizer_config.json`), rendered in a sandbox, then encoded without adding a second BOS. Templates that know
   no tools get the tool list and a JSON call format in the system message.
-- Assistant text -> tool calls (`parse_tool_calls`): Llama 4's pythonic lists and JSON calls, parsed, never run.
+- Assistant text -> tool calls (`parse_tool_calls`): Llama 4's pythonic lists and JSON calls, parsed, never run;
+  `json_call_spans` finds the arguments in a grammar-constrained call while it grows, for streaming.
 """
 from __future__ import annotations
 
@@ -418,3 +419,48 @@ def tool_call_start(text: str, tool_names) -> int:
                 cut = min(cut, len(text) - k)
                 break
     return cut
+
+
+def json_call_spans(text: str, key: str) -> list[tuple[str, int, int]]:
+    """Where the arguments of each call lie in a growing grammar-constrained tool-call answer (constrain.py's
+    tool_call_schema in compact JSON: an optional '[', then {"name": NAME, KEY: ARGS} objects joined by ', '):
+    (name, start, end) per call whose name is complete, text[start:end] its argument text so far (end is len(text)
+    while ARGS is still open). Anything else ends the list: text that is not of this form yields no spans."""
+    head = re.compile(r'\{"name": ("(?:[^"\\]|\\.)*"), ' + re.escape(json.dumps(key)) + ": ")
+    spans, i = [], 1 if text.startswith("[") else 0
+    while (m := head.match(text, i)) is not None:
+        end = _json_value_end(text, m.end())
+        spans.append((json.loads(m.group(1)), m.end(), len(text) if end is None else end))
+        if end is None or not text.startswith("}, ", end):
+            break
+        i = end + 3
+    return spans
+
+
+def _json_value_end(text: str, start: int) -> int | None:
+    """Index just past the JSON value that begins at text[start], or None while it is incomplete. A bare number or
+    literal ends where its container goes on (',', '}' or ']')."""
+    depth, in_string, i = 0, False, start
+    while i < len(text):
+        c = text[i]
+        if in_string:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                in_string = False
+                if depth == 0:
+                    return i + 1
+        elif c == '"':
+            in_string = True
+        elif c in "[{":
+            depth += 1
+        elif c in "]}":
+            if depth == 0:
+                return i
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        elif c == "," and depth == 0:
+            return i
+        i += 1
+    return None

@@ -95,10 +95,6 @@ def _print_stream(chunks) -> str:
     return "".join(out)
 
 
-IMAGE_TOKENS = {"image_start": "<|image_start|>", "image_end": "<|image_end|>", "tile_x": "<|tile_x_separator|>",
-                "tile_y": "<|tile_y_separator|>", "image": "<|image|>", "patch": "<|patch|>"}
-
-
 def cmd_run(args):
     import torch
     from pathlib import Path
@@ -131,8 +127,7 @@ def cmd_run(args):
             if model.config.vision is None:
                 raise ValueError("--image given, but this model is text-only (its config has no vision_config)")
             from .images import ImageTokenIds, prepare_images
-            ids_of = ImageTokenIds(**{field: tok.token_id(t) for field, t in IMAGE_TOKENS.items()})
-            values, blocks = prepare_images(pending, model.config.vision, ids_of)
+            values, blocks = prepare_images(pending, model.config.vision, ImageTokenIds.from_tokenizer(tok))
             image_blocks.extend(blocks)
             pixels.append(values)
             content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": text}]

@@ -161,6 +161,8 @@ class KVCache:
             slots = pos[b, t] % S
             kb[row_ids[b], slots], vb[row_ids[b], slots], pb[row_ids[b], slots] = k[b, t], v[b, t], pos[b, t]
             return k_all, v_all, pos_all
+        if isinstance(self.rows, slice) and not isinstance(kb, QuantizedKV) and bool(valid.all()):
+            return self._update_dense(layer, k, v, pos)
         b, t = valid.nonzero(as_tuple=True)
         p = pos[b, t]
         if not self.ring[layer] and p.numel() and int(p.max()) >= S:
@@ -176,6 +178,24 @@ class KVCache:
             return kb[self.rows], vb[self.rows], pb[self.rows]
         filled = int(pos.max()) + 1       # global layers: attend only over the slots in use
         return kb[self.rows, :filled], vb[self.rows, :filled], pb[self.rows, :filled]
+
+    def _update_dense(self, layer: int, k, v, pos):
+        """`update` when every new token is real (no padding) and the rows are a slice: the common batch-1 decode
+        and single-prompt prefill. The slots are written in place through views with one scatter per buffer,
+        instead of nonzero + gathers + index_put (a dozen small ops per layer per decoded token)."""
+        kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
+        S = kb.shape[1]
+        top = int(pos.max())
+        if not self.ring[layer] and top >= S:
+            raise ContextLengthError(f"position {top} is past the cache's {S} slots")
+        slots = pos % S                                                    # (B, T); T == 1 on rings (see update)
+        index = slots[:, :, None, None].expand_as(k)                       # (B, T, K, D)
+        kb[self.rows].scatter_(1, index, k.to(kb.dtype))
+        vb[self.rows].scatter_(1, index, v.to(vb.dtype))
+        pb[self.rows].scatter_(1, slots, pos)
+        if self.ring[layer]:
+            return kb[self.rows], vb[self.rows], pb[self.rows]
+        return kb[self.rows, :top + 1], vb[self.rows, :top + 1], pb[self.rows, :top + 1]
 
 
 # ---- requests and the engine ----------------------------------------------------------------------------------

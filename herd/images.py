@@ -33,6 +33,11 @@ class ImageError(ValueError):
     """An image herd cannot use, naming the image and the reason."""
 
 
+IMAGE_TOKEN_TEXT = {   # ImageTokenIds field -> the special token's text
+    "image_start": "<|image_start|>", "image_end": "<|image_end|>", "tile_x": "<|tile_x_separator|>",
+    "tile_y": "<|tile_y_separator|>", "image": "<|image|>", "patch": "<|patch|>"}
+
+
 @dataclass(frozen=True)
 class ImageTokenIds:
     """Ids of the tokens that frame an image in the prompt (Llama 4 tokenizer defaults, spec 5.1)."""
@@ -42,6 +47,16 @@ class ImageTokenIds:
     tile_y: int = 200085         # <|tile_y_separator|>: after each row of tiles
     image: int = 200090          # <|image|>: before the global tile
     patch: int = 200092          # <|patch|>: one per vision embedding (ModelConfig.image_token_id)
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "ImageTokenIds":
+        """The ids in `tok`'s own vocabulary (any object with token_id(text) -> id | None); ImageError names the
+        framing tokens it lacks (only Llama 4's tokenizer has them all)."""
+        ids = {field: tok.token_id(text) for field, text in IMAGE_TOKEN_TEXT.items()}
+        missing = [IMAGE_TOKEN_TEXT[f] for f, i in ids.items() if i is None]
+        if missing:
+            raise ImageError(f"the tokenizer has no {', '.join(missing)}: image input needs Llama 4's tokenizer")
+        return cls(**ids)
 
 
 # ---- decoding -------------------------------------------------------------------------------------------------------

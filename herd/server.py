@@ -7,12 +7,17 @@
   A client that disconnects (streaming or not) has its requests cancelled, which frees their cache rows.
 - Chat prompts are built in the model's own format (chat.format_chat); replies are split into content and tool
   calls (chat.parse_tool_calls). `response_format` and `tool_choice` required / named are enforced by
-  grammar-constrained decoding (constrain.py), so such replies always parse.
+  grammar-constrained decoding (constrain.py), so such replies always parse, and their arguments stream as they
+  are generated (OpenAI's tool-call deltas); calls found in free text (tool_choice auto) are sent when complete.
+- Images come as base64 `data:` URLs in `image_url` parts (never fetched from elsewhere), prepared as `herd run
+  --image` does (images.prepare_images) for Llama 4 models with a vision encoder.
 - Every error is OpenAI's JSON shape {"error": {"message", "type", "param", "code"}}.
 """
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -32,7 +37,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import ChatError, format_chat, parse_tool_calls, stop_token_ids, tool_call_key, tool_call_start
+from .chat import (ChatError, format_chat, json_call_spans, parse_tool_calls, stop_token_ids, tool_call_key,
+                   tool_call_start)
 from .constrain import Compiler, GrammarError, tool_call_schema
 from .engine import Engine, SamplingParams
 from .textgen import TextStream
@@ -323,6 +329,7 @@ class Job:
     events: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     constraint: object | None = None
+    images: Any = None           # pixel values (n_tiles, 3, S, S) for the prompt's image tokens, or None
     request: Any = None          # engine.Request, set by the engine thread
     cancel_reason: str = "cancelled"
     done: bool = False           # engine thread only
@@ -418,7 +425,7 @@ class ServedModel:
             op, job, *rest = self._inbox.popleft()
             if op == "add":
                 try:
-                    job.request = self.engine.add(job.prompt, job.params, constraint=job.constraint)
+                    job.request = self.engine.add(job.prompt, job.params, constraint=job.constraint, images=job.images)
                 except ValueError as e:          # checked by the handler already; kept for safety
                     job.push(("error", job.choice, APIError(400, str(e))))
                     self._finish(job)
@@ -474,19 +481,24 @@ def short_name(path: str | Path) -> str:
 
 # ---- one choice of a response: tokens -> text, tool calls, logprobs ---------------------------------------------
 class _Choice:
-    """Detokenizes one choice with its stop strings, holds back text that may be a tool call, and splits the
-    final text into content and tool calls."""
+    """Detokenizes one choice with its stop strings, holds back text that may be a tool call, splits the final text
+    into content and tool calls, and cuts both into stream deltas. call_key: the arguments' key in a forced (JSON)
+    call, chat.tool_call_key."""
 
-    def __init__(self, index: int, tok: Tokenizer, stop: list[str], tool_mode: str, tool_names: set[str] | None):
+    def __init__(self, index: int, tok: Tokenizer, stop: list[str], tool_mode: str, tool_names: set[str] | None,
+                 call_key: str = "arguments"):
         self.index, self.tok = index, tok
         self.stream = TextStream(tok, stop)
         self.tool_mode, self.tool_names = tool_mode, tool_names   # "off" | "auto" | "forced"
+        self.call_key = call_key
         self.text, self.sent = "", 0
         self.tokens = 0
         self.logprobs: list[dict] = []       # engine entries: {"logprob", "top": [(id, lp)]}, with "id"
         self.finish_reason: str | None = None
         self.content: str | None = None
         self.calls: list[dict] = []
+        self.call_ids: list[str] = []        # made when a call is first streamed, kept in the final message
+        self.args_sent: list[int] = []       # per call streamed so far: characters of its arguments sent
         self.t_last: float | None = None
 
     @property
@@ -515,20 +527,43 @@ class _Choice:
             # forced calls are all the text there is: anything left over means the answer was cut (length)
             if calls and not (self.tool_mode == "forced" and content is not None):
                 self.content, self.finish_reason = content, "tool_calls"
-                self.calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                               "function": {"name": c["name"],
-                                            "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
-                              for c in calls]
+                raw = self._generated_arguments(calls)
+                self.calls = [{"id": self._call_id(k), "type": "function",
+                               "function": {"name": c["name"], "arguments": raw[k] if raw else
+                                            json.dumps(c["arguments"], ensure_ascii=False)}}
+                              for k, c in enumerate(calls)]
+
+    def _generated_arguments(self, calls: list[dict]) -> list[str] | None:
+        """A forced answer's argument texts exactly as generated, when they are the parsed calls (the grammar makes
+        them so): streamed pieces then add up to the final `arguments`, which json.dumps could respell (escapes,
+        number forms). None for free-text calls."""
+        if self.tool_mode != "forced":
+            return None
+        spans = json_call_spans(self.text, self.call_key)
+        raw = [self.text[a:b] for _, a, b in spans]
+        try:
+            same = len(spans) == len(calls) and all(
+                name == c["name"] and json.loads(r) == c["arguments"] for (name, _, _), r, c in zip(spans, raw, calls))
+        except json.JSONDecodeError:
+            same = False
+        return raw if same else None
+
+    def _call_id(self, k: int) -> str:
+        while len(self.call_ids) <= k:
+            self.call_ids.append(f"call_{uuid.uuid4().hex[:24]}")
+        return self.call_ids[k]
 
     def content_delta(self) -> str:
         """Content that can be streamed now: all new text, except what might still turn into a tool call."""
         if self.finished:
-            if not self.calls:
-                out = self.text[self.sent:]
-            else:                        # what the parser kept as content, minus what was already sent
+            if self.calls:               # what the parser kept as content, minus what was already sent
                 sent = self.text[:self.sent].lstrip()
                 content = self.content or ""
                 out = content[len(sent):] if content.startswith(sent) else ""
+            elif self.args_sent:         # a forced call cut short (length): its text went out as tool-call deltas
+                out = ""
+            else:
+                out = self.text[self.sent:]
             self.sent = len(self.text)
             return out
         if self.tool_mode == "forced":
@@ -536,6 +571,28 @@ class _Choice:
         cut = tool_call_start(self.text, self.tool_names) if self.tool_mode == "auto" else len(self.text)
         cut = max(cut, self.sent)
         out, self.sent = self.text[self.sent:cut], cut
+        return out
+
+    def tool_call_deltas(self) -> list[dict]:
+        """Tool-call deltas that can be streamed now, in OpenAI's shape: a call's first delta carries its index, id,
+        type, name and the arguments so far; later ones only {index, function: {arguments: the next piece}}. Forced
+        calls stream while their grammar-constrained JSON grows; calls found in free text (tool_choice auto) can
+        only be told apart from prose at the end, so they go out whole when the choice finishes."""
+        if self.calls:
+            calls = [(c["function"]["name"], c["function"]["arguments"]) for c in self.calls]
+        elif self.tool_mode == "forced":
+            calls = [(name, self.text[a:b]) for name, a, b in json_call_spans(self.text, self.call_key)]
+        else:
+            return []
+        out = []
+        for k, (name, args) in enumerate(calls):
+            if k == len(self.args_sent):
+                out.append({"index": k, "id": self._call_id(k), "type": "function",
+                            "function": {"name": name, "arguments": args}})
+                self.args_sent.append(len(args))
+            elif len(args) > self.args_sent[k]:
+                out.append({"index": k, "function": {"arguments": args[self.args_sent[k]:]}})
+                self.args_sent[k] = len(args)
         return out
 
     def chat_logprobs(self, entries: list[dict]) -> list[dict]:
@@ -579,6 +636,21 @@ class EventStream(StreamingResponse):
                 tg.cancel_scope.cancel()
         finally:
             await self.body_iterator.aclose()
+
+
+def _event_stream(run: _Run, chunks) -> EventStream:
+    """A streamed response: each chunk as an event, an error that ends the run early as OpenAI's error body, then
+    [DONE]. However the stream ends (done, error, client gone), the run's unfinished choices are cancelled."""
+    async def events():
+        try:
+            async for c in chunks:
+                yield _sse(c)
+        except APIError as e:
+            yield _sse(e.body())
+        finally:
+            run.cancel_unfinished()
+        yield "data: [DONE]\n\n"
+    return EventStream(events(), media_type="text/event-stream")
 
 
 async def _until_disconnect(request: HTTPRequest):
@@ -643,20 +715,56 @@ def _chat_messages(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
-def _image_blocks(sm: ServedModel, messages: list[dict]) -> list[list[int]] | None:
-    """The token block of every image part, in order (chat.format_chat places them), or None for text only.
-    NOTE: the place for vision input (to be wired by the lead): base64-decode each `data:` URL (no fetching of remote
-    URLs), images.prepare_images(data, cfg.vision, ids) -> (pixel_values, blocks) (ImageError -> 400), return the
-    blocks here and carry pixel_values on each Job to Engine.add(..., images=). Until then image input gets a 400."""
-    has_images = any(isinstance(m.get("content"), list) and any(p["type"] == "image_url" for p in m["content"])
-                     for m in messages)
-    if not has_images:
-        return None
+def _chat_images(sm: ServedModel, messages: list[dict]) -> tuple[list[list[int]] | None, Any]:
+    """(the token block of every image part in order, for chat.format_chat; their pixel values (n_tiles, 3, S, S),
+    for Engine.add), or (None, None) for text only. The flow of `herd run --image` (cli.py). Blocking (decoding and
+    resizing): call it off the event loop."""
+    parts = [(f"messages[{i}].content[{j}]", p["image_url"]["url"])
+             for i, m in enumerate(messages) if isinstance(m.get("content"), list)
+             for j, p in enumerate(m["content"]) if p["type"] == "image_url"]
+    if not parts:
+        return None, None
+    elsewhere = [f"messages[{i}]" for i, m in enumerate(messages) if m["role"] != "user"
+                 and isinstance(m.get("content"), list) and any(p["type"] == "image_url" for p in m["content"])]
+    if elsewhere:       # as in OpenAI's API; the Llama 4 format would also drop a system message's image blocks
+        raise APIError(400, f"{elsewhere[0]}: image parts are accepted in user messages only", param=elsewhere[0],
+                       code="invalid_image_url")
     if getattr(sm.model.config, "vision", None) is None:
         raise APIError(400, f"model {sm.name!r} reads text only; image input needs a Llama 4 model with a vision "
                             "encoder", param="messages", code="image_input_not_supported")
-    raise APIError(400, f"image input is not wired into herd's server yet (model {sm.name!r} has a vision "
-                        "encoder); send text only for now", param="messages", code="image_input_not_supported")
+    from .images import MAX_IMAGES, ImageError, ImageTokenIds, decode_image, prepare_images
+    try:
+        ids = ImageTokenIds.from_tokenizer(sm.tok)
+    except ImageError as e:
+        raise APIError(400, f"model {sm.name!r}: {e}", param="messages", code="image_input_not_supported") from None
+    if len(parts) > MAX_IMAGES:
+        raise APIError(400, f"{len(parts)} images given; at most {MAX_IMAGES} per request", param="messages")
+    decoded = []
+    for where, url in parts:
+        try:
+            decoded.append(decode_image(_data_url_bytes(where, url)))   # decoded here to name the part that fails
+        except ImageError as e:
+            raise APIError(400, f"{where}: {e}", param=f"{where}.image_url.url", code="invalid_image") from None
+    pixels, blocks = prepare_images(decoded, sm.model.config.vision, ids)
+    return blocks, pixels
+
+
+def _data_url_bytes(where: str, url: str) -> bytes:
+    """The bytes of a base64 `data:` URL. Remote URLs are refused, not fetched: a request must not make the server
+    reach into its network (SSRF) or wait on a slow host while holding a batch slot."""
+    param = f"{where}.image_url.url"
+    if url[:5].lower() != "data:":
+        raise APIError(400, f"{param}: only data URLs are accepted (data:image/png;base64,...); herd does not "
+                            "fetch remote images", param=param, code="invalid_image_url")
+    header, comma, payload = url[5:].partition(",")
+    if not comma or not header.lower().endswith(";base64"):
+        raise APIError(400, f"{param}: not a base64 data URL (expected data:<media type>;base64,<data>)",
+                       param=param, code="invalid_image_url")
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except binascii.Error as e:
+        raise APIError(400, f"{param}: the data URL's base64 is malformed ({e})", param=param,
+                       code="invalid_image_url") from None
 
 
 def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI:
@@ -783,7 +891,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
         sm = pick(body.model)
         tok = sm.tok
         messages = _chat_messages(body.messages)
-        image_blocks = _image_blocks(sm, messages)
+        image_blocks, pixels = await run_in_threadpool(_chat_images, sm, messages)
 
         # tools and structured output
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
@@ -826,8 +934,8 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
                 compiled = await run_in_threadpool(lambda: sm.compiler().json_schema(schema, strict))
             except GrammarError as e:
                 raise APIError(400, str(e), param="tools" if tool_mode == "forced" else "response_format") from None
-        states = [_Choice(i, tok, stop, tool_mode, tool_names) for i in range(body.n)]
-        jobs = _make_jobs(sm, body, [prompt], max_tokens, logprobs, compiled)
+        states = [_Choice(i, tok, stop, tool_mode, tool_names, tool_call_key(tok)) for i in range(body.n)]
+        jobs = _make_jobs(sm, body, [prompt], max_tokens, logprobs, compiled, pixels)
         sm.submit(jobs)
         sm.metrics.prompt_tokens.labels(sm.name).inc(len(prompt))
         run = _Run(sm, jobs, states, t0, "chat")
@@ -845,37 +953,28 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
                     c["usage"] = with_usage
                 return c
 
-            async def events():
-                try:
-                    for s in states:
-                        yield _sse(chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""},
-                                           "logprobs": None, "finish_reason": None}]))
-                    async for s, new_lps in run.updates():
-                        delta = {}
-                        text = s.content_delta()
-                        if text:
-                            delta["content"] = text
-                        if s.finished and s.calls:
-                            delta["tool_calls"] = [{"index": k, "id": c["id"], "type": "function",
-                                                    "function": {"name": c["function"]["name"],
-                                                                 "arguments": c["function"]["arguments"]}}
-                                                   for k, c in enumerate(s.calls)]
-                        lp = {"content": s.chat_logprobs(new_lps)} if new_lps else None
-                        if delta or lp is not None:
-                            yield _sse(chunk([{"index": s.index, "delta": delta, "logprobs": lp,
-                                               "finish_reason": None}]))
-                        if s.finished:
-                            yield _sse(chunk([{"index": s.index, "delta": {}, "logprobs": None,
-                                               "finish_reason": s.finish_reason}]))
-                    if include_usage:
-                        yield _sse(chunk([], usage()))
-                except APIError as e:
-                    yield _sse(e.body())
-                finally:
-                    run.cancel_unfinished()
-                yield "data: [DONE]\n\n"
+            async def chunks():
+                for s in states:
+                    yield chunk([{"index": s.index, "delta": {"role": "assistant", "content": ""},
+                                  "logprobs": None, "finish_reason": None}])
+                async for s, new_lps in run.updates():
+                    delta = {}
+                    text = s.content_delta()
+                    if text:
+                        delta["content"] = text
+                    calls = s.tool_call_deltas()
+                    if calls:
+                        delta["tool_calls"] = calls
+                    lp = {"content": s.chat_logprobs(new_lps)} if new_lps else None
+                    if delta or lp is not None:
+                        yield chunk([{"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                    if s.finished:
+                        yield chunk([{"index": s.index, "delta": {}, "logprobs": None,
+                                      "finish_reason": s.finish_reason}])
+                if include_usage:
+                    yield chunk([], usage())
 
-            return EventStream(events(), media_type="text/event-stream")
+            return _event_stream(run, chunks())
 
         await run.wait(request)
         choices = []
@@ -951,31 +1050,25 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
                     c["usage"] = with_usage
                 return c
 
-            async def events():
+            async def chunks():
                 offsets = [len(prefixes[s.index // body.n]) for s in states]
-                try:
-                    if body.echo:
-                        for s in states:
-                            yield _sse(chunk([{"index": s.index, "text": prefixes[s.index // body.n],
-                                               "logprobs": None, "finish_reason": None}]))
-                    async for s, new_lps in run.updates():
-                        text = s.content_delta()
-                        lp = None
-                        if new_lps:
-                            lp = logprobs_of(s, new_lps, offsets[s.index])
-                            offsets[s.index] += sum(len(t) for t in lp["tokens"])
-                        if text or lp is not None or s.finished:
-                            yield _sse(chunk([{"index": s.index, "text": text, "logprobs": lp,
-                                               "finish_reason": s.finish_reason}]))
-                    if include_usage:
-                        yield _sse(chunk([], usage()))
-                except APIError as e:
-                    yield _sse(e.body())
-                finally:
-                    run.cancel_unfinished()
-                yield "data: [DONE]\n\n"
+                if body.echo:
+                    for s in states:
+                        yield chunk([{"index": s.index, "text": prefixes[s.index // body.n], "logprobs": None,
+                                      "finish_reason": None}])
+                async for s, new_lps in run.updates():
+                    text = s.content_delta()
+                    lp = None
+                    if new_lps:
+                        lp = logprobs_of(s, new_lps, offsets[s.index])
+                        offsets[s.index] += sum(len(t) for t in lp["tokens"])
+                    if text or lp is not None or s.finished:
+                        yield chunk([{"index": s.index, "text": text, "logprobs": lp,
+                                      "finish_reason": s.finish_reason}])
+                if include_usage:
+                    yield chunk([], usage())
 
-            return EventStream(events(), media_type="text/event-stream")
+            return _event_stream(run, chunks())
 
         await run.wait(request)
         choices = []
@@ -991,7 +1084,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
 
 
 def _make_jobs(sm: ServedModel, body: _Sampling, prompts: list[list[int]], max_tokens: int, logprobs,
-               compiled) -> list[Job]:
+               compiled, images=None) -> list[Job]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     jobs = []
@@ -1000,7 +1093,7 @@ def _make_jobs(sm: ServedModel, body: _Sampling, prompts: list[list[int]], max_t
             index = p * body.n + i
             constraint = sm.compiler().constraint(compiled) if compiled is not None else None
             params = _sampling_params(body, sm, max_tokens, logprobs, i, constraint is not None)
-            jobs.append(Job(index, prompt, params, events, loop, constraint))
+            jobs.append(Job(index, prompt, params, events, loop, constraint, images))
     return jobs
 
 

@@ -65,6 +65,27 @@ def test_hybrid_cache_is_bounded():
     assert slots == [16, 16, 16, 1024]      # three chunked RoPE layers keep one chunk, the NoPE layer keeps all
 
 
+def test_dense_cache_update_equals_general_path():
+    """KVCache._update_dense (scatter through views) against the general nonzero/index_put path, which runs when
+    the rows are an index tensor: same returned keys and the same buffers, on ring and global layers."""
+    cfg = preset("debug")
+    torch.manual_seed(0)
+    fast, general = KVCache(cfg, 2, 64), KVCache(cfg, 2, 64)
+    fast.rows, general.rows = slice(0, 2), torch.tensor([0, 1])
+    steps = [torch.arange(0, 12).expand(2, 12)] + [torch.full((2, 1), p) for p in range(12, 40)]
+    for pos in steps:                    # a 12-token prefill, then decode across two ring wraps (chunk 16)
+        k, v = torch.randn(2, pos.shape[1], cfg.n_kv_heads, cfg.head_dim), torch.randn(2, pos.shape[1],
+                                                                                         cfg.n_kv_heads, cfg.head_dim)
+        for layer in range(cfg.n_layers):
+            a, b = fast.update(layer, k, v, pos), general.update(layer, k, v, pos)
+            for x, y in zip(a, b):
+                assert torch.equal(x, y)
+    for bufs_a, bufs_b in ((fast.k, general.k), (fast.v, general.v), (fast.pos, general.pos)):
+        assert all(torch.equal(x, y) for x, y in zip(bufs_a, bufs_b))
+    with pytest.raises(ContextLengthError, match="past the cache"):
+        fast.update(cfg.n_layers - 1, k, v, torch.full((2, 1), 64))
+
+
 def test_sampling_filters():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     one = torch.ones(1)

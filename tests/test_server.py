@@ -3,7 +3,9 @@
 Servers run as `herd serve` subprocesses (one torch thread each): tiny random models where only the plumbing is
 under test (answers are compared with the engine run in this process), the default model where answers matter
 (tool calls, structured output, batching). Every loop is bounded and every server is shut down afterwards."""
+import base64
 import http.client
+import io
 import json
 import os
 import re
@@ -17,13 +19,16 @@ import urllib.error
 import urllib.request
 
 import jsonschema
+import numpy as np
 import pytest
+from PIL import Image
 
 import herd
 from herd.chat import format_chat
-from herd.engine import SamplingParams, generate
+from herd.engine import Engine, SamplingParams, generate
+from herd.images import ImageTokenIds, prepare_images
 from herd.tokenizer import load_tokenizer
-from tiny_chat import write_tiny_chat_model
+from tiny_chat import write_tiny_chat_model, write_tiny_vision_model
 
 openai = pytest.importorskip("openai")
 KEY = "sekrit-test-key"
@@ -332,6 +337,87 @@ def test_streamed_auto_tool_calls_hold_back_the_call(tiny_folders):
     assert s.finish_reason == "stop" and not s.calls and sent == s.content == "See [1] and {x}; get_weather is a tool."
 
 
+def test_streamed_forced_call_arguments_add_up(tiny_folders):
+    """A forced call streams its arguments as the JSON grows; the pieces add up to the final `arguments`, which is
+    the generated text itself (json.dumps would respell the escape and turn 1e400 into Infinity, not JSON)."""
+    from herd.server import _Choice
+    tok = load_tokenizer(tiny_folders[0])
+    args = '{"city": "Z\\u00fcrich", "n": 1e400, "tags": ["a}", "b\\""]}'
+    ids = tok.encode('{"name": "pick", "arguments": ' + args + "}") + [2]
+    s = _Choice(0, tok, [], "forced", {"pick"})
+    deltas = []
+    for k, t in enumerate(ids):
+        s.push(t, None, "stop" if k == len(ids) - 1 else None)
+        assert s.content_delta() == ""
+        deltas += s.tool_call_deltas()
+    assert s.finish_reason == "tool_calls" and s.content is None
+    (call,) = s.calls
+    assert call["function"]["arguments"] == args and json.loads(args)["n"] == float("inf")
+    first, *rest = deltas
+    assert len(rest) > 3 and first["id"] == call["id"] and first["function"]["name"] == "pick"
+    assert all(set(d) == {"index", "function"} and set(d["function"]) == {"arguments"} for d in rest)
+    assert "".join(d["function"]["arguments"] for d in deltas) == args
+
+
+def _tool_call_deltas(stream) -> tuple[dict, dict]:
+    """choice index -> its tool-call deltas in order, and choice index -> finish reason."""
+    deltas, finish = {}, {}
+    for ch in stream:
+        for choice in ch.choices:
+            deltas.setdefault(choice.index, []).extend(choice.delta.tool_calls or [])
+            if choice.finish_reason:
+                finish[choice.index] = choice.finish_reason
+    return deltas, finish
+
+
+def test_streamed_tool_calls_arrive_in_pieces(tiny_server):
+    """Live, random weights at temperature 1: a named call's arguments arrive over several deltas, only the first of
+    which carries the id, type and name; they add up to the non-streamed answer's arguments and to JSON that
+    validates; the client's own stream accumulation agrees. Parallel calls (tool_choice required) keep their
+    indices apart."""
+    c = tiny_server.client()
+    schema = {"type": "object", "properties": {"city": {"enum": ["Oslo", "Lima"]},
+                                               "n": {"type": "integer", "minimum": 0, "maximum": 99}},
+              "required": ["city", "n"], "additionalProperties": False}
+    pick = {"type": "function", "function": {"name": "pick", "parameters": schema}}
+    kw = dict(model="tiny", messages=user("call it"), max_tokens=80, temperature=1.0, n=3, seed=11, tools=[pick],
+              tool_choice={"type": "function", "function": {"name": "pick"}})
+    whole = c.chat.completions.create(**kw)
+    deltas, finish = _tool_call_deltas(c.chat.completions.create(**kw, stream=True))
+    for choice in whole.choices:
+        first, *rest = deltas[choice.index]
+        assert finish[choice.index] == choice.finish_reason == "tool_calls" and len(rest) >= 2
+        assert first.id.startswith("call_") and first.type == "function" and first.function.name == "pick"
+        assert all(d.id is None and d.type is None and d.function.name is None for d in rest)
+        assert {d.index for d in deltas[choice.index]} == {0}
+        arguments = "".join(d.function.arguments or "" for d in deltas[choice.index])
+        assert arguments == choice.message.tool_calls[0].function.arguments
+        jsonschema.validate(json.loads(arguments), schema)
+    with c.chat.completions.stream(**kw) as stream:
+        final = stream.get_final_completion()
+    assert [ch.message.tool_calls[0].function.arguments for ch in final.choices] == \
+        [ch.message.tool_calls[0].function.arguments for ch in whole.choices]
+
+    # a list of calls (the tiny model's context holds one tool's instructions, so all calls are to `pick`)
+    deltas, finish = _tool_call_deltas(c.chat.completions.create(
+        model="tiny", messages=user("call them"), max_tokens=80, temperature=1.0, n=3, seed=2, stream=True,
+        tools=[pick], tool_choice="required", parallel_tool_calls=True))
+    for index, ds in deltas.items():
+        calls = {}
+        for d in ds:
+            if d.index not in calls:           # a call's first delta: id, type and name, in index order
+                assert d.index == len(calls) and d.id.startswith("call_") and d.function.name == "pick"
+                calls[d.index] = [d.id, ""]
+            else:
+                assert d.id is None and d.function.name is None
+            calls[d.index][1] += d.function.arguments or ""
+        assert calls and len({cid for cid, _ in calls.values()}) == len(calls)
+        if finish[index] == "tool_calls":
+            for _, arguments in calls.values():
+                jsonschema.validate(json.loads(arguments), schema)
+    print(f"\nparallel: {[len({d.index for d in ds}) for ds in deltas.values()]} calls, finish {finish}")
+
+
 def test_bench_serve_cli(tiny_server):
     r = subprocess.run([sys.executable, "-m", "herd.cli", "bench-serve", tiny_server.url, "--concurrency", "3",
                         "--requests", "6", "--max-tokens", "5", "--ignore-eos", "--usd-per-hour", "2",
@@ -346,6 +432,94 @@ def test_bench_serve_cli(tiny_server):
                           "--max-tokens", "2", "--model", "tiny", "--api-key", "wrong"],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "1 failed" in bad.stdout and "HTTP 401" in bad.stdout
+
+
+# ---- image input on a tiny Llama 4 with a vision encoder ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def vision_folder(tmp_path_factory):
+    return write_tiny_vision_model(tmp_path_factory.mktemp("server_models") / "tiny_vision", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vision_server(vision_folder, tmp_path_factory):
+    s = LiveServer([f"tiny-vision={vision_folder}", "--max-batch", "4", "--max-seq-len", "512"],
+                   tmp_path_factory.mktemp("logs") / "vision.log")
+    yield s
+    s.stop()
+
+
+def png(seed: int, size=(50, 40)) -> bytes:
+    """A random-pixel PNG (50x40 -> 2x2 tiles + the global tile at 28-pixel tiles)."""
+    pixels = np.random.RandomState(seed).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_message(url: str, text: str = "What is in this picture?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": text}]}]
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def test_image_chat_equals_the_engine(vision_server, vision_folder):
+    """A data-URL PNG through the openai client is answered token for token as the engine answers the same prompt
+    and pixels in this process (greedy); another image of the same size (so the same prompt ids) changes the
+    answer: the pixels reach the model."""
+    model = herd.load(vision_folder)
+    tok = load_tokenizer(vision_folder, eos_ids=model.config.eos_token_ids)
+    c = vision_server.client()
+    kw = dict(model="tiny-vision", max_tokens=8, temperature=0, logprobs=True, top_logprobs=3,
+              extra_body={"ignore_eos": True})
+    answers = []
+    for seed in (0, 1):
+        data = png(seed)
+        messages = image_message(data_url(data))
+        pixels, blocks = prepare_images([data], model.config.vision, ImageTokenIds.from_tokenizer(tok))
+        prompt = format_chat(tok, messages, image_blocks=blocks)
+        engine = Engine(model, max_batch=1, max_seq_len=512)
+        ref = engine.add(prompt, SamplingParams(max_tokens=8, ignore_eos=True, logprobs=3), images=pixels)
+        while engine.has_work():
+            engine.step()
+
+        r = c.chat.completions.create(messages=messages, **kw)
+        lps = r.choices[0].logprobs.content
+        assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(prompt), 8)
+        assert prompt.count(model.config.image_token_id) == pixels.shape[0] * 4 == 5 * 4
+        assert [e.token for e in lps] == [tok.decode([i], skip_special=False) for i in ref.output]
+        assert max(abs(e.logprob - want["logprob"]) for e, want in zip(lps, ref.logprobs)) < 1e-3
+        assert r.choices[0].message.content == tok.decode(ref.output)
+        streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+            messages=messages, stream=True, **kw) if ch.choices)
+        assert streamed == tok.decode(ref.output)
+        answers.append((ref.output, [[(t.token, round(t.logprob, 3)) for t in e.top_logprobs] for e in lps]))
+    (out_a, top_a), (out_b, top_b) = answers
+    assert out_a != out_b or top_a[0] != top_b[0]
+
+
+def test_bad_image_input_is_400(vision_server):
+    c = vision_server.client()
+    cases = [("https://example.com/cat.png", "invalid_image_url", "only data URLs are accepted"),
+             ("data:image/png;base64,not*base64!", "invalid_image_url", "base64 is malformed"),
+             ("data:image/png,rawbytes", "invalid_image_url", "not a base64 data URL"),
+             (data_url(b"hello, not a picture"), "invalid_image", "not a readable image"),
+             (data_url(png(0)[:60]), "invalid_image", "not a readable image")]
+    for url, code, words in cases:
+        messages = [{"role": "user", "content": "first"}] + image_message(url)
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model="tiny-vision", messages=messages, max_tokens=2)
+        body = e.value.body
+        assert body["code"] == code and words in body["message"], body
+        assert body["message"].startswith("messages[1].content[0]") and body["param"].startswith("messages[1]")
+    system_image = [{"role": "system", "content": image_message(data_url(png(2)))[0]["content"]}]
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="tiny-vision", messages=system_image + user("hi"), max_tokens=2)
+    assert "user messages only" in e.value.body["message"] and e.value.body["param"] == "messages[0]"
+    r = c.chat.completions.create(model="tiny-vision", messages=image_message(data_url(png(2))), max_tokens=2)
+    assert r.usage.completion_tokens >= 1          # the server is still serving
 
 
 # ---- admission: cancellation frees the slot, a full queue is 429 ----------------------------------------------

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from herd.chat import format_chat, parse_tool_calls, tool_call_start
+from herd.chat import format_chat, json_call_spans, parse_tool_calls, tool_call_start
 from herd.textgen import default_model_path
 from herd.tokenizer import load_tokenizer
 
@@ -57,6 +57,22 @@ def test_tool_call_start_holds_back_possible_calls():
     assert tool_call_start("Sure. [get_w", NAMES) == len("Sure. ")
     assert tool_call_start("Sure. get_wea", NAMES) == len("Sure. ")        # a trailing piece of a tool name
     assert tool_call_start("Sure. {", NAMES) == len("Sure. ")
+
+
+def test_json_call_spans_follow_a_growing_forced_call():
+    """Every prefix of a forced (grammar-constrained) answer: the arguments found so far are a prefix of the final
+    ones, closing brackets and quotes inside strings do not end them early, and the call's own '}' is not in them."""
+    calls = [("get_weather", '{"city": "a}b\\"]", "days": [1, {"x": null}]}'), ("get_time", '{}'),
+             ("search", '7')]
+    text = "[" + ", ".join(f'{{"name": "{n}", "parameters": {a}}}' for n, a in calls) + "]"
+    seen = []
+    for end in range(len(text) + 1):
+        spans = [(name, text[a:b]) for name, a, b in json_call_spans(text[:end], "parameters")]
+        assert len(spans) >= len(seen) and all(args.startswith(old) for (_, old), (_, args) in zip(seen, spans))
+        seen = spans
+    assert seen == calls
+    assert json_call_spans('{"name": "get_time", "arguments": {}}', "parameters") == []   # another key
+    assert json_call_spans("Sure, here: {", "arguments") == []
 
 
 def test_template_without_tools_gets_them_in_the_system_message():

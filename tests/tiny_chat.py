@@ -1,12 +1,19 @@
-"""A tiny chat model for engine-side and server tests: the `debug` preset (Llama 4 shaped, vocab 512) with random
-weights, a byte-level BPE tokenizer trained here on a few sentences, and a ChatML template that, like the default
-model's, knows nothing of tools. Written as an HF folder, so `herd serve FOLDER` loads it like any checkpoint."""
+"""Tiny chat models for engine-side and server tests, written as HF folders so `herd serve FOLDER` loads them like
+any checkpoint:
+
+- write_tiny_chat_model: the `debug` preset (Llama 4 shaped, vocab 512) with random weights, a byte-level BPE
+  tokenizer trained here on a few sentences, and a ChatML template that, like the default model's, knows nothing of
+  tools.
+- write_tiny_vision_model: the `debug` trunk with a tiny vision encoder and Llama 4's own tokenizer format (256 byte
+  tokens + the 2,048 specials, image framing tokens included), so chats are in Llama 4's native layout."""
+import base64
 import json
 from pathlib import Path
 
 from herd.checkpoint import save_hf
-from herd.config import preset
+from herd.config import VisionConfig, preset
 from herd.model import Transformer
+from herd.tokenizer import llama4_special_tokens
 
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
@@ -44,4 +51,23 @@ def write_tiny_chat_model(folder, seed: int = 0) -> Path:
         {"chat_template": CHATML, "eos_token": "<|im_end|>", "add_bos_token": False}))
     # std 0.3: peaked logits, so greedy answers do not hinge on float rounding between batch shapes
     save_hf(Transformer(preset("debug")).init_weights(std=0.3, seed=seed), folder)
+    return folder
+
+
+def write_tiny_vision_model(folder, seed: int = 0) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n"
+                                                    for b in range(256)))
+    special = {name: 256 + i for i, name in enumerate(llama4_special_tokens())}
+    cfg = preset("debug")
+    cfg.vocab_size = 256 + len(special)
+    cfg.bos_token_id, cfg.pad_token_id = special["<|begin_of_text|>"], special["<|finetune_right_pad|>"]
+    cfg.eos_token_ids = [special[t] for t in ("<|end_of_text|>", "<|eom|>", "<|eot|>")]
+    # 28-pixel tiles of 7-pixel patches: 4 <|patch|> tokens per tile after the pixel shuffle
+    cfg.vision = VisionConfig(image_size=28, patch_size=7, dim=32, n_layers=2, n_heads=2, ffn_dim=128,
+                              projector_dim=48, max_tiles=6)
+    cfg.image_token_id = special["<|patch|>"]
+    cfg.__post_init__()
+    save_hf(Transformer(cfg).init_weights(std=0.3, seed=seed), folder)
     return folder
