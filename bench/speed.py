@@ -69,15 +69,22 @@ def herd_run(model, prompt: list[int], n_decode: int) -> tuple[float, float]:
 
 
 # ---- llama.cpp -----------------------------------------------------------------------------------------------------
+def llamacpp_next(llm) -> int:
+    """Greedy next token from the last evaluated position. Llama.eval no longer copies logits into `scores` unless
+    logits_all (which would make llama.cpp compute the head for every prompt token), so read the context's own
+    buffer: without logits_all it holds the last token's row only."""
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
+
 def llamacpp_run(llm, prompt: list[int], n_decode: int) -> tuple[float, float]:
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(prompt)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = llamacpp_next(llm)
     t1 = time.perf_counter()
     for _ in range(n_decode):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = llamacpp_next(llm)
     t2 = time.perf_counter()
     return len(prompt) / (t1 - t0), n_decode / (t2 - t1)
 

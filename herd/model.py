@@ -110,6 +110,17 @@ def key_block_mask(q_pos, k_pos, chunk_size: int | None):
     return attention_mask(q_pos, k_pos, chunk_size)
 
 
+def is_plain_causal(q_pos, k_pos, chunk_size: int | None) -> bool:
+    """True when `attention_mask(q_pos, k_pos, chunk_size)` is the lower triangle: the keys are exactly the queries
+    (a prompt's first prefill piece), positions run consecutively with no padding, and each row stays in one chunk."""
+    T = q_pos.shape[1]
+    if T < 2 or k_pos.shape != q_pos.shape or not torch.equal(q_pos, k_pos) or int(q_pos.min()) < 0:
+        return False
+    if not bool((q_pos[:, 1:] == q_pos[:, :-1] + 1).all()):
+        return False
+    return chunk_size is None or bool((q_pos[:, 0] // chunk_size == q_pos[:, -1] // chunk_size).all())
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
@@ -145,10 +156,14 @@ class Attention(nn.Module):
             k, v, k_pos = kv_cache.update(self.layer_id, k, v, pos)
         else:
             k_pos = pos
-        # The mask of keys start..end-1: a long key range (NoPE layers at long context) is attended block by block,
-        # never as one (T, S) mask.
-        mask = lambda start, end: key_block_mask(pos, k_pos[:, start:end], self.chunk_size)
-        out = ops.attention_blockwise(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask)  # (B, H, T, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D), (B, K, S, D)
+        if is_plain_causal(pos, k_pos, self.chunk_size):
+            out = ops.attention_causal(q, k, v)
+        else:
+            # The mask of keys start..end-1: a long key range (NoPE layers at long context) is attended block by
+            # block, never as one (T, S) mask.
+            mask = lambda start, end: key_block_mask(pos, k_pos[:, start:end], self.chunk_size)
+            out = ops.attention_blockwise(q, k, v, mask)                            # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -12,6 +12,14 @@ def attention(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def attention_causal(q, k, v):
+    """`attention` of T queries over the same T keys under a plain causal mask (key j visible to query i iff j <= i),
+    without building the mask: torch's causal kernel also skips the fully masked key blocks (half the work).
+    k, v: tensors or `QuantizedKV`."""
+    k, v = _dense(k, q.dtype), _dense(v, q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+
+
 def attention_reference(q, k, v, mask):
     """The same as `attention`, written out: repeat kv heads, softmax(q k^T / sqrt(D)) v."""
     rep = q.shape[1] // k.shape[1]

@@ -2,7 +2,7 @@
 import torch
 
 from herd import ops
-from herd.model import attention_mask
+from herd.model import attention_mask, is_plain_causal
 
 
 def test_run_experts_matches_reference():
@@ -52,6 +52,27 @@ def test_attention_matches_reference():
     mask = attention_mask(q_pos, k_pos, chunk_size=4)
     torch.testing.assert_close(ops.attention(q, k, v, mask), ops.attention_reference(q, k, v, mask),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_causal_attention_matches_reference_and_is_used_only_when_plain():
+    B, H, K, T, D = 2, 8, 2, 9, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, K, T, D), torch.randn(B, K, T, D)
+    pos = torch.arange(T).expand(B, T)
+    mask = attention_mask(pos, pos, chunk_size=None)
+    torch.testing.assert_close(ops.attention_causal(q, k, v), ops.attention_reference(q, k, v, mask),
+                               rtol=1e-5, atol=1e-5)
+    assert is_plain_causal(pos, pos, None) and is_plain_causal(pos, pos, 16)
+    padded = pos.clone()
+    padded[1, -2:] = -1                              # right padding: padding queries must see every key
+    later = torch.arange(T + 3)[None, 3:].expand(B, T)
+    assert not is_plain_causal(pos, pos, 4)          # crosses a chunk boundary: block-diagonal, not a triangle
+    assert not is_plain_causal(padded, padded, None)
+    assert not is_plain_causal(later, torch.arange(T + 3).expand(B, T + 3), None)   # earlier keys in the cache
+    assert not is_plain_causal(pos[:, :1], pos[:, :1], None)
+    # whenever it says so, the triangle is exactly the mask the general path builds
+    for q_pos, chunk in ((pos, None), (pos, 16), (later, 16)):
+        if is_plain_causal(q_pos, q_pos, chunk):
+            assert torch.equal(attention_mask(q_pos, q_pos, chunk)[0, 0], torch.ones(T, T, dtype=torch.bool).tril())
 
 
 def test_chunk_mask_is_block_aligned():
