@@ -11,6 +11,13 @@ herd runs the GGUF repacked (herd.load(path, quant="packed"): int4 / int8 packed
 gate/up) through its Engine, as `herd run` does; llama.cpp through Llama.eval; transformers through forward calls
 with its KV cache. The prompt is English prose (Python's pydoc topics), identical token ids for all three.
 
+llama.cpp: llama-cpp-python (a benchmark-only peer, not installed by install.sh). On this machine its native build
+(AVX512 + AMX) crashed with a general protection fault in libggml-cpu on the first eval; built without AMX it runs:
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+      -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON -DGGML_AMX_TILE=OFF \
+      -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install --no-deps --no-cache-dir llama-cpp-python==0.3.36
+(about 25 minutes on 2 cores). It runs in a child process, so a crash there cannot take the other results with it.
+
 NOTE: OMP_WAIT_POLICY=PASSIVE is set before torch loads. On a shared, loaded machine OpenMP worker threads that
 spin-wait get descheduled and a 2-thread fp32 matmul of SmolLM2's FFN took 23 ms instead of 0.8 ms (1 thread).
 The same environment applies to every engine in this process (llama.cpp's OpenMP build included).
