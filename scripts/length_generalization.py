@@ -16,7 +16,7 @@ All train on the same batches with the same optimizer and steps, then are tested
 training length. Long sequences go through the engine's KV cache in prefill pieces (blockwise attention for global
 layers, the chunked layers' ring), exactly as the engine serves them.
 
-    python -m scripts.length_generalization              # ~15-20 min on one CPU thread; prints + writes the table
+    python -m scripts.length_generalization              # ~18 min on one CPU thread; prints + writes the table
     python -m scripts.length_generalization --quick      # about a minute: smoke test of the whole pipeline
 """
 from __future__ import annotations
