@@ -200,22 +200,25 @@ def _int4_mm(x2, weight, scales_and_zeros, group_size: int):
 def _int4_unpack_cpu(packed: torch.Tensor, block: int, dtype=torch.uint8) -> torch.Tensor:
     """torch's CPU int4 layout -> u (N, K) in 0..15 as `dtype`. Full blocks of `block` rows are stored
     (K, block/2), byte j holding row j (low nibble) and row j + block/2 (high); a last partial block of n rows is
-    stored (K, n/2) with rows 2i, 2i + 1 in one byte. `_cpu_int4_block` checks this against torch's packer."""
+    stored (K, n/2) with rows 2i, 2i + 1 in one byte. `_cpu_int4_block` checks this against torch's packer.
+    The result is the transposed view of a contiguous (K, N) buffer: that order is the layout's own (no element
+    transpose while unpacking), and dequantize + x @ w^T on it measured 20-25% faster at SmolLM2's shapes with 512
+    rows than building (N, K) first."""
     N, K = packed.shape[0], packed.shape[1] * 2
     flat = packed.reshape(-1)
     full, half = N // block * block, block // 2
-    out = torch.empty(N, K, dtype=dtype, device=packed.device)
+    ut = torch.empty(K, N, dtype=dtype, device=packed.device)                     # u transposed
     if full:
-        fb = flat[: full * K // 2].view(full // block, K, half)                     # (NB, K, block/2)
-        ov = out[:full].view(full // block, block, K)
-        ov[:, :half].copy_((fb & 15).transpose(1, 2))
-        ov[:, half:].copy_((fb >> 4).transpose(1, 2))
+        fb = flat[: full * K // 2].view(full // block, K, half)                    # (NB, K, block/2)
+        ov = ut[:, :full].view(K, full // block, 2, half)                          # (K, NB, 2, block/2)
+        ov[:, :, 0].copy_((fb & 15).transpose(0, 1))
+        ov[:, :, 1].copy_((fb >> 4).transpose(0, 1))
     if full < N:
         tb = flat[full * K // 2:].view(K, (N - full) // 2)                          # (K, n/2)
-        tv = out[full:].view((N - full) // 2, 2, K)
-        tv[:, 0].copy_((tb & 15).t())
-        tv[:, 1].copy_((tb >> 4).t())
-    return out
+        tv = ut[:, full:].view(K, (N - full) // 2, 2)
+        tv[:, :, 0].copy_(tb & 15)
+        tv[:, :, 1].copy_(tb >> 4)
+    return ut.t()
 
 
 _CPU_INT4_BLOCK: list = []
@@ -233,13 +236,14 @@ def _cpu_int4_block() -> int | None:
 
 
 def _int4_dequantize_packed(packed, scales_and_zeros, group_size: int) -> torch.Tensor:
-    """Packed int4 + (G, N, 2) scales/zeros -> bf16 weight (N, K): (u - 8) * scale + zero, as the kernel does."""
+    """Packed int4 + (G, N, 2) scales/zeros -> bf16 weight (N, K): (u - 8) * scale + zero, as the kernel does.
+    A transposed view of a contiguous (K, N) tensor, like `_int4_unpack_cpu`."""
     # fp32 arithmetic (faster than bf16 on CPU and exact up to the final rounding), one rounding to bf16
-    w = _int4_unpack_cpu(packed, _cpu_int4_block(), torch.float32)                  # (N, K) u
-    N, K = w.shape
-    scale, zero = scales_and_zeros[..., 0].t().float(), scales_and_zeros[..., 1].t().float()   # (N, G) each
-    w.view(N, K // group_size, group_size).sub_(8).mul_(scale[..., None]).add_(zero[..., None])
-    return w.to(COMPUTE_DTYPE)
+    ut = _int4_unpack_cpu(packed, _cpu_int4_block(), torch.float32).t()             # (K, N) u, contiguous
+    K, N = ut.shape
+    scale, zero = scales_and_zeros[..., 0].float(), scales_and_zeros[..., 1].float()   # (G, N) each
+    ut.view(K // group_size, group_size, N).sub_(8).mul_(scale[:, None]).add_(zero[:, None])
+    return ut.to(COMPUTE_DTYPE).t()
 
 
 def _int4_pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None):
