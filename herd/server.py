@@ -382,16 +382,21 @@ class ServedModel:
             return self._compiler
 
     # -- called from request handlers (event loop thread) -------------------------------------------------------
+    def check_capacity(self, n: int):
+        """The 400 (never fits) or 429 (does not fit now) that submitting n sequences would get. Handlers call it
+        first, so a refused request costs no image decoding or grammar compilation; `submit` checks again under
+        the lock, which is the check that counts."""
+        if n > self.max_batch + self.max_queue:
+            raise APIError(400, f"{n} sequences requested (prompts x n), but model {self.name!r} holds at most "
+                                f"{self.max_batch + self.max_queue} at once", param="n")
+        if self._outstanding + n > self.max_batch + self.max_queue:
+            raise APIError(429, f"model {self.name!r} is at capacity ({self.max_batch} running, {self.max_queue} "
+                                "waiting); retry later", type="rate_limit_error", code="rate_limit_exceeded")
+
     def submit(self, jobs: list[Job]):
         """Queue all of one HTTP request's jobs, or none: 429 when they do not fit now, 400 when they never can."""
-        if len(jobs) > self.max_batch + self.max_queue:
-            raise APIError(400, f"{len(jobs)} sequences requested (prompts x n), but model {self.name!r} holds at "
-                                f"most {self.max_batch + self.max_queue} at once", param="n")
         with self._lock:
-            if self._outstanding + len(jobs) > self.max_batch + self.max_queue:
-                raise APIError(429, f"model {self.name!r} is at capacity ({self.max_batch} running, "
-                                    f"{self.max_queue} waiting); retry later", type="rate_limit_error",
-                               code="rate_limit_exceeded")
+            self.check_capacity(len(jobs))
             self._outstanding += len(jobs)
         for job in jobs:
             self._inbox.append(("add", job))
@@ -889,6 +894,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         t0 = time.perf_counter()
         sm = pick(body.model)
+        sm.check_capacity(body.n)
         tok = sm.tok
         messages = _chat_messages(body.messages)
         image_blocks, pixels = await run_in_threadpool(_chat_images, sm, messages)
