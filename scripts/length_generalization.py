@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -167,6 +168,7 @@ def accuracy(model: Transformer, length: int, n_seqs: int, batch: int = 4) -> fl
 
 def main(argv=None):
     args = parse_args(argv)
+    command = " ".join(["python -m scripts.length_generalization", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(1)
     if args.quick:
         args.steps, args.eval_seqs, args.factors = 40, 2, "1,4"
@@ -208,7 +210,7 @@ def main(argv=None):
     lines += [f"| {name} | " + " | ".join(f"{a:.3f}" for a in accs) + " |" for name, accs in rows]
     wall, cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
     lines += ["", f"{wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU on {torch.get_num_threads()} thread "
-              f"(`python -m scripts.length_generalization{' --quick' if args.quick else ''}`)."]
+              f"(`{command}`)."]
     table = "\n".join(lines)
     print("\n" + table)
     out = Path(args.out)
