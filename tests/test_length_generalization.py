@@ -3,6 +3,7 @@ KV cache in prefill pieces) scores the same logits as one plain forward."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from herd.model import Transformer
@@ -47,3 +48,9 @@ def test_cached_piecewise_scoring_equals_one_forward():
             full = model(tokens)[:, -2 * lg.N_PAIRS:]
             cached = lg.query_logits(model, tokens, piece=37)
         torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_model_is_refused_by_name():
+    lg = load_script()
+    with pytest.raises(SystemExit, match="unknown nope; expected some of irope, irope_last, rope, irope_8"):
+        lg.main(["--models", "irope,nope", "--out", "/dev/null"])
