@@ -14,7 +14,8 @@ def attention(q, k, v, mask):
 
 def attention_causal(q, k, v):
     """`attention` of T queries over the same T keys under a plain causal mask (key j visible to query i iff j <= i),
-    without building the mask: torch's causal kernel also skips the fully masked key blocks (half the work).
+    without building or reading a (T, T) mask. Measured at 512 tokens, 9 heads, fp32: ~10-20% faster than the same
+    call with the mask, and no faster than with no mask at all (torch's CPU kernel does not skip the masked half).
     k, v: tensors or `QuantizedKV`."""
     k, v = _dense(k, q.dtype), _dense(v, q.dtype)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
