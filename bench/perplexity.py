@@ -12,7 +12,10 @@ Schemes:
 - fp32: the GGUF dequantized to fp32 (herd.load(path)), the baseline.
 - int8 / int4 gN: herd.quantize.quantize_model(fp32, scheme, only="all"): every trunk linear (the tied output head
   and the embedding stay fp32), bf16 activations in the quantized matmuls. int4 uses groups of 64 and 32: Meta's
-  128 does not divide SmolLM2's dim 576.
+  128 does not divide SmolLM2's dim 576. Plain int4 is Meta's symmetric recipe (scale = max|w| / 8).
+- int4 gN asymmetric: the same with symmetric=False (`herd quantize --asymmetric`): a zero point per group, the 16
+  levels spanning each group's min..max. SmolLM2's weights are Q4_1 (asymmetric, 32-weight blocks), so g32 can land
+  on their own grid; g64 straddles two blocks.
 - packed GGUF: herd.load(path, quant="packed"): Q4_1 blocks mapped exactly to int4 (group 32, scale + zero),
   Q8_0 token embedding / tied head re-quantized per row to int8; fused q/k/v and gate/up.
 - packed GGUF, fp32 embedding: the same with the Q8_0 embedding / head kept in fp32 (what int8 costs there).
@@ -71,6 +74,10 @@ def main():
         "int8 (quantize_model, all linears)": lambda: quantize_model(copy.deepcopy(fp32), "int8", only="all"),
         "int4 g64 (quantize_model, all linears)": lambda: quantize_model(copy.deepcopy(fp32), "int4", 64, only="all"),
         "int4 g32 (quantize_model, all linears)": lambda: quantize_model(copy.deepcopy(fp32), "int4", 32, only="all"),
+        "int4 g64 asymmetric (quantize_model, all linears)":
+            lambda: quantize_model(copy.deepcopy(fp32), "int4", 64, only="all", symmetric=False),
+        "int4 g32 asymmetric (quantize_model, all linears)":
+            lambda: quantize_model(copy.deepcopy(fp32), "int4", 32, only="all", symmetric=False),
         "packed GGUF Q4_1 (herd.load quant='packed')": lambda: herd.load(path, quant="packed"),
         "packed GGUF Q4_1, fp32 embedding/head": lambda: load_gguf_packed(path, int8_embeddings=False),
     }

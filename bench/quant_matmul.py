@@ -42,7 +42,7 @@ def timeit(fn, min_time=0.3, max_iters=200):
 
 def module(cls, w, *extra):
     N, K = w.shape
-    q, s = quantize_tensor(w, "int8" if cls is Int8Linear else "int4", *extra)
+    q, s, _ = quantize_tensor(w, "int8" if cls is Int8Linear else "int4", *extra)
     m = cls(K, N, *extra, device="meta")
     m.load_state_dict(cls.pack(q, s), assign=True)
     return m

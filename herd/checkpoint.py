@@ -87,6 +87,8 @@ _TEMPLATES = [
     (re.compile("^" + re.escape(k).replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)") + "$"), v)
     for k, v in HF_TO_NATIVE.items()
 ]
+# What sits beside a quantized `X.weight`, in HF and herd names alike: its scales and (asymmetric int4) zero points.
+_QUANT_SUFFIXES = ("_scale", "_zero")
 # For saving: the first HF name listed for each herd name (Llama 4 spelling; save swaps in "mlp." for Llama).
 _NATIVE_TO_HF: dict[str, str] = {}
 for _hf, _native in HF_TO_NATIVE.items():
@@ -104,12 +106,13 @@ def strip_prefix(key: str) -> str:
 def hf_key_to_native(key: str) -> tuple[str, int | None] | None:
     """'language_model.model.layers.3.self_attn.q_proj.weight' -> ('layers.3.attention.wq.weight', None).
     Returns the expert index for per-expert keys, None when the key is not a text-trunk tensor.
-    A quantized weight's row/group scales `X.weight_scale` map to the native name of `X.weight` + "_scale"
-    (`...wq.weight_scale`, `...experts.w1_scale`); see quantize.py for the layout."""
+    A quantized weight's row/group scales `X.weight_scale` and zero points `X.weight_zero` map to the native name
+    of `X.weight` + "_scale" / "_zero" (`...wq.weight_scale`, `...experts.w1_zero`); see quantize.py for the layout."""
     k = strip_prefix(key)
-    if k.endswith(".weight_scale"):
-        mapped = hf_key_to_native(k[: -len("_scale")])
-        return None if mapped is None else (mapped[0] + "_scale", mapped[1])
+    for suffix in _QUANT_SUFFIXES:
+        if k.endswith(".weight" + suffix):
+            mapped = hf_key_to_native(k[: -len(suffix)])
+            return None if mapped is None else (mapped[0] + suffix, mapped[1])
     for pattern, native in _TEMPLATES:
         m = pattern.match(k)
         if m:
@@ -162,10 +165,11 @@ def weight_files(folder: Path) -> list[Path]:
     raise CheckpointError(f"{folder}: no weights found (expected model.safetensors or model.safetensors.index.json)")
 
 
-# Float dtypes load casts to `dtype`; quantized weights (int8, uint8 nibbles, fp8) and their scales keep theirs.
+# Float dtypes load casts to `dtype`; quantized weights (int8, uint8 nibbles, fp8), their scales and zeros keep theirs.
 _CASTABLE = (torch.float32, torch.float16, torch.bfloat16)
-# Tensors whose rows are q/k output rows (reordered between RoPE conventions), with their quantization scales.
-_QK_ROWS = ("attention.wq.weight", "attention.wk.weight", "attention.wq.weight_scale", "attention.wk.weight_scale")
+# Tensors whose rows are q/k output rows (reordered between RoPE conventions), with their quantization scales and
+# zero points (one per row and group, so they move with their rows).
+_QK_ROWS = tuple(f"attention.{w}.weight{s}" for w in ("wq", "wk") for s in ("",) + _QUANT_SUFFIXES)
 
 
 def build_meta(cfg: ModelConfig) -> Transformer:
@@ -196,7 +200,7 @@ def read_hf_state_dict(folder: Path, cfg: ModelConfig, expected: dict[str, torch
                 if cfg.vision is None and name.startswith("vision"):
                     continue   # a multimodal checkpoint whose config.json has no vision_config: run the text trunk
                 t = handle.get_tensor(key)
-                if dtype is not None and t.dtype in _CASTABLE and not name.endswith("_scale"):
+                if dtype is not None and t.dtype in _CASTABLE and not name.endswith(_QUANT_SUFFIXES):
                     t = t.to(dtype)
                 if expert is not None:
                     per_expert.setdefault(name, {})[expert] = t
@@ -218,8 +222,10 @@ def read_hf_state_dict(folder: Path, cfg: ModelConfig, expected: dict[str, torch
                 sd[name] = t
     for name, parts in per_expert.items():
         want = expected.get(name)
-        if want is None or sorted(parts) != list(range(want[0])):
-            raise CheckpointError(f"{folder}: {name} has experts {sorted(parts)}, expected 0..{want[0] - 1 if want else '?'}")
+        if want is None:                  # e.g. zero points of a checkpoint whose config.json says symmetric
+            _shape_error(folder, name, None, None)
+        if sorted(parts) != list(range(want[0])):
+            raise CheckpointError(f"{folder}: {name} has experts {sorted(parts)}, expected 0..{want[0] - 1}")
         t = torch.stack([parts[e] for e in range(want[0])])
         if t.shape != want:
             _shape_error(folder, name, want, t.shape)
@@ -303,11 +309,11 @@ def to_hf_state_dict(model: Transformer, state: dict | None = None) -> dict[str,
         generic = re.sub(r"^(vision\.)?layers\.\d+\.", r"\1layers.{L}.", name)
         layer = re.match(r"^(?:vision\.)?layers\.(\d+)\.", name)
         layer = layer.group(1) if layer else ""
-        expert_w = re.search(r"experts\.(w[123])(_scale)?$", generic)
+        expert_w = re.search(r"experts\.(w[123])(_scale|_zero)?$", generic)
         if expert_w and name[: name.rindex(".")] + ".w1_scale" in state:
-            # quantized routed experts: per expert, [out, in] + weight_scale (the HF FP8 Maverick layout)
+            # quantized routed experts, per expert: [out, in] + weight_scale (+ weight_zero), the HF FP8 Maverick layout
             proj = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}[expert_w.group(1)]
-            suffix = "weight_scale" if expert_w.group(2) else "weight"
+            suffix = "weight" + (expert_w.group(2) or "")
             for e in range(t.shape[0]):
                 out[f"{lm}model.layers.{layer}.feed_forward.experts.{e}.{proj}.{suffix}"] = t[e].contiguous()
             continue
@@ -320,8 +326,9 @@ def to_hf_state_dict(model: Transformer, state: dict | None = None) -> dict[str,
         elif generic.endswith("experts.w2"):
             hf, t = "layers.{L}.feed_forward.experts.down_proj", t.transpose(1, 2)
         else:
-            is_scale = generic.endswith(".weight_scale")        # a quantized weight's scales sit beside it
-            hf = _NATIVE_TO_HF[generic[: -len("_scale")] if is_scale else generic] + ("_scale" if is_scale else "")
+            # a quantized weight's scales and zeros sit beside it
+            aux = next((s for s in _QUANT_SUFFIXES if generic.endswith(".weight" + s)), "")
+            hf = _NATIVE_TO_HF[generic[: len(generic) - len(aux)]] + aux
             if cfg.source == "llama":
                 hf = hf.replace(".feed_forward.", ".mlp.")
                 if generic.endswith(_QK_ROWS):

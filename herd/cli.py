@@ -193,7 +193,8 @@ def cmd_quantize(args):
     from .quantize import make_spec, quantize_targets, quantized_state_dict
     from .sizes import human
 
-    spec = make_spec(args.scheme, args.group_size, args.only)      # bad flags fail before the (slow) load
+    # bad flags fail before the (slow) load
+    spec = make_spec(args.scheme, args.group_size, args.only, symmetric=not args.asymmetric)
     model = herd.load(args.src, progress=True)
     sd = quantized_state_dict(model, spec)
     save_hf(model, args.dst, extra_config={"quantization_config": spec.to_config()}, state=sd)
@@ -203,7 +204,8 @@ def cmd_quantize(args):
     before, after = nbytes(model.state_dict()), nbytes(sd)
     n = len(quantize_targets(model, spec.only))
     group = f", groups of {spec.group_size}" if spec.group_size else ""
-    print(f"quantized {n} modules ({spec.only}) to {spec.scheme}{group}: {human(before, 'B')} -> "
+    zero = "" if spec.symmetric else ", asymmetric (a zero point per group)"
+    print(f"quantized {n} modules ({spec.only}) to {spec.scheme}{group}{zero}: {human(before, 'B')} -> "
           f"{human(after, 'B')}, written to {args.dst}")
 
 
@@ -362,6 +364,9 @@ def main(argv=None):
     p.add_argument("--scheme", required=True, choices=["int8", "int4", "fp8"],
                    help="int8 per output row, int4 group-wise (Meta's recipe), fp8 e4m3 per output row")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size along the input dim (default 128)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="int4 only: a zero point per group as well as a scale (w = q * scale + zero, the 16 levels "
+                        "spanning each group's min..max) instead of Meta's symmetric max|w| / 8; same run-time cost")
     p.add_argument("--only", default="experts", choices=["experts", "all"],
                    help="experts: routed experts only; all: also attention, shared expert, dense FFN and untied "
                         "output (router, norms, embeddings and vision stay as they are)")

@@ -1,14 +1,19 @@
 """Weight quantization, in layers: primitives, packed modules, quantize_model(), the on-disk quantized state dict.
 
-1. Primitives. `quantize_tensor(w, scheme, group_size)` -> (q, scale) in the on-disk layout; `dequantize(q, scale)`
-   inverts it for every scheme. Schemes, all symmetric and weight-only:
+1. Primitives. `quantize_tensor(w, scheme, group_size, symmetric)` -> (q, scale, zero) in the on-disk layout, zero
+   None except for asymmetric int4; `dequantize(q, scale, zero)` inverts it for every scheme. Schemes, weight-only:
    - int8: one scale per output row, scale = max|w_row| / 127, q = clamp(round(w / scale), -127, 127).
    - int4: Meta's int4 recipe (spec 7.1): groups of `group_size` (default 128) consecutive input elements per
      output row, scale = max|w_group| / 8 (>= 1e-6), q = clamp(round(w / scale), -8, 7), so +max saturates to 7.
      On disk two weights share a byte as offset-binary nibbles, q + 8: even input index low, odd index high.
+   - int4 asymmetric (symmetric=False): the same groups and nibbles, plus a float zero point per group, w = q * scale
+     + zero: the 16 levels span the group's min..max, scale ~ (max - min) / 15, zero ~ min + 8 * scale. torch's
+     int4 kernel computes exactly this, so the zero is free at run time. It is GGUF Q4_1's min/max recipe (and
+     torchao's for this kernel): groups of 32 land on a Q4_1 model's own grid, which symmetric int4 cannot.
    - fp8: e4m3 with one fp32 scale per output row, scale = max|w_row| / 448 (HF FP8 Maverick layout, spec 7.2).
-   int8 and int4 scales are rounded to bf16 when quantizing: the packed kernels multiply by bf16 scales, so a file
-   stores exactly the scale that runs. Scales are always (..., out, groups) fp32, groups = 1 except for int4.
+   int8 and int4 scales and zeros are rounded to bf16 when quantizing: the packed kernels multiply by bf16 scales and
+   add bf16 zeros, so a file stores exactly what runs. Scales (and zeros) are always (..., out, groups) fp32,
+   groups = 1 except for int4.
 2. Modules, each documenting its buffers: Int8Linear, Int4Linear, Fp8Linear for nn.Linear, and Int8Experts,
    Int4Experts, Fp8Experts for model.Experts (sparse dispatch through ops.dispatch_experts: only routed experts run).
    `linear_reference` is the plain dequantize-then-matmul twin every module is tested against.
@@ -25,8 +30,8 @@
    (top-1 routing is a discrete choice: it stays exact) and the output head when tied to the embeddings.
    Embeddings, norms and the vision tower always stay in their float dtype.
 4. `quantized_state_dict(model, spec)` is the on-disk format (herd names; checkpoint.py maps them to HF names:
-   `X.weight` + `X.weight_scale`, routed experts per expert like the HF FP8 repo). `runtime_state_dict` turns it
-   into the modules' buffers for `load_state_dict(assign=True)`.
+   `X.weight` + `X.weight_scale` (+ `X.weight_zero` when asymmetric), routed experts per expert like the HF FP8
+   repo). `runtime_state_dict` turns it into the modules' buffers for `load_state_dict(assign=True)`.
 """
 from __future__ import annotations
 
@@ -65,6 +70,7 @@ class QuantSpec:
     scheme: str                    # int8 | int4 | fp8
     group_size: int | None = None  # int4 only
     only: str = "experts"          # experts | all
+    symmetric: bool = True         # False: int4 with a zero point per group (int8 and fp8 are symmetric only)
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -77,16 +83,22 @@ class QuantSpec:
                                         f"kernel takes {', '.join(map(str, INT4_GROUP_SIZES))}")
         elif self.group_size is not None:
             raise QuantizationError(f"{self.scheme} has one scale per output row; --group-size applies to int4 only")
+        if not isinstance(self.symmetric, bool):
+            raise QuantizationError(f"quantization 'symmetric' must be true or false, not {self.symmetric!r}")
+        if not self.symmetric and self.scheme != "int4":
+            raise QuantizationError(f"{self.scheme} is symmetric only (one scale per output row, no zero point); "
+                                    "--asymmetric applies to int4 only")
 
     def to_config(self) -> dict:
-        return {"quant_method": "herd", "scheme": self.scheme, "group_size": self.group_size, "modules": self.only}
+        return {"quant_method": "herd", "scheme": self.scheme, "group_size": self.group_size, "modules": self.only,
+                "symmetric": self.symmetric}
 
 
-def make_spec(scheme: str, group_size: int | None = None, only: str = "experts") -> QuantSpec:
+def make_spec(scheme: str, group_size: int | None = None, only: str = "experts", symmetric: bool = True) -> QuantSpec:
     """QuantSpec with int4's default group size filled in."""
     if scheme == "int4" and group_size is None:
         group_size = DEFAULT_GROUP_SIZE
-    return QuantSpec(scheme, group_size, only)
+    return QuantSpec(scheme, group_size, only, symmetric)
 
 
 def spec_from_hf_config(hf: dict, path: str = "config.json") -> QuantSpec | None:
@@ -100,8 +112,9 @@ def spec_from_hf_config(hf: dict, path: str = "config.json") -> QuantSpec | None
         raise QuantizationError(f"{path}: quantization_config must be a JSON object")
     method = qc.get("quant_method")
     if method == "herd":
-        try:
-            return QuantSpec(qc["scheme"], qc.get("group_size"), qc.get("modules", "experts"))
+        try:   # no "symmetric": written before asymmetric int4 existed, so symmetric
+            return QuantSpec(qc["scheme"], qc.get("group_size"), qc.get("modules", "experts"),
+                             qc.get("symmetric", True))
         except KeyError as e:
             raise QuantizationError(f"{path}: quantization_config has no {e.args[0]!r}") from None
     if method == "fbgemm_fp8" or (method == "compressed-tensors" and _is_fp8_compressed_tensors(qc)):
@@ -118,31 +131,45 @@ def _is_fp8_compressed_tensors(qc: dict) -> bool:
 
 
 # ---- 1. primitives ---------------------------------------------------------------------------------------------
-def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int | None = None):
-    """w (..., N, K) float -> (q, scale), the on-disk layout: q is int8 (..., N, K), fp8 (..., N, K), or for int4
-    uint8 (..., N, K/2) nibbles; scale is fp32 (..., N, G) with G = K / group_size for int4, else 1."""
+def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int | None = None, symmetric: bool = True):
+    """w (..., N, K) float -> (q, scale, zero), the on-disk layout: q is int8 (..., N, K), fp8 (..., N, K), or for
+    int4 uint8 (..., N, K/2) nibbles; scale is fp32 (..., N, G) with G = K / group_size for int4, else 1; zero is
+    None, except for asymmetric int4 (symmetric=False): fp32 (..., N, G) like scale."""
     wf = w.float()
+    if not symmetric and scheme in ("int8", "fp8"):
+        raise QuantizationError(f"{scheme} is symmetric only; a zero point (symmetric=False) applies to int4 only")
     if scheme == "int8":
         scale = _bf16(wf.abs().amax(-1, keepdim=True) / 127).clamp(min=_MIN_SCALE)
-        return (wf / scale).round().clamp(-127, 127).to(torch.int8), scale
+        return (wf / scale).round().clamp(-127, 127).to(torch.int8), scale, None
     if scheme == "int4":
-        q, scale = quantize_int4(wf, group_size)
-        return pack_int4(q), scale
+        q, scale, zero = quantize_int4(wf, group_size, symmetric)
+        return pack_int4(q), scale, zero
     if scheme == "fp8":
         scale = (wf.abs().amax(-1, keepdim=True) / FP8_MAX).clamp(min=1e-12)
-        return (wf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+        return (wf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale, None
     raise QuantizationError(f"unknown quantization scheme {scheme!r}; expected one of {', '.join(SCHEMES)}")
 
 
-def quantize_int4(w: torch.Tensor, group_size: int):
-    """Meta's group-wise symmetric int4: w (..., N, K) -> q int8 in [-8, 7] (..., N, K), scale fp32 (..., N, K/G)."""
+def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = True):
+    """Group-wise int4: w (..., N, K) -> (q int8 in [-8, 7] (..., N, K), scale fp32 (..., N, K/G), zero).
+    symmetric: Meta's recipe, w ~ q * scale, zero None. Asymmetric: w ~ q * scale + zero, zero fp32 like scale,
+    every weight within scale / 2 of its value (the grid covers each group's min..max: nothing saturates)."""
     K = w.shape[-1]
     if K % group_size:
         raise QuantizationError(f"int4 group size {group_size} does not divide the input dim {K}")
     wg = w.float().unflatten(-1, (K // group_size, group_size))             # (..., N, G, group)
-    scale = _bf16(wg.abs().amax(-1) / 8).clamp(min=_MIN_SCALE)              # (..., N, G)
-    q = (wg / scale[..., None]).round().clamp(-8, 7).to(torch.int8)
-    return q.flatten(-2), scale
+    if symmetric:
+        scale = _bf16(wg.abs().amax(-1) / 8).clamp(min=_MIN_SCALE)          # (..., N, G)
+        q = (wg / scale[..., None]).round().clamp(-8, 7).to(torch.int8)
+        return q.flatten(-2), scale, None
+    lo, hi = wg.amin(-1), wg.amax(-1)                                       # (..., N, G)
+    zero = _bf16(lo + 8 * (hi - lo) / 15)                                   # q = -8 at lo, 7 at hi
+    # The bf16 zero moves the grid [zero - 8 scale, zero + 7 scale] off [lo, hi] by up to 2^-8 |zero|, so the step
+    # is widened (and rounded up to bf16) until the grid covers [lo, hi] again: no weight saturates. A constant
+    # group gets the tiny step, or the one that reaches the bf16-rounded zero: no division by 0.
+    scale = _bf16_up(torch.maximum((zero - lo) / 8, (hi - zero) / 7).clamp(min=_MIN_SCALE))
+    q = ((wg - zero[..., None]) / scale[..., None]).round().clamp(-8, 7).to(torch.int8)
+    return q.flatten(-2), scale, zero
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -177,6 +204,11 @@ def linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero
 
 def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
+
+
+def _bf16_up(t: torch.Tensor) -> torch.Tensor:
+    """The smallest bf16 value >= t, as fp32, for t > 0: the fp32 bits rounded up to bf16's 7 mantissa bits."""
+    return ((t.float().view(torch.int32) + 0xFFFF) & -0x10000).view(torch.float32)
 
 
 # ---- 2. modules ------------------------------------------------------------------------------------------------
@@ -308,7 +340,7 @@ class Int8Linear(nn.Module):
 
 class Int4Linear(nn.Module):
     """Weight-only group-wise int4 linear: y = x @ w^T with w[n, k] = q[n, k] * scale[n, g] + zero[n, g],
-    g = k // group_size, q in [-8, 7] (zero = 0 for Meta's symmetric recipe; GGUF Q4_1 needs it).
+    g = k // group_size, q in [-8, 7] (zero = 0 for Meta's symmetric recipe; asymmetric int4 and GGUF Q4_1 use it).
     Buffers: weight (N, K/2) uint8 in torch's CPU int4 layout (machine-specific: never saved, see runtime_state_dict),
     scales_and_zeros (K/G, N, 2) bf16. Runs torch._weight_int4pack_mm_for_cpu in bf16."""
 
@@ -388,9 +420,10 @@ class Int8Experts(nn.Module):
 
 
 class Int4Experts(nn.Module):
-    """E int4 SwiGLU experts (Meta's int4 recipe per expert matrix), gate and up fused: w13 (E, 2F, D/2) uint8 and
-    w13_sz (E, D/G, 2F, 2) bf16; w2 (E, D, F/2) uint8 and w2_sz (E, F/G, D, 2) bf16, packed in torch's CPU int4
-    layout (see Int4Linear). Sparse dispatch: only routed experts run, two packed matmuls each."""
+    """E int4 SwiGLU experts (group-wise int4 per expert matrix, zero points optional), gate and up fused:
+    w13 (E, 2F, D/2) uint8 and w13_sz (E, D/G, 2F, 2) bf16; w2 (E, D, F/2) uint8 and w2_sz (E, F/G, D, 2) bf16,
+    packed in torch's CPU int4 layout (see Int4Linear). Sparse dispatch: only routed experts run, two packed matmuls
+    each."""
 
     def __init__(self, n_experts: int, dim: int, hidden_dim: int, group_size: int = DEFAULT_GROUP_SIZE,
                  device=None):
@@ -405,15 +438,16 @@ class Int4Experts(nn.Module):
         self.register_buffer("w2_sz", torch.empty(E, Fh // G, D, 2, dtype=COMPUTE_DTYPE, device=device))
 
     @staticmethod
-    def pack(w1, w1_scale, w3, w3_scale, w2, w2_scale) -> dict:
-        """On-disk (nibbles (E, N, K/2), scales (E, N, G)) -> packed buffers, one expert at a time so only one
-        expert's unpacked int8 copy exists at once."""
+    def pack(w1, w1_scale, w3, w3_scale, w2, w2_scale, w1_zero=None, w3_zero=None, w2_zero=None) -> dict:
+        """On-disk (nibbles (E, N, K/2), scales (E, N, G)[, zeros (E, N, G)]) -> packed buffers, one expert at a
+        time so only one expert's unpacked int8 copy exists at once."""
         w13, w13_sz, w2p, w2_sz = [], [], [], []
         for e in range(w1.shape[0]):
+            z13 = None if w1_zero is None else torch.cat((w1_zero[e], w3_zero[e])).float()
             p, sz = _int4_pack(torch.cat((unpack_int4(w1[e]), unpack_int4(w3[e]))),
-                               torch.cat((w1_scale[e], w3_scale[e])).float())
+                               torch.cat((w1_scale[e], w3_scale[e])).float(), z13)
             w13.append(p), w13_sz.append(sz)
-            p, sz = _int4_pack(unpack_int4(w2[e]), w2_scale[e].float())
+            p, sz = _int4_pack(unpack_int4(w2[e]), w2_scale[e].float(), None if w2_zero is None else w2_zero[e].float())
             w2p.append(p), w2_sz.append(sz)
         return {"w13": torch.stack(w13), "w13_sz": torch.stack(w13_sz),
                 "w2": torch.stack(w2p), "w2_sz": torch.stack(w2_sz)}
@@ -497,13 +531,14 @@ def _empty_module(name: str, mod: nn.Module, spec: QuantSpec, device) -> nn.Modu
 
 
 def _disk_tensors(mod: nn.Module, spec: QuantSpec) -> dict:
-    """The on-disk tensors of one float module, names relative to the module."""
+    """The on-disk tensors of one float module, names relative to the module: `w`, `w_scale`[, `w_zero`] for each
+    matrix w (`weight`, or the experts' w1, w3, w2)."""
     out = {}
-    if isinstance(mod, Experts):
-        for w in _EXPERT_MATRICES:
-            out[w], out[w + "_scale"] = quantize_tensor(getattr(mod, w).detach(), spec.scheme, spec.group_size)
-    else:
-        out["weight"], out["weight_scale"] = quantize_tensor(mod.weight.detach(), spec.scheme, spec.group_size)
+    for w in _EXPERT_MATRICES if isinstance(mod, Experts) else ("weight",):
+        q, scale, zero = quantize_tensor(getattr(mod, w).detach(), spec.scheme, spec.group_size, spec.symmetric)
+        out[w], out[w + "_scale"] = q, scale
+        if zero is not None:
+            out[w + "_zero"] = zero
     return out
 
 
@@ -514,11 +549,11 @@ def _set_module(model: nn.Module, name: str, new: nn.Module):
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, scheme: str | QuantSpec, group_size: int | None = None,
-                   only: str = "experts") -> nn.Module:
+                   only: str = "experts", symmetric: bool = True) -> nn.Module:
     """Swap the selected modules for quantized ones, in place. On a meta-device model only the module types and
     buffer shapes change (the loader's path); on real weights the modules are quantized and packed for the CPU
     kernels. Every shape is checked before anything is swapped."""
-    spec = scheme if isinstance(scheme, QuantSpec) else make_spec(scheme, group_size, only)
+    spec = scheme if isinstance(scheme, QuantSpec) else make_spec(scheme, group_size, only, symmetric)
     targets = quantize_targets(model, spec.only)
     meta = [_empty_module(name, mod, spec, "meta") for name, mod in targets]      # validates every shape first
     for (name, mod), new in zip(targets, meta):
@@ -536,8 +571,8 @@ def _is_meta(mod: nn.Module) -> bool:
 @torch.no_grad()
 def quantized_state_dict(model: nn.Module, spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The on-disk state dict of a float model quantized with `spec` (herd names): every selected module's
-    `X.weight` (or experts' `w1/w3/w2`) replaced by q plus an `X.weight_scale` (`w1_scale`, ...) next to it; every
-    other tensor unchanged."""
+    `X.weight` (or experts' `w1/w3/w2`) replaced by q plus an `X.weight_scale` (`w1_scale`, ...) next to it, and
+    for asymmetric int4 an `X.weight_zero` (`w1_zero`, ...) of the same shape; every other tensor unchanged."""
     targets = quantize_targets(model, spec.only)
     for name, mod in targets:
         _empty_module(name, mod, spec, "meta")                                      # shape checks with names
@@ -561,6 +596,8 @@ def quantized_shapes(model: nn.Module, spec: QuantSpec) -> dict[str, torch.Size]
             int4 = spec.scheme == "int4"
             shapes[f"{name}.{w}"] = torch.Size((*lead, N, K // 2 if int4 else K))
             shapes[f"{name}.{w}_scale"] = torch.Size((*lead, N, K // spec.group_size if int4 else 1))
+            if not spec.symmetric:
+                shapes[f"{name}.{w}_zero"] = shapes[f"{name}.{w}_scale"]
     return shapes
 
 

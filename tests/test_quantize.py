@@ -16,7 +16,7 @@ from herd.quantize import (
     INT4_DEQUANT_ROWS, INT8_DEQUANT_ROWS, _cpu_int4_block, _int4_unpack_cpu,
     EXPERT_MODULES, Fp8Experts, Fp8Linear, Int4Experts, Int4Linear, Int8Experts, Int8Linear, QuantizationError,
     QuantSpec, dequantize, linear_reference, make_spec, pack_int4, quantize_int4, quantize_model, quantize_tensor,
-    quantized_shapes, quantized_state_dict, unpack_int4,
+    quantized_shapes, quantized_state_dict, spec_from_hf_config, unpack_int4,
 )
 
 # Packed kernels vs their fp32 reference on the same bf16 inputs: the kernels round their bf16 output (relative
@@ -48,8 +48,8 @@ def build(cls, *args, **buffers):
 # ---- primitives ------------------------------------------------------------------------------------------------
 def test_int8_error_bound():
     w = torch.randn(48, 80) * torch.rand(48, 1)          # rows of different ranges
-    q, s = quantize_tensor(w, "int8")
-    assert q.dtype == torch.int8 and s.shape == (48, 1) and q.abs().max() <= 127
+    q, s, zero = quantize_tensor(w, "int8")
+    assert q.dtype == torch.int8 and s.shape == (48, 1) and q.abs().max() <= 127 and zero is None
     # scale = max|row| / 127 rounded to bf16 (at most 2^-8 low), so |w / s| <= 127.5 and every element rounds
     # to within half a step: |w - q s| <= s / 2.
     assert ((dequantize(q, s) - w).abs() <= s / 2 + 1e-7).all()
@@ -59,8 +59,8 @@ def test_int8_error_bound():
 def test_int4_meta_recipe_and_error_bound():
     torch.manual_seed(1)
     w = torch.randn(64, 256)
-    q, s = quantize_int4(w, 128)
-    assert q.shape == (64, 256) and s.shape == (64, 2) and q.min() >= -8 and q.max() <= 7
+    q, s, zero = quantize_int4(w, 128)
+    assert q.shape == (64, 256) and s.shape == (64, 2) and q.min() >= -8 and q.max() <= 7 and zero is None
     amax = w.view(64, 2, 128).abs().amax(-1)
     torch.testing.assert_close(s, (amax / 8).bfloat16().float())     # Meta: scale = max|w_group| / 8
     err = (dequantize(q, s) - w).view(64, 2, 128).abs()
@@ -75,6 +75,45 @@ def test_int4_meta_recipe_and_error_bound():
     assert (dequantize(q, s) - w).norm() / w.norm() < 0.12
 
 
+def test_int4_asymmetric_error_bound():
+    """Asymmetric int4: the 16 levels span each group's min..max, so every weight, the min and max included, is
+    within half a step (nothing saturates), on groups around 0 and groups far from it; and the step is no coarser
+    than (max - min) / 15 needs, up to the bf16 rounding of scale and zero."""
+    torch.manual_seed(2)
+    N, K, G = 48, 256, 32
+    offsets = (torch.randn(N, K // G) * 2).repeat_interleave(G, -1)          # some groups far from 0
+    w = torch.randn(N, K) * torch.rand(N, 1) + offsets
+    q, s, zero = quantize_int4(w, G, symmetric=False)
+    assert q.shape == (N, K) and s.shape == zero.shape == (N, K // G) and q.min() >= -8 and q.max() <= 7
+    assert torch.equal(s, s.bfloat16().float()) and torch.equal(zero, zero.bfloat16().float())   # what the kernel holds
+    wg, deq = w.view(N, -1, G), dequantize(q, s, zero).view(N, -1, G)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    assert ((lo < 0) & (hi > 0)).any() and ((lo > 0) | (hi < 0)).any()       # both kinds of group are tested
+    half = s[..., None] / 2 + 2 ** -22 * (wg.abs() + zero.abs()[..., None])  # + fp32 rounding of q * s + zero
+    assert ((deq - wg).abs() <= half).all()
+    for end in (wg.argmin(-1, keepdim=True), wg.argmax(-1, keepdim=True)):
+        assert ((deq.gather(-1, end) - wg.gather(-1, end)).abs() <= half.gather(-1, end)).all()
+    # scale = (max - min) / 15, widened by at most the bf16 rounding of zero (2^-8 |zero|, spread over 7 steps),
+    # then rounded up to bf16 (< 2^-7 relative)
+    assert (s <= (1 + 2 ** -7) * ((hi - lo) / 15 + 2 ** -8 * zero.abs() / 7)).all()
+    # what the zero point buys on off-centre weights: symmetric int4 spends levels on values the group never has
+    q_sym, s_sym, _ = quantize_int4(w, G)
+    assert (dequantize(q, s, zero) - w).norm() < 0.5 * (dequantize(q_sym, s_sym) - w).norm()
+
+
+def test_int4_asymmetric_constant_groups():
+    """A group of equal weights (hi == lo) gets a finite step and no NaN; it dequantizes exactly when the value is a
+    bf16 number (all-zero groups stay zero), else within half a step and within 2^-8 of it (bf16 rounding)."""
+    vals = torch.tensor([0.0, 1.0, -5.0, 1.003, -0.3337, 1e-9])
+    w = vals.repeat_interleave(32)[None].repeat(16, 1)                          # (16, 192): 6 constant groups
+    q, s, zero = quantize_int4(w, 32, symmetric=False)
+    deq = dequantize(q, s, zero)
+    assert torch.isfinite(deq).all() and (s > 0).all()
+    assert torch.equal(deq[:, :96], w[:, :96])                                  # 0, 1 and -5 are bf16 numbers
+    err = (deq - w).abs().view(16, 6, 32)
+    assert (err <= s[..., None] / 2).all() and (err <= 2 ** -8 * vals.abs()[:, None]).all()
+
+
 def test_int4_pack_round_trip_and_layout():
     q = torch.arange(-8, 8, dtype=torch.int8).repeat(3, 2)          # (3, 32), every value
     p = pack_int4(q)
@@ -85,7 +124,7 @@ def test_int4_pack_round_trip_and_layout():
 
 def test_fp8_error_bound():
     w = torch.randn(32, 64) * torch.rand(32, 1)
-    q, s = quantize_tensor(w, "fp8")
+    q, s, _ = quantize_tensor(w, "fp8")
     assert q.dtype == torch.float8_e4m3fn and s.shape == (32, 1)
     assert (q.float().abs().amax(-1) == 448).all()                    # each row's max maps to e4m3's largest value
     err = (dequantize(q, s) - w).abs()
@@ -94,23 +133,31 @@ def test_fp8_error_bound():
     assert (err <= 2 ** -4 * w.abs() + 2 ** -10 * s).all()
 
 
-@pytest.mark.parametrize("scheme,group", [("int8", None), ("int4", 32), ("fp8", None)])
-def test_quantized_shapes_match_the_state_dict(scheme, group):
+@pytest.mark.parametrize("scheme,group,symmetric", [("int8", None, True), ("int4", 32, True), ("int4", 32, False),
+                                                    ("fp8", None, True)])
+def test_quantized_shapes_match_the_state_dict(scheme, group, symmetric):
     """The loader checks files against quantized_shapes (arithmetic on a meta model): it must agree with what
     quantized_state_dict really writes."""
-    spec = make_spec(scheme, group, "all")
+    spec = make_spec(scheme, group, "all", symmetric)
     real = {k: v.shape for k, v in quantized_state_dict(debug_model(), spec).items()}
     assert quantized_shapes(build_meta(preset("debug")), spec) == real
     if scheme == "int4":
         assert real["layers.1.feed_forward.experts.w2"] == (4, 64, 32)
         assert real["layers.1.feed_forward.experts.w2_scale"] == (4, 64, 2)
+    zeros = {k for k in real if k.endswith("_zero")}
+    if symmetric:
+        assert not zeros
+    else:                                               # a zero point beside every scale, of the same shape
+        assert zeros == {k[: -len("_scale")] + "_zero" for k in real if k.endswith("_scale")}
+        assert all(real[k] == real[k[: -len("_zero")] + "_scale"] for k in zeros)
+        assert real["layers.1.feed_forward.experts.w2_zero"] == (4, 64, 2)
 
 
 # ---- packed modules vs the reference twin ---------------------------------------------------------------------
 @pytest.mark.parametrize("M", [1, 7, INT8_DEQUANT_ROWS + 1])          # packed kernel, and the dequantize path
 def test_int8_linear_matches_reference(M):
     w = torch.randn(96, 128) * 0.05
-    q, s = quantize_tensor(w, "int8")
+    q, s, _ = quantize_tensor(w, "int8")
     m = build(Int8Linear, 128, 96, weight=q, weight_scale=s)
     x = bf16_input(2, M, 128)
     y = m(x)
@@ -118,14 +165,18 @@ def test_int8_linear_matches_reference(M):
     assert_close_packed(y, linear_reference(x, q, s))
 
 
+@pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("M", [1, 33, INT4_DEQUANT_ROWS + 5])         # packed kernel, and the dequantize path
-def test_int4_linear_matches_reference(group_size, M):
+def test_int4_linear_matches_reference(group_size, M, symmetric):
     w = torch.randn(112, 256) * 0.05                # 112 rows: one full 64-row block of the CPU layout + a tail
-    q, s = quantize_tensor(w, "int4", group_size)
-    m = build(Int4Linear, 256, 112, group_size, weight=q, weight_scale=s)
+    q, s, zero = quantize_tensor(w, "int4", group_size, symmetric)
+    m = build(Int4Linear, 256, 112, group_size, weight=q, weight_scale=s, weight_zero=zero)
+    # the kernel holds exactly the stored scale and zero (both bf16 numbers)
+    assert torch.equal(m.scales_and_zeros.float(), torch.stack((s, torch.zeros_like(s) if zero is None else zero), -1)
+                       .transpose(0, 1))
     x = bf16_input(M, 256)
-    assert_close_packed(m(x), linear_reference(x, unpack_int4(q), s))
+    assert_close_packed(m(x), linear_reference(x, unpack_int4(q), s, zero))
 
 
 @pytest.mark.parametrize("N", [16, 48, 64, 112, 256])
@@ -159,7 +210,7 @@ def test_int4_linear_with_zero_points():
 
 def test_fp8_linear_matches_reference():
     w = torch.randn(40, 24)
-    q, s = quantize_tensor(w, "fp8")
+    q, s, _ = quantize_tensor(w, "fp8")
     m = build(Fp8Linear, 24, 40, weight=q, weight_scale=s)
     x = torch.randn(3, 24)
     torch.testing.assert_close(m(x), linear_reference(x, q, s), rtol=1e-5, atol=1e-5)
@@ -168,7 +219,7 @@ def test_fp8_linear_matches_reference():
 def test_packed_kernels_survive_unaligned_inputs():
     """torch's int8 kernel reads its operands with aligned loads: a view at an odd offset must be copied first."""
     w = torch.randn(32, 64)
-    q, s = quantize_tensor(w, "int8")
+    q, s, _ = quantize_tensor(w, "int8")
     m = build(Int8Linear, 64, 32, weight=q[:, :].clone(), weight_scale=s)
     buf = torch.randn(5 * 64 + 3).bfloat16()
     x = buf[3:].view(5, 64)                                # data_ptr not 64-byte aligned
@@ -176,8 +227,8 @@ def test_packed_kernels_survive_unaligned_inputs():
 
 
 @pytest.mark.parametrize("N", [37, 4 * INT4_DEQUANT_ROWS + 80])     # few tokens per expert, and many (dequantize)
-@pytest.mark.parametrize("scheme", ["int8", "int4", "fp8"])
-def test_quantized_experts_match_dequantized_reference(scheme, N):
+@pytest.mark.parametrize("scheme,symmetric", [("int8", True), ("int4", True), ("int4", False), ("fp8", True)])
+def test_quantized_experts_match_dequantized_reference(scheme, symmetric, N):
     """Each quantized Experts module equals the dense every-expert reference (ops.run_experts_reference) on its own
     dequantized weights."""
     E, D, Fh = 4, 64, 96
@@ -185,13 +236,16 @@ def test_quantized_experts_match_dequantized_reference(scheme, N):
     with torch.no_grad():
         for p in ex.parameters():
             p.copy_(torch.randn(p.shape) * 0.1)
-    spec = make_spec(scheme, 32 if scheme == "int4" else None)
-    disk = {}
+    spec = make_spec(scheme, 32 if scheme == "int4" else None, symmetric=symmetric)
+    disk, zeros = {}, {}
     for name in ("w1", "w3", "w2"):
-        disk[name], disk[name + "_scale"] = quantize_tensor(getattr(ex, name).detach(), scheme, spec.group_size)
+        disk[name], disk[name + "_scale"], zeros[name] = quantize_tensor(getattr(ex, name).detach(), scheme,
+                                                                         spec.group_size, symmetric)
+        if not symmetric:
+            disk[name + "_zero"] = zeros[name]
     args = (E, D, Fh, 32) if scheme == "int4" else (E, D, Fh)
     qex = build(EXPERT_MODULES[scheme], *args, **disk)
-    deq = {n: dequantize(unpack_int4(disk[n]) if scheme == "int4" else disk[n], disk[n + "_scale"])
+    deq = {n: dequantize(unpack_int4(disk[n]) if scheme == "int4" else disk[n], disk[n + "_scale"], zeros[n])
            for n in ("w1", "w3", "w2")}
     x = bf16_input(N, D)
     idx = torch.randint(0, E, (N, 1))
@@ -214,7 +268,7 @@ def test_only_routed_experts_run(cls):
     scheme = "int8" if cls is Int8Experts else "fp8"
     disk = {}
     for n, t in w.items():
-        disk[n], disk[n + "_scale"] = quantize_tensor(t, scheme)
+        disk[n], disk[n + "_scale"], _ = quantize_tensor(t, scheme)
         disk[n + "_scale"][2] = float("nan")
     qex = build(cls, E, D, Fh, **disk)
     x = torch.randn(10, D)
@@ -260,15 +314,17 @@ def test_quantize_model_keeps_tied_output_and_float_parts():
 
 
 # ---- save -> load round trips --------------------------------------------------------------------------------
-@pytest.mark.parametrize("scheme,group,only", [("int8", None, "experts"), ("int4", "32", "all"),
-                                              ("fp8", None, "all"), ("int4", "64", "experts")])
-def test_cli_quantize_then_herd_load(tmp_path, scheme, group, only):
+@pytest.mark.parametrize("scheme,group,only,asymmetric", [
+    ("int8", None, "experts", False), ("int4", "32", "all", False), ("fp8", None, "all", False),
+    ("int4", "64", "experts", False), ("int4", "32", "all", True)])
+def test_cli_quantize_then_herd_load(tmp_path, capsys, scheme, group, only, asymmetric):
     model = debug_model()
     save_hf(model, tmp_path / "src")
     argv = ["quantize", str(tmp_path / "src"), str(tmp_path / "dst"), "--scheme", scheme, "--only", only]
-    cli_main(argv + (["--group-size", group] if group else []))
+    cli_main(argv + (["--group-size", group] if group else []) + (["--asymmetric"] if asymmetric else []))
+    assert ("asymmetric" in capsys.readouterr().out) == asymmetric
     hf = json.loads((tmp_path / "dst" / "config.json").read_text())
-    assert hf["quantization_config"] == {"quant_method": "herd", "scheme": scheme,
+    assert hf["quantization_config"] == {"quant_method": "herd", "scheme": scheme, "symmetric": not asymmetric,
                                          "group_size": int(group) if group else None, "modules": only}
     keys = load_file(str(tmp_path / "dst" / "model.safetensors"))
     gate = keys["model.layers.1.feed_forward.experts.2.gate_proj.weight"]       # per-expert layout on disk
@@ -276,12 +332,41 @@ def test_cli_quantize_then_herd_load(tmp_path, scheme, group, only):
     assert "model.layers.1.feed_forward.experts.2.gate_proj.weight_scale" in keys
     assert keys["model.layers.1.feed_forward.router.weight"].dtype == torch.float32
     assert ("model.layers.0.self_attn.q_proj.weight_scale" in keys) == (only == "all")
+    assert ("model.layers.1.feed_forward.experts.2.gate_proj.weight_zero" in keys) == asymmetric
+    assert ("model.layers.0.self_attn.q_proj.weight_zero" in keys) == (asymmetric and only == "all")
 
     back = herd.load(tmp_path / "dst")
-    expected = quantize_model(debug_model(), scheme, int(group) if group else None, only)
+    expected = quantize_model(debug_model(), scheme, int(group) if group else None, only, symmetric=not asymmetric)
     ids = torch.randint(0, 512, (2, 24))
     torch.testing.assert_close(back(ids), expected(ids), rtol=0, atol=0)   # same bits after the round trip
     assert isinstance(back.layers[1].feed_forward.experts, EXPERT_MODULES[scheme])
+
+
+def test_asymmetric_int4_round_trip_with_rope_row_permutation(tmp_path):
+    """HF Llama checkpoints store q/k rows in rotate-half order, which load and save permute: the zero points of
+    wq/wk are per row like their scales and must move with them. On disk they must be the HF weights' own zeros
+    (the quantization is per row, so it commutes with the row order), and the loaded model must equal the
+    in-memory quantized one bit for bit."""
+    cfg = preset("debug")
+    cfg.moe, cfg.nope_every, cfg.attn_chunk_size, cfg.use_qk_norm = None, 0, None, False
+    cfg.attn_temperature_tuning, cfg.source = False, "llama"
+    cfg.__post_init__()
+    model = Transformer(cfg).init_weights(std=0.2, seed=1)
+    save_hf(model, tmp_path / "src")
+    cli_main(["quantize", str(tmp_path / "src"), str(tmp_path / "dst"), "--scheme", "int4", "--group-size", "32",
+              "--only", "all", "--asymmetric"])
+    hf_float, disk = to_hf_state_dict(model), load_file(str(tmp_path / "dst" / "model.safetensors"))
+    for proj in ("q_proj", "k_proj"):
+        key = f"model.layers.2.self_attn.{proj}.weight"
+        q, scale, zero = quantize_tensor(hf_float[key], "int4", 32, symmetric=False)
+        assert not torch.equal(hf_float[key], model.state_dict()[f"layers.2.attention.w{proj[0]}.weight"])  # permuted
+        assert torch.equal(disk[key], q) and torch.equal(disk[key + "_scale"], scale)
+        assert torch.equal(disk[key + "_zero"], zero)
+    back = herd.load(tmp_path / "dst")
+    assert isinstance(back.layers[0].attention.wq, Int4Linear)
+    expected = quantize_model(model, make_spec("int4", 32, "all", symmetric=False))
+    ids = torch.randint(0, 512, (2, 24))
+    torch.testing.assert_close(back(ids), expected(ids), rtol=0, atol=0)
 
 
 def test_quantized_load_with_bf16_dtype(tmp_path):
@@ -310,7 +395,7 @@ def _per_expert_fp8_checkpoint(model, folder, scale_dtype=torch.bfloat16):
         for e in range(gu.shape[0]):
             for proj, w in (("gate_proj", gu[e, :, :Fh].t()), ("up_proj", gu[e, :, Fh:].t()),
                             ("down_proj", down[e].t())):
-                q, s = quantize_tensor(w.contiguous(), "fp8")
+                q, s, _ = quantize_tensor(w.contiguous(), "fp8")
                 s = s.to(scale_dtype)
                 sd[key.replace("gate_up_proj", f"{e}.{proj}.weight")] = q
                 sd[key.replace("gate_up_proj", f"{e}.{proj}.weight_scale")] = s
@@ -351,6 +436,36 @@ def test_bad_specs():
     with pytest.raises(QuantizationError, match="unknown module selection 'attention'"):
         QuantSpec("int8", None, "attention")
     assert make_spec("int4").group_size == 128
+    for scheme in ("int8", "fp8"):
+        with pytest.raises(QuantizationError, match=f"{scheme} is symmetric only.*--asymmetric applies to int4 only"):
+            make_spec(scheme, symmetric=False)
+        with pytest.raises(QuantizationError, match=f"{scheme} is symmetric only"):
+            quantize_tensor(torch.randn(16, 32), scheme, symmetric=False)
+    with pytest.raises(QuantizationError, match="'symmetric' must be true or false, not 'false'"):
+        QuantSpec("int4", 32, "all", "false")
+
+
+def test_spec_config_round_trip_and_old_configs(tmp_path):
+    model = debug_model()
+    spec = make_spec("int4", 32)
+    save_hf(model, tmp_path, extra_config={"quantization_config": spec.to_config()},
+            state=quantized_state_dict(model, spec))
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    del cfg["quantization_config"]["symmetric"]             # as written before asymmetric int4 existed
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    ids = torch.randint(0, 512, (1, 16))
+    torch.testing.assert_close(herd.load(tmp_path)(ids), quantize_model(model, spec)(ids), rtol=0, atol=0)
+
+    asym = make_spec("int4", 64, "all", symmetric=False)
+    assert asym.to_config()["symmetric"] is False
+    assert spec_from_hf_config({"quantization_config": json.loads(json.dumps(asym.to_config()))}) == asym
+    old = {"quant_method": "herd", "scheme": "int4", "group_size": 32, "modules": "experts"}   # before "symmetric"
+    assert spec_from_hf_config({"quantization_config": old}) == QuantSpec("int4", 32, "experts", symmetric=True)
+    for bad in ("false", 0, None):
+        with pytest.raises(QuantizationError, match="'symmetric' must be true or false"):
+            spec_from_hf_config({"quantization_config": {**old, "symmetric": bad}}, "x/config.json")
+    with pytest.raises(QuantizationError, match="int8 is symmetric only"):
+        spec_from_hf_config({"quantization_config": {**old, "scheme": "int8", "group_size": None, "symmetric": False}})
 
 
 def test_group_size_must_divide_input_dim():
@@ -375,6 +490,10 @@ def test_cli_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli_main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "dst"), "--scheme", "int8"])
     assert e.value.code == 2 and "no such file or folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:      # refused before loading: a missing source is not what gets reported
+        cli_main(["quantize", str(tmp_path / "nowhere"), str(tmp_path / "dst"), "--scheme", "int8", "--asymmetric"])
+    assert e.value.code == 2 and "--asymmetric applies to int4 only" in capsys.readouterr().err
+    assert not (tmp_path / "dst").exists()
 
 
 def test_already_quantized_model_is_refused(tmp_path):
@@ -412,6 +531,20 @@ def test_bad_quantized_checkpoints(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match="experts.w2_scale has experts"):
         herd.load(tmp_path)
+
+    # the config is the only source of truth: zero points on disk that it does not announce have no place
+    spec = make_spec("int4", 32, symmetric=False)
+    save_hf(model, tmp_path / "a", extra_config={"quantization_config": spec.to_config()},
+            state=quantized_state_dict(model, spec))
+    cfg = json.loads((tmp_path / "a" / "config.json").read_text())
+    del cfg["quantization_config"]["symmetric"]
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"experts\.w[123]_zero' has no place in this model's config"):
+        herd.load(tmp_path / "a")
+    cfg["quantization_config"]["symmetric"] = "no"
+    (tmp_path / "a" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="'symmetric' must be true or false, not 'no'"):
+        herd.load(tmp_path / "a")
 
     # a float checkpoint whose config claims int4: shapes disagree, named
     save_hf(model, tmp_path / "f", extra_config={"quantization_config": make_spec("int4", 32).to_config()})
