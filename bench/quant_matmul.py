@@ -3,7 +3,10 @@ FFN 1536, vocab 49152), for 1 row (decode) and 512 rows (prefill). Not a test. P
 each one's speed relative to the dense fp32 matmul (bf16 activations unless marked fp32-act).
 
 Columns: "int8", "int4 gN" are herd.quantize's modules (the packed kernel for few rows, dequantize to bf16 + dense
-matmul from INT8_DEQUANT_ROWS / INT4_DEQUANT_ROWS rows on); "kernel" columns call torch's packed kernel directly.
+matmul from INT8_DEQUANT_ROWS / INT4_DEQUANT_ROWS rows on); "kernel" columns call torch's packed kernel directly;
+"herd int8", "herd int4 g32" are herd.kernels' modules (herd's own kernels for few rows, fp32 in and out), which
+`herd.load(gguf, quant="packed")` uses where the CPU has AVX512-VNNI. Every call here re-reads one matrix that
+stays in cache; in a decode step the weights come from memory (see herd/kernels.cpp for those figures).
 
     python bench/quant_matmul.py [--threads 2] [--rows 1 512] [--fp32-packed]
 
@@ -18,6 +21,7 @@ import time
 
 import torch
 
+from herd import kernels
 from herd.quantize import Int4Linear, Int8Linear, quantize_tensor
 
 SHAPES = {                     # name: (out N, in K)
@@ -68,7 +72,10 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("ms per call; x = speed relative to dense fp32 (higher is faster)")
-    cols = ["fp32", "bf16", "int8", "int4 g32", "int4 g64", "int8 kernel", "int4 g32 kernel"] + (
+    herd_cols = ["herd int8", "herd int4 g32"] if kernels.available() else []
+    if not herd_cols:
+        print(f"herd kernels {kernels.status()}")
+    cols = ["fp32", "bf16", "int8", "int4 g32", "int4 g64", "int8 kernel", "int4 g32 kernel", *herd_cols] + (
         ["int8 kernel fp32-act", "int4 kernel fp32-act"] if args.fp32_packed else [])
     print(f"{'shape':18s} {'rows':>4s} " + " ".join(f"{c:>20s}" for c in cols))
     for name, (N, K) in SHAPES.items():
@@ -85,6 +92,10 @@ def main():
             for k, src in (("int8 kernel", "int8"), ("int4 g32 kernel", "int4 g32")):
                 f = kernel(mods[src])
                 ms[k] = timeit(lambda: f(x16))
+            if herd_cols:
+                for k, m in (("herd int8", kernels.HerdInt8Linear.from_int8(mods["int8"])),
+                             ("herd int4 g32", kernels.HerdInt4Linear.from_int4(mods["int4 g32"]))):
+                    ms[k] = timeit(lambda: m(x))
             if args.fp32_packed:
                 for k, src in (("int8 kernel fp32-act", "int8"), ("int4 kernel fp32-act", "int4 g32")):
                     if M > 64 and N > 10000:

@@ -59,6 +59,9 @@ def _load(model_arg, verbose=False, packed=False):
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     if verbose:
         print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+        if packed:
+            from .kernels import status
+            print(f"[herd decode kernels {status()}]", file=sys.stderr)
     return path, model, tok
 
 

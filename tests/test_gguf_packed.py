@@ -108,11 +108,15 @@ def test_fused_projection_splits_like_reference():
 
 
 # ---- the real model ----------------------------------------------------------------------------------------------
-def test_repacked_smollm2_close_to_fp32():
+@pytest.mark.parametrize("matmuls", ["prefill", "decode kernels"])
+def test_repacked_smollm2_close_to_fp32(matmuls, monkeypatch):
     """SmolLM2-135M Q4_1 (token_embd Q8_0) repacked vs the same file dequantized to fp32, on English text.
-    Measured on this 79-token text: relative Frobenius logit error 1.2e-2 (8.5e-3 with the embedding / head kept
-    fp32: the rest is bf16 scales, zeros and activations), top-1 agreement 95%, perplexity 0.7% apart (on 4096
-    tokens, bench/perplexity.py: +0.13%). Stated: 2.5e-2, 90%, 1.5%."""
+    prefill: 79 rows take the dequantize + dense bf16 path. decode kernels: the same rows forced through herd's
+    int4/int8 kernels (kernels.py, int16 activations), as each decode step runs them.
+    Measured on this 79-token text (prefill): relative Frobenius logit error 1.2e-2 (8.5e-3 with the embedding /
+    head kept fp32: the rest is bf16 scales, zeros and activations), top-1 agreement 95%, perplexity 0.7% apart (on
+    4096 tokens, bench/perplexity.py: +0.13%). Stated: 2.5e-2, 90%, 1.5%."""
+    from herd import kernels
     from herd.textgen import default_model_path
     from herd.tokenizer import load_tokenizer
 
@@ -125,8 +129,17 @@ def test_repacked_smollm2_close_to_fp32():
             "only computes the newest position. A smaller number format for the weights makes every step cheaper, "
             "because reading memory, not arithmetic, limits the speed of a small model on an ordinary processor.")
     ids = torch.tensor([load_tokenizer(path).encode(text)[:128]])
+    if matmuls == "decode kernels":
+        if not kernels.available():
+            pytest.skip(f"herd kernels {kernels.status()}")
+        monkeypatch.setattr(kernels, "DEQUANT_ROWS", 10**9)
     packed = herd.load(path, quant="packed")
-    assert isinstance(packed.tok_embeddings, Int8Embedding) and packed.output.weight is packed.tok_embeddings.weight
+    if kernels.available():      # the head and the embedding share one int8 matrix, in the kernels' layout
+        assert isinstance(packed.output, kernels.HerdInt8Linear)
+        assert isinstance(packed.tok_embeddings, kernels.HerdInt8Embedding)
+        assert packed.tok_embeddings.head[0] is packed.output
+    else:
+        assert isinstance(packed.tok_embeddings, Int8Embedding) and packed.output.weight is packed.tok_embeddings.weight
     assert isinstance(packed.layers[0].attention, FusedAttention)
     with torch.no_grad():
         b = packed(ids)

@@ -1,0 +1,260 @@
+"""herd's own CPU kernels for decode: int4 and int8 weights times int16-quantized activations (AVX512-VNNI).
+
+Why: at batch 1 a decode step reads every weight once, so its matmuls are memory-bound. torch's packed kernels
+(quantize.py) streamed SmolLM2's 66 MB of int4 matrices at ~6 GB/s on this machine (~10.5 GB/s for a plain sum on
+one core); these stream them at ~9.5 GB/s from memory and 1.5-2.5x torch's speed from cache (bench/quant_matmul.py). kernels.cpp is compiled at first use with
+torch.utils.cpp_extension (a C++ compiler and ninja are needed; ~30 s, cached under ~/.cache/torch_extensions).
+Where it cannot run (no AVX512-VNNI, no compiler, HERD_KERNELS=0) `status()` says why and the model keeps torch's
+kernels: `use_herd_kernels(model)` is a no-op there.
+
+Math, for activation rows x (M, K) fp32:
+- Activations are quantized per block of 32 inputs: xs = max|x_block| / 32767, xq = round(x / xs) in int16
+  (`quantize_activations_reference`). llama.cpp uses int8 here; on SmolLM2 int8 activations cost 2.7% perplexity
+  (outlier channels leave the rest of their block a few levels), int16 ones ~0.
+- int4: w[n, k] = (u[n, k] - 8) * scale[n, g] + zero[n, g] (torch's CPU int4 convention, g = k // G):
+  y[m, n] = sum_g scale[n, g] * sum_{b in g} xs[m, b] * sum_{k in b} u[n, k] xq[m, k]
+            + (zero[n, g] - 8 scale[n, g]) * sum_{k in g} x[m, k]          (the exact input sum, not the quantized one)
+- int8: y[m, n] = row_scale[n] * sum_b xs[m, b] * sum_{k in b} w[n, k] xq[m, k].
+`int4_mm_reference` / `int8_mm_reference` compute exactly these sums in float64: the kernels' twins.
+
+Layouts ("streams": one flat buffer per matrix, read front to back by one thread per block of 16 output rows):
+- int4, per block of 16 rows, per group g: 16 scales then 16 zeros (bf16, 64 bytes), then G/8 chunks of 64 bytes;
+  in chunk c, bytes 4r..4r+3 belong to row r, byte j = u[r, 8c + j] | u[r, 8c + 4 + j] << 4. Same bytes as torch's
+  packed layout (K/2 per row plus the bf16 scales and zeros).
+- int8, per block of 16 rows: K/4 chunks of 64 bytes, bytes 4r..4r+3 = w[r, 4c .. 4c + 3].
+
+Modules: `HerdInt4Linear` / `HerdInt8Linear` replace quantize.Int4Linear / Int8Linear holding the same weights
+(`use_herd_kernels` swaps them in after loading and fusing). Few rows run the kernels; from DEQUANT_ROWS rows on
+(prefill) they dequantize the matrix to bf16 and run a dense matmul, as quantize.py's modules do.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Linear, _cpu_int4_block, _int4_unpack_cpu
+
+ROWS = 16            # output rows per block (one 512-bit register of 32-bit lanes)
+X_BLOCK = 32         # inputs per activation scale
+# From this many rows on the modules dequantize + dense bf16 matmul instead of the kernels. The kernels re-read the
+# weights once per 4 rows, so their cost grows with the rows while the dense path's is mostly the dequantization.
+DEQUANT_ROWS = 64
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-fopenmp"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
+
+_ext = None
+_status: str | None = None
+
+
+def _load():
+    """Build (once per machine, cached by torch) and import kernels.cpp; None with `_status` saying why not."""
+    global _ext, _status
+    if _status is not None:
+        return _ext
+    if os.environ.get("HERD_KERNELS", "1") == "0":
+        _status = "off: HERD_KERNELS=0"
+        return None
+    missing = _missing_cpu_flags()
+    if missing:
+        _status = f"off: this CPU lacks {', '.join(missing)} (torch's kernels are used)"
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+        source = (Path(__file__).with_name("kernels.cpp")).read_text()
+        _ext = load_inline("herd_kernels", cpp_sources=source, functions=["int4_mm", "int8_mm", "quantize_x"],
+                           extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
+        _status = "on: AVX512-VNNI int4/int8 decode kernels"
+    except Exception as e:   # no compiler, no ninja, ...: keep torch's kernels, say why
+        _status = f"off: building kernels.cpp failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
+    return _ext
+
+
+def _missing_cpu_flags() -> list[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ["a readable /proc/cpuinfo (Linux x86)"]
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return [f for f in _CPU_FLAGS if f not in flags]
+
+
+def available() -> bool:
+    return _load() is not None
+
+
+def status() -> str:
+    """One line: whether herd's kernels run here, and if not, why."""
+    _load()
+    return _status
+
+
+# ---- layouts --------------------------------------------------------------------------------------------------------
+def int4_stream(u: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """u (N, K) in 0..15 (any integer dtype), scales_and_zeros (K/G, N, 2) bf16 -> the int4 stream, uint8 (bytes,)."""
+    N, K = u.shape
+    NB, NG = N // ROWS, K // group_size
+    v = u.to(torch.uint8).reshape(NB, ROWS, K // 8, 2, 4).permute(0, 2, 3, 1, 4)    # (NB, K/8, lo|hi, 16, 4)
+    chunks = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(NB, NG, group_size // 8 * 64)
+    sz = scales_and_zeros.to(torch.bfloat16).reshape(NG, NB, ROWS, 2).permute(1, 0, 3, 2)   # (NB, NG, s|z, 16)
+    sz = sz.contiguous().view(torch.uint8).reshape(NB, NG, 4 * ROWS)
+    return torch.cat((sz, chunks), dim=-1).reshape(-1)
+
+
+def int4_unstream(stream: torch.Tensor, N: int, K: int, group_size: int):
+    """Inverse of int4_stream: -> (u (N, K) uint8, scales_and_zeros (K/G, N, 2) bf16)."""
+    NB, NG = N // ROWS, K // group_size
+    s = stream.view(NB, NG, 4 * ROWS + group_size // 8 * 64)
+    sz = s[..., :4 * ROWS].contiguous().view(torch.bfloat16).reshape(NB, NG, 2, ROWS)
+    chunks = s[..., 4 * ROWS:].reshape(NB, K // 8, ROWS, 4)
+    u = torch.stack((chunks & 15, chunks >> 4), dim=2)                                 # (NB, K/8, 2, 16, 4)
+    return (u.permute(0, 3, 1, 2, 4).reshape(N, K),
+            sz.permute(1, 0, 3, 2).reshape(NG, N, 2).contiguous())
+
+
+def int8_stream(w: torch.Tensor) -> torch.Tensor:
+    """w (N, K) int8 -> the int8 stream (N * K,)."""
+    N, K = w.shape
+    return w.reshape(N // ROWS, ROWS, K // 4, 4).permute(0, 2, 1, 3).contiguous().reshape(-1)
+
+
+def int8_unstream(stream: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    return stream.view(N // ROWS, K // 4, ROWS, 4).permute(0, 2, 1, 3).reshape(N, K)
+
+
+# ---- kernels and their twins ----------------------------------------------------------------------------------------
+def int4_mm(x: torch.Tensor, stream: torch.Tensor, N: int, group_size: int) -> torch.Tensor:
+    """x (M, K) -> (M, N) fp32 through the int4 kernel."""
+    return _load().int4_mm(x.float().contiguous(), stream, N, group_size)
+
+
+def int8_mm(x: torch.Tensor, stream: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K) -> (M, N) fp32 through the int8 kernel; row_scale (N,) fp32."""
+    return _load().int8_mm(x.float().contiguous(), stream, row_scale)
+
+
+def quantize_activations_reference(x: torch.Tensor):
+    """x (M, K) -> (xq (M, K) int16, xs (M, K/32) fp32), as the kernels do (round half to even, max|x| -> 32767)."""
+    xb = x.float().unflatten(-1, (-1, X_BLOCK))                                        # (M, K/32, 32)
+    amax = xb.abs().amax(-1)
+    xs = amax / 32767
+    inv = torch.where(amax > 0, 32767 / amax, torch.zeros_like(amax))
+    xq = torch.round(xb * inv[..., None]).clamp(-32768, 32767).to(torch.int16)      # torch.round: half to even
+    return xq.flatten(-2), xs
+
+
+def int4_mm_reference(x, u, scales_and_zeros, group_size: int) -> torch.Tensor:
+    """The int4 kernel's sums written out in float64: u (N, K) in 0..15, scales_and_zeros (K/G, N, 2)."""
+    xq, xs = quantize_activations_reference(x)
+    M, K = x.shape
+    xd = (xq.double().unflatten(-1, (-1, X_BLOCK)) * xs.double()[..., None]).reshape(M, K)   # dequantized x
+    scale, zero = scales_and_zeros[..., 0].double().t(), scales_and_zeros[..., 1].double().t()   # (N, K/G)
+    us = (u.double().unflatten(-1, (-1, group_size)) * scale[..., None]).flatten(-2)    # (N, K): u * scale
+    xsum = x.double().unflatten(-1, (-1, group_size)).sum(-1)                           # (M, K/G)
+    return (xd @ us.t() + xsum @ (zero - 8 * scale).t()).float()
+
+
+def int8_mm_reference(x, w, row_scale) -> torch.Tensor:
+    """The int8 kernel's sums in float64: w (N, K) int8, row_scale (N,)."""
+    xq, xs = quantize_activations_reference(x)
+    M, K = x.shape
+    xd = (xq.double().unflatten(-1, (-1, X_BLOCK)) * xs.double()[..., None]).reshape(M, K)
+    return (xd @ w.double().t() * row_scale.double()).float()
+
+
+# ---- modules --------------------------------------------------------------------------------------------------------
+class HerdInt4Linear(nn.Module):
+    """quantize.Int4Linear's weights in the int4 stream layout. Buffer: stream uint8 (bytes,)."""
+
+    def __init__(self, in_features: int, out_features: int, group_size: int, stream: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("stream", stream)
+
+    @classmethod
+    def from_int4(cls, mod: Int4Linear) -> "HerdInt4Linear":
+        u = _int4_unpack_cpu(mod.weight, _cpu_int4_block(), torch.uint8)                    # (N, K)
+        return cls(mod.in_features, mod.out_features, mod.group_size,
+                   int4_stream(u, mod.scales_and_zeros, mod.group_size))
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight (N, K) in bf16: (u - 8) * scale + zero."""
+        u, sz = int4_unstream(self.stream, self.out_features, self.in_features, self.group_size)
+        w = (u.float() - 8).unflatten(-1, (-1, self.group_size))
+        return (w * sz[..., 0].t().float()[..., None] + sz[..., 1].t().float()[..., None]).flatten(-2).to(COMPUTE_DTYPE)
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= DEQUANT_ROWS:
+            y = x2.to(COMPUTE_DTYPE) @ self.dequantize().t()
+        else:
+            y = int4_mm(x2, self.stream, self.out_features, self.group_size)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class HerdInt8Linear(nn.Module):
+    """quantize.Int8Linear's weights in the int8 stream layout. Buffers: stream int8 (N * K,), scale (N,) fp32."""
+
+    def __init__(self, in_features: int, out_features: int, stream: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("stream", stream)
+        self.register_buffer("scale", scale)
+
+    @classmethod
+    def from_int8(cls, mod: Int8Linear) -> "HerdInt8Linear":
+        return cls(mod.in_features, mod.out_features, int8_stream(mod.weight), mod.scale.float().contiguous())
+
+    def forward(self, x):
+        x2 = x.reshape(-1, self.in_features)
+        if x2.shape[0] >= DEQUANT_ROWS:
+            w = int8_unstream(self.stream, self.out_features, self.in_features)
+            y = x2.to(COMPUTE_DTYPE) @ (w.to(COMPUTE_DTYPE) * self.scale.to(COMPUTE_DTYPE)[:, None]).t()
+        else:
+            y = int8_mm(x2, self.stream, self.scale)
+        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class HerdInt8Embedding(nn.Module):
+    """A token embedding reading its int8 rows from a tied HerdInt8Linear head's stream (one copy for both):
+    row t = w[t] * scale[t] in `dtype`."""
+
+    def __init__(self, head: HerdInt8Linear, dtype=torch.float32):
+        super().__init__()
+        self.head, self.dtype = [head], dtype          # a list: the head is the output module's, not a child here
+
+    def forward(self, tokens):
+        head = self.head[0]
+        N, K = head.out_features, head.in_features
+        blocks = head.stream.view(N // ROWS, K // 4, ROWS, 4)                          # (N/16, K/4, 16, 4)
+        rows = blocks[tokens // ROWS, :, tokens % ROWS]                                 # (..., K/4, 4)
+        return rows.flatten(-2).to(self.dtype) * head.scale[tokens, None].to(self.dtype)
+
+
+def can_convert(mod: nn.Module) -> bool:
+    """Shapes the kernels take: 16 | out_features, 32 | in_features, 32 | group size (int4)."""
+    if type(mod) is Int4Linear:
+        return (mod.out_features % ROWS == 0 and mod.in_features % X_BLOCK == 0 and mod.group_size % X_BLOCK == 0
+                and _cpu_int4_block() is not None)
+    return type(mod) is Int8Linear and mod.out_features % ROWS == 0 and mod.in_features % X_BLOCK == 0
+
+
+@torch.no_grad()
+def use_herd_kernels(model: nn.Module) -> int:
+    """Swap, in place, every Int4Linear / Int8Linear the kernels can run for its Herd* twin, one module at a time
+    (the old buffers are freed as each is replaced). Returns how many were swapped; 0 when the kernels are off here
+    (see status()). Routed experts (Int4Experts / Int8Experts) keep torch's kernels."""
+    if not available():
+        return 0
+    swaps = [(name, mod) for name, mod in model.named_modules() if can_convert(mod)]
+    emb, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
+    tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", False)
+    for name, mod in swaps:
+        new = HerdInt4Linear.from_int4(mod) if type(mod) is Int4Linear else HerdInt8Linear.from_int8(mod)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+        if tied and mod is head:        # an int8 embedding sharing the head's matrix: it reads the new stream
+            model.tok_embeddings = HerdInt8Embedding(new, getattr(emb, "dtype", torch.float32))
+    return len(swaps)
