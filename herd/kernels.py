@@ -180,10 +180,23 @@ class HerdInt4Linear(nn.Module):
                    int4_stream(u, mod.scales_and_zeros, mod.group_size))
 
     def dequantize(self) -> torch.Tensor:
-        """The weight (N, K) in bf16: (u - 8) * scale + zero."""
-        u, sz = int4_unstream(self.stream, self.out_features, self.in_features, self.group_size)
-        w = (u.float() - 8).unflatten(-1, (-1, self.group_size))
-        return (w * sz[..., 0].t().float()[..., None] + sz[..., 1].t().float()[..., None]).flatten(-2).to(COMPUTE_DTYPE)
+        """The weight (N, K) in bf16, (u - 8) * scale + zero, as the transposed view of a contiguous (K, N) buffer:
+        the nibbles are written straight to their (k, n) places and the arithmetic runs in place in fp32 (one
+        rounding to bf16), like quantize._int4_dequantize_packed; 2-2.4x faster than unstreaming to (N, K) first."""
+        N, K, G = self.out_features, self.in_features, self.group_size
+        NB, NG = N // ROWS, K // G
+        s = self.stream.view(NB, NG, 4 * ROWS + G // 8 * 64)
+        chunks = s[..., 4 * ROWS:].view(NB, NG, G // 8, ROWS, 4)          # (NB, NG, G/8, 16 rows, 4 bytes)
+        ut = torch.empty(K, N, dtype=torch.float32, device=self.stream.device)
+        # k = g*G + 8c + 4*(high nibble) + j, n = 16*block + r
+        dst = ut.view(NG, G // 8, 2, 4, NB, ROWS)
+        src = chunks.permute(1, 2, 4, 0, 3)                                # (NG, G/8, 4, NB, 16)
+        dst[:, :, 0].copy_(src & 15)
+        dst[:, :, 1].copy_(src >> 4)
+        sz = s[..., :4 * ROWS].contiguous().view(torch.bfloat16).view(NB, NG, 2, ROWS)
+        sz = sz.permute(1, 2, 0, 3).reshape(NG, 2, N).float()             # (NG, scale|zero, N)
+        ut.view(NG, G, N).sub_(8).mul_(sz[:, 0, None]).add_(sz[:, 1, None])
+        return ut.to(COMPUTE_DTYPE).t()
 
     def forward(self, x):
         x2 = x.reshape(-1, self.in_features)
