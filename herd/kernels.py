@@ -40,8 +40,10 @@ from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Linear, _cpu_int4_block, _i
 ROWS = 16            # output rows per block (one 512-bit register of 32-bit lanes)
 X_BLOCK = 32         # inputs per activation scale
 # From this many rows on the modules dequantize + dense bf16 matmul instead of the kernels. The kernels re-read the
-# weights once per 4 rows, so their cost grows with the rows while the dense path's is mostly the dequantization.
-DEQUANT_ROWS = 64
+# weights once per 4 rows, so their cost grows with the rows; the dense path's is mostly the dequantization. Measured
+# at SmolLM2's shapes, 1 thread (bench/quant_matmul.py): the kernels are faster up to 192 rows for every shape
+# (int4: 1.3-1.8x at 192 rows), so the switch is at 256, where quantize.py switches too.
+DEQUANT_ROWS = 256
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-fopenmp"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
 

@@ -21,6 +21,21 @@ def attention_causal(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def attention_one_query(q, k, v, mask):
+    """`attention` for one query per row (a decode step): q (B, H, 1, D), k and v (B, K, S, D), mask (B, 1, 1, S) or
+    None -> (B, H, 1, D). The H/K query heads sharing a kv head are the rows of one matmul against it, so every key
+    and value is read once; torch's CPU flash kernel reads a kv head once per query head. Measured in SmolLM2 decode
+    after 512 tokens (9 heads on 3 kv heads, 1 thread): its attention took ~210 us per layer against ~65 us to
+    stream the layer's keys and values once. Scores and softmax in fp32."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    qg = q.reshape(B, K, H // K, D)                                      # (B, K, H/K, D): heads grouped by kv head
+    scores = (qg @ k.transpose(-1, -2)).float() * D ** -0.5              # (B, K, H/K, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))                # (B, 1, 1, S) broadcasts over heads
+    return (scores.softmax(-1).to(v.dtype) @ v).reshape(B, H, 1, D)
+
+
 def attention_reference(q, k, v, mask):
     """The same as `attention`, written out: repeat kv heads, softmax(q k^T / sqrt(D)) v."""
     rep = q.shape[1] // k.shape[1]
@@ -46,7 +61,8 @@ def attention_blockwise(q, k, v, mask_fn, block_size: int | None = None):
     """
     S, block_size = k.shape[2], block_size or KV_BLOCK
     if S <= block_size:
-        return attention(q, _dense(k, q.dtype), _dense(v, q.dtype), mask_fn(0, S))
+        one_query = attention_one_query if q.shape[2] == 1 else attention
+        return one_query(q, _dense(k, q.dtype), _dense(v, q.dtype), mask_fn(0, S))
     out = lse = None
     for start in range(0, S, block_size):
         end = min(start + block_size, S)

@@ -1,4 +1,5 @@
 """Every fast path against its reference twin."""
+import pytest
 import torch
 
 from herd import ops
@@ -51,6 +52,24 @@ def test_attention_matches_reference():
     k_pos[1, :3] = -1                               # empty cache slots in row 1
     mask = attention_mask(q_pos, k_pos, chunk_size=4)
     torch.testing.assert_close(ops.attention(q, k, v, mask), ops.attention_reference(q, k, v, mask),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("H,K", [(9, 3), (8, 8), (8, 1)])
+def test_one_query_attention_matches_reference(H, K):
+    """The decode-step attention (query heads grouped per kv head) against the plain twin: masked rows (a padding
+    row, empty cache slots, a chunked layer) and the mask-free case."""
+    B, S, D = 3, 20, 16
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(B, H, 1, D, generator=g), torch.randn(B, K, S, D, generator=g), torch.randn(B, K, S, D, generator=g)
+    q_pos = torch.tensor([[19], [11], [-1]])                         # row 2: padding
+    k_pos = torch.arange(S).expand(B, S).clone()
+    k_pos[1, 12:] = -1                                               # row 1: empty slots
+    for mask in (attention_mask(q_pos, k_pos, None), attention_mask(q_pos, k_pos, chunk_size=8)):
+        torch.testing.assert_close(ops.attention_one_query(q, k, v, mask), ops.attention_reference(q, k, v, mask),
+                                   rtol=1e-5, atol=1e-5)
+    everything = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    torch.testing.assert_close(ops.attention_one_query(q, k, v, None), ops.attention_reference(q, k, v, everything),
                                rtol=1e-5, atol=1e-5)
 
 
