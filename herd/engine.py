@@ -188,6 +188,14 @@ class KVCache:
         top = int(pos.max())
         if not self.ring[layer] and top >= S:
             raise ContextLengthError(f"position {top} is past the cache's {S} slots")
+        if pos.numel() == 1:            # batch-1 decode: three slot writes, no index tensors
+            row, slot = self.rows.start or 0, top % S
+            kb[row, slot].copy_(k[0, 0])
+            vb[row, slot].copy_(v[0, 0])
+            pb[row, slot] = top
+            if self.ring[layer]:
+                return kb[self.rows], vb[self.rows], pb[self.rows]
+            return kb[self.rows, :top + 1], vb[self.rows, :top + 1], pb[self.rows, :top + 1]
         slots = pos % S                                                    # (B, T); T == 1 on rings (see update)
         index = slots[:, :, None, None].expand_as(k)                       # (B, T, K, D)
         kb[self.rows].scatter_(1, index, k.to(kb.dtype))

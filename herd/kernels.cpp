@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -26,7 +27,8 @@ constexpr int kPrefetch = 4096;
 // x (M, K) fp32 -> xq (M, K) int16 and one scale per 32 inputs xs (M, K/32): xq = round(x / xs),
 // xs = max|x| / 32767. Within every 4 inputs xq is stored in the order k0 k2 k1 k3: VPDPWSSD multiplies int16 pairs,
 // and the weight bytes of 4 inputs split most cheaply into the pairs (k0, k2) and (k1, k3) (see the kernels).
-void quantize_activations(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs) {
+// bsum (M, K/32), if given: the exact fp32 sum of each block's inputs.
+void quantize_activations(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs, float* bsum = nullptr) {
   const __m512 sign = _mm512_set1_ps(-0.0f);
   // 16 int16 (32 bytes) per half block; permute each 4 as 0 2 1 3
   const __m256i order = _mm256_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
@@ -44,6 +46,7 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int16_t* xq, flo
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kBlock), ha);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kBlock + 16), hc);
       xs[m * (K / kBlock) + b] = amax / 32767.0f;
+      if (bsum) bsum[m * (K / kBlock) + b] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
     }
   }
 }
@@ -160,14 +163,15 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor stream, int64_t N, int64_t 
   const int64_t rb_bytes = n_groups * (64 + G * 8);
   TORCH_CHECK(stream.scalar_type() == torch::kUInt8 && stream.is_contiguous() && stream.numel() == N / kRows * rb_bytes,
               "int4 stream has the wrong size or dtype");
-  auto xq = torch::empty({M, K}, torch::kInt16);
-  auto xs = torch::empty({M, K / kBlock}, torch::kFloat32);
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), xs.data_ptr<float>());
-  auto xsum = x.view({M, n_groups, G}).sum(-1).contiguous();                      // (M, K/G)
+  // scratch on the C++ heap, not through torch's allocator: this runs ~120 times per SmolLM2 decode step
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M * (K / kBlock)), bsum(M * (K / kBlock)), xsum(M * n_groups, 0.0f);
+  quantize_activations(x.data_ptr<float>(), M, K, xq.data(), xs.data(), bsum.data());
+  for (int64_t i = 0; i < M * (K / kBlock); ++i) xsum[i / (G / kBlock)] += bsum[i];   // group sums (M, K/G)
   auto out = torch::empty({M, N}, torch::kFloat32);
   const uint8_t* s = stream.data_ptr<uint8_t>();
-  const int16_t* q = xq.data_ptr<int16_t>();
-  const float *xsp = xs.data_ptr<float>(), *xsump = xsum.data_ptr<float>();
+  const int16_t* q = xq.data();
+  const float *xsp = xs.data(), *xsump = xsum.data();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t rb = begin; rb < end; ++rb) {
@@ -198,13 +202,13 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor stream, torch::Tensor row_s
   TORCH_CHECK(stream.scalar_type() == torch::kInt8 && stream.is_contiguous() && stream.numel() == N * K,
               "int8 stream has the wrong size or dtype");
   TORCH_CHECK(row_scale.scalar_type() == torch::kFloat32 && row_scale.is_contiguous(), "row_scale must be fp32");
-  auto xq = torch::empty({M, K}, torch::kInt16);
-  auto xs = torch::empty({M, K / kBlock}, torch::kFloat32);
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data_ptr<int16_t>(), xs.data_ptr<float>());
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M * (K / kBlock));
+  quantize_activations(x.data_ptr<float>(), M, K, xq.data(), xs.data());
   auto out = torch::empty({M, N}, torch::kFloat32);
   const int8_t* s = stream.data_ptr<int8_t>();
-  const int16_t* q = xq.data_ptr<int16_t>();
-  const float *xsp = xs.data_ptr<float>(), *rs = row_scale.data_ptr<float>();
+  const int16_t* q = xq.data();
+  const float *xsp = xs.data(), *rs = row_scale.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t rb = begin; rb < end; ++rb) {
