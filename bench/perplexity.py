@@ -19,6 +19,9 @@ Schemes:
 - packed GGUF: herd.load(path, quant="packed"): Q4_1 blocks mapped exactly to int4 (group 32, scale + zero),
   Q8_0 token embedding / tied head re-quantized per row to int8; fused q/k/v and gate/up.
 - packed GGUF, fp32 embedding: the same with the Q8_0 embedding / head kept in fp32 (what int8 costs there).
+- packed GGUF, decode kernels: the packed model with every row forced through herd's own int4/int8 kernels
+  (herd/kernels.py, int16 activations), which otherwise run only for fewer than kernels.DEQUANT_ROWS rows: the
+  numerics of a decode step, measured on whole windows. Only where the kernels run (AVX512-VNNI).
 """
 from __future__ import annotations
 
@@ -34,6 +37,22 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")   # see bench/speed.py
 import torch  # noqa: E402
 
 SECTIONS = ("execmodel", "naming", "objects", "import", "calls", "compound")
+
+
+class ThroughKernels(torch.nn.Module):
+    """Calls `model` with kernels.DEQUANT_ROWS lifted, so every row takes herd's decode kernels."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens):
+        from herd import kernels
+        saved, kernels.DEQUANT_ROWS = kernels.DEQUANT_ROWS, 10**9
+        try:
+            return self.model(tokens)
+        finally:
+            kernels.DEQUANT_ROWS = saved
 
 
 @torch.inference_mode()
@@ -81,6 +100,11 @@ def main():
         "packed GGUF Q4_1 (herd.load quant='packed')": lambda: herd.load(path, quant="packed"),
         "packed GGUF Q4_1, fp32 embedding/head": lambda: load_gguf_packed(path, int8_embeddings=False),
     }
+    from herd import kernels
+    if kernels.available():
+        schemes["packed GGUF Q4_1, decode kernels (every row)"] = lambda: ThroughKernels(herd.load(path, quant="packed"))
+    else:
+        print(f"herd kernels {kernels.status()}: no decode-kernel row")
     targets = {"int8": 1.0, "int4": 5.0, "packed": 5.0}
     rows, base = [], None
     for name, make in schemes.items():

@@ -160,6 +160,8 @@ def dispatch_experts(x, expert_idx, gate, n_experts: int, expert):
     `expert(e, seg)` maps the (n, D) gated inputs routed to expert e to their (n, D) outputs."""
     N, D = x.shape
     K = expert_idx.shape[1]
+    if N * K == 1:      # one token, top-1 (a batch-1 decode step): its expert directly, no sort, count or scatter
+        return expert(int(expert_idx), x * gate)
     flat_expert = expert_idx.reshape(-1)                             # (N*K,)
     order = flat_expert.argsort(stable=True)                         # copies grouped by expert
     token = order // K                                               # source token of each sorted copy
