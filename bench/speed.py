@@ -3,15 +3,13 @@ GGUF file) vs transformers (the same GGUF loaded in fp32), and a tiny Llama 4 Mo
 every expert for every token). Not a test. Prints a markdown table of medians over --repeats runs and the ratios.
 
     python bench/speed.py [--threads 2] [--repeats 3] [--decode 32] [--skip-llamacpp] [--skip-transformers]
-                          [--skip-moe] [--skip-compile]
 
 Measured (SmolLM2-135M-Instruct Q4_1, the default model):
 - decode tok/s after a 5-token and after a 512-token prompt (greedy, --decode tokens, first token excluded);
 - prefill tok/s of the 512-token prompt (time to the first token's logits).
 herd runs the GGUF repacked (herd.load(path, quant="packed"): herd's own int4 / int8 kernels where the CPU has
-AVX512-VNNI, else torch's; fused q/k/v and gate/up) through its Engine, as `herd run --packed` does, once eager and
-once with decode steps through torch.compile (`--compile`; compile time is in the warm-up, not in the figures);
-llama.cpp through Llama.eval; transformers through forward calls with its KV cache. The prompt is English prose (Python's pydoc topics), identical token ids for all three.
+AVX512-VNNI, else torch's; fused q/k/v and gate/up) through its Engine, as `herd run --packed` does; llama.cpp through Llama.eval; transformers through forward calls
+with its KV cache. The prompt is English prose (Python's pydoc topics), identical token ids for all three.
 
 llama.cpp: llama-cpp-python (a benchmark-only peer, not installed by install.sh). On this machine its native build
 (AVX512 + AMX) crashed with a general protection fault in libggml-cpu on the first eval; built without AMX it runs:
@@ -63,10 +61,10 @@ def load_avg() -> str:
 
 
 # ---- herd ----------------------------------------------------------------------------------------------------------
-def herd_run(model, prompt: list[int], n_decode: int, compile: bool = False) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one request through the Engine (compile: decode steps via torch.compile)."""
+def herd_run(model, prompt: list[int], n_decode: int) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one request through the Engine."""
     from herd.engine import Engine, SamplingParams
-    engine = Engine(model, max_batch=1, max_seq_len=len(prompt) + n_decode + 8, compile=compile)
+    engine = Engine(model, max_batch=1, max_seq_len=len(prompt) + n_decode + 8)
     req = engine.add(prompt, SamplingParams(max_tokens=n_decode + 1, ignore_eos=True))
     t0 = time.perf_counter()
     engine.step()                                        # prefill + the first token
@@ -128,21 +126,14 @@ def smollm2(args, results: dict):
     short, long = prompt_ids(tok, PROMPT_SHORT), prompt_ids(tok, PROMPT_LONG)
 
     def measure(name, fn, model):
-        t0 = time.perf_counter()
-        fn(model, short, 4)                       # warm-up; for compiled decode also the compiles of both shapes
-        fn(model, long, 4)
-        print(f"  {name}: warm-up {time.perf_counter() - t0:.0f} s", flush=True)
+        fn(model, short, 4)                                           # warm-up
         _, d5 = median_runs(fn, args.repeats, model, short, args.decode)
         p512, d512 = median_runs(fn, args.repeats, model, long, args.decode)
         results[name] = {"decode after 5": d5, "decode after 512": d512, "prefill 512": p512}
         print(f"  {name}: {results[name]}  (load {load_avg()})", flush=True)
 
     with torch.inference_mode():
-        packed = herd.load(path, quant="packed")
-        measure("herd (packed Q4_1)", herd_run, packed)
-        if not args.skip_compile:
-            measure("herd (packed Q4_1, compiled decode)", lambda m, p, n: herd_run(m, p, n, compile=True), packed)
-        del packed
+        measure("herd (packed Q4_1)", herd_run, herd.load(path, quant="packed"))
     if not args.skip_llamacpp:
         # in a child process: a crash of the native library (seen: a general protection fault in libggml-cpu.so on
         # the first eval with llama-cpp-python 0.3.36 built natively here) must not take the other results with it
@@ -218,7 +209,6 @@ def main():
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-moe", action="store_true")
-    ap.add_argument("--skip-compile", action="store_true", help="no torch.compile'd herd row (saves ~3-5 min)")
     ap.add_argument("--llamacpp-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -236,17 +226,14 @@ def main():
     for name, r in results.items():
         if "prefill 512" in r:
             print(f"| {name} | {r['decode after 5']:.1f} | {r['decode after 512']:.1f} | {r['prefill 512']:.1f} |")
+    herd_r = results["herd (packed Q4_1)"]
     print()
-    for mine, tag in (("herd (packed Q4_1)", "herd"), ("herd (packed Q4_1, compiled decode)", "herd compiled")):
-        if mine not in results:
-            continue
-        herd_r = results[mine]
-        for other, label in (("llama.cpp (Q4_1)", "llama.cpp"), ("transformers (fp32)", "transformers")):
-            if other in results:
-                o = results[other]
-                print(f"{tag} / {label}: decode after 5 {herd_r['decode after 5'] / o['decode after 5']:.2f}x, "
-                      f"decode after 512 {herd_r['decode after 512'] / o['decode after 512']:.2f}x, "
-                      f"prefill 512 {herd_r['prefill 512'] / o['prefill 512']:.2f}x")
+    for other, label in (("llama.cpp (Q4_1)", "llama.cpp"), ("transformers (fp32)", "transformers")):
+        if other in results:
+            o = results[other]
+            print(f"herd / {label}: decode after 5 {herd_r['decode after 5'] / o['decode after 5']:.2f}x, "
+                  f"decode after 512 {herd_r['decode after 512'] / o['decode after 512']:.2f}x, "
+                  f"prefill 512 {herd_r['prefill 512'] / o['prefill 512']:.2f}x")
     if "herd tiny MoE (fp32)" in results:
         h, t = results["herd tiny MoE (fp32)"]["decode after 16"], results["transformers tiny MoE (fp32)"]["decode after 16"]
         print(f"tiny Llama 4 MoE decode: herd {h:.1f} tok/s, transformers {t:.1f} tok/s, herd / transformers "

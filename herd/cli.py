@@ -115,7 +115,7 @@ def cmd_run(args):
         raise SystemExit(f"herd: error: {words[0]!r} is a shape preset without weights; give a checkpoint path")
     prompt = " ".join(words) if words else None
     _, model, tok = _load(model_arg, args.verbose, packed=args.packed)
-    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8, compile=args.compile)
+    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8)
     if args.verbose:
         _print_kv_cache(engine)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -180,7 +180,7 @@ def cmd_generate(args):
     params = _sampling(args, tok, ignore_eos=args.ignore_eos)
     if args.ignore_eos:
         params.stop_token_ids = ()
-    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8, compile=args.compile)
+    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8)
     if args.verbose:
         _print_kv_cache(engine)
     timing = Timing()
@@ -332,8 +332,6 @@ def _add_sampling_flags(p, temperature):
     p.add_argument("--max-seq-len", type=int, default=4096, help="context window to allocate (prompt + output)")
     p.add_argument("--kv-int8", action="store_true",
                    help="int8 keys and values (one scale per token and head) in the global layers' KV cache")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: faster steps after ~1-3 min of compiling (not with --kv-int8)")
     p.add_argument("--verbose", action="store_true", help="print load time and prefill / decode tokens per second")
 
 

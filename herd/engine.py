@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import itertools
-import weakref
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -122,9 +121,6 @@ class KVCache:
             self.pos.append(torch.full((batch_size, S), -1, dtype=torch.long, device=device))
             self.ring.append(ring)
         self.rows: slice | torch.Tensor = slice(None)
-        # Set by the engine around a compiled decode step: the global layers' attended length (max position + 1),
-        # which the compiled graph cannot read from the positions without a host sync.
-        self.length: int | None = None
 
     def nbytes(self) -> int:
         """Bytes of every buffer the cache holds (keys, values, int8 scales, slot positions)."""
@@ -145,8 +141,6 @@ class KVCache:
     def update(self, layer: int, k, v, pos):
         """Store this step's k, v (B, T, K, D) at positions pos (B, T); return every key the step may attend to,
         with their positions: (k_all, v_all, pos_all)."""
-        if torch.compiler.is_compiling():
-            return self._update_compiled(layer, k, v, pos)
         kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
         S, T = kb.shape[1], pos.shape[1]
         row_ids = self._row_ids(pos.shape[0])
@@ -184,20 +178,6 @@ class KVCache:
             return kb[self.rows], vb[self.rows], pb[self.rows]
         filled = int(pos.max()) + 1       # global layers: attend only over the slots in use
         return kb[self.rows, :filled], vb[self.rows, :filled], pb[self.rows, :filled]
-
-    def _update_compiled(self, layer: int, k, v, pos):
-        """`_update_dense` without host reads, for a compiled decode step: one new token per row, every row real,
-        rows a slice, float buffers, `self.length` set by the engine (Engine._decode checks all of these)."""
-        kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
-        slots = pos % kb.shape[1]                                          # (B, 1)
-        index = slots[:, :, None, None].expand_as(k)                       # (B, 1, K, D)
-        kb[self.rows].scatter_(1, index, k.to(kb.dtype))
-        vb[self.rows].scatter_(1, index, v.to(vb.dtype))
-        pb[self.rows].scatter_(1, slots, pos)
-        if self.ring[layer]:
-            return kb[self.rows], vb[self.rows], pb[self.rows]
-        n = self.length
-        return kb[self.rows, :n], vb[self.rows, :n], pb[self.rows, :n]
 
     def _update_dense(self, layer: int, k, v, pos):
         """`update` when every new token is real (no padding) and the rows are a slice: the common batch-1 decode
@@ -255,7 +235,7 @@ class Engine:
     (request, token id) pairs it produced. Not thread-safe: one thread drives it."""
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
-                 cache_dtype=None, kv_int8: bool = False, compile: bool = False):
+                 cache_dtype=None, kv_int8: bool = False):
         self.model = model
         self.cfg: ModelConfig = model.config
         self.max_seq_len = min(max_seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
@@ -265,9 +245,6 @@ class Engine:
         self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, cache_dtype or self._activation_dtype(p),
                              p.device, kv_int8=kv_int8)
         self.max_batch = max_batch
-        # compile: decode steps run through torch.compile (see compiled_model); prefill stays eager. int8 KV
-        # buffers are not traced (their quantization path reads the host), so kv_int8 keeps every step eager.
-        self.compiled = compiled_model(model) if compile and not kv_int8 else None
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
@@ -387,14 +364,7 @@ class Engine:
             tokens[r.row, 0] = r.output[-1]
             pos[r.row, 0] = len(r.prompt) + len(r.output) - 1
         self.cache.rows = slice(0, n)
-        if self.compiled is not None and len(reqs) == n:     # every row real: the compiled step's precondition
-            self.cache.length = int(pos.max()) + 1
-            try:
-                logits = self.compiled(tokens, input_pos=pos, kv_cache=self.cache)[:, -1]
-            finally:
-                self.cache.length = None
-        else:
-            logits = self.model(tokens, input_pos=pos, kv_cache=self.cache)[:, -1]   # (n, V)
+        logits = self.model(tokens, input_pos=pos, kv_cache=self.cache)[:, -1]   # (n, V)
         return self._sample_and_advance(reqs, logits[[r.row for r in reqs]])
 
     def _sample_and_advance(self, reqs, logits) -> list[tuple[Request, int]]:
@@ -438,20 +408,6 @@ class Engine:
             if r.finished:
                 self._release(r)
         return events
-
-
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def compiled_model(model):
-    """torch.compile(model), one per model (engines come and go; dynamo's compiled graphs stay with this object).
-    Used for decode steps only: one token per row, so the graph fuses the ~60 small ops per layer around the
-    matmuls and skips Python. The first steps compile (~1 min per new cache size or batch size on 2 CPU cores:
-    each new shape recompiles once, then the attended length is symbolic); measured on SmolLM2 packed Q4_1,
-    1 thread: ~16 ms per decode step against ~21-37 ms eager (bench/speed.py has both)."""
-    if model not in _COMPILED:
-        _COMPILED[model] = torch.compile(model)
-    return _COMPILED[model]
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams | None = None, **engine_kw) -> list[Request]:

@@ -127,28 +127,6 @@ def int8_unstream(stream: torch.Tensor, N: int, K: int) -> torch.Tensor:
 
 
 # ---- kernels and their twins ----------------------------------------------------------------------------------------
-# The kernels as torch operators, so a torch.compile'd decode step (engine.Engine(compile=True)) can call them
-# inside its graph; eager code calls the extension directly (~120 calls per SmolLM2 decode step).
-@torch.library.custom_op("herd::int4_mm", mutates_args=())
-def _int4_mm_op(x: torch.Tensor, stream: torch.Tensor, N: int, group_size: int) -> torch.Tensor:
-    return _load().int4_mm(x, stream, N, group_size)
-
-
-@_int4_mm_op.register_fake
-def _(x, stream, N, group_size):
-    return x.new_empty(x.shape[0], N)
-
-
-@torch.library.custom_op("herd::int8_mm", mutates_args=())
-def _int8_mm_op(x: torch.Tensor, stream: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
-    return _load().int8_mm(x, stream, row_scale)
-
-
-@_int8_mm_op.register_fake
-def _(x, stream, row_scale):
-    return x.new_empty(x.shape[0], row_scale.shape[0])
-
-
 def int4_mm(x: torch.Tensor, stream: torch.Tensor, N: int, group_size: int) -> torch.Tensor:
     """x (M, K) -> (M, N) fp32 through the int4 kernel."""
     return _load().int4_mm(x.float().contiguous(), stream, N, group_size)
@@ -226,8 +204,6 @@ class HerdInt4Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] >= DEQUANT_ROWS:
             y = x2.to(COMPUTE_DTYPE) @ self.dequantize().t()
-        elif torch.compiler.is_compiling():
-            y = _int4_mm_op(x2.float().contiguous(), self.stream, self.out_features, self.group_size)
         else:       # the extension directly (not int4_mm): this runs ~120 times per decode step
             y = _ext.int4_mm(x2.float().contiguous(), self.stream, self.out_features, self.group_size)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -251,8 +227,6 @@ class HerdInt8Linear(nn.Module):
         if x2.shape[0] >= DEQUANT_ROWS:
             w = int8_unstream(self.stream, self.out_features, self.in_features)
             y = x2.to(COMPUTE_DTYPE) @ (w.to(COMPUTE_DTYPE) * self.scale.to(COMPUTE_DTYPE)[:, None]).t()
-        elif torch.compiler.is_compiling():
-            y = _int8_mm_op(x2.float().contiguous(), self.stream, self.scale)
         else:
             y = _ext.int8_mm(x2.float().contiguous(), self.stream, self.scale)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)

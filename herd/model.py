@@ -105,10 +105,7 @@ def attention_mask(q_pos, k_pos, chunk_size: int | None):
 
 def key_block_mask(q_pos, k_pos, chunk_size: int | None):
     """`attention_mask` for one block of keys, or None when every query sees every key of the block: no mask to
-    build for most of a long prefill's global attention, where the whole past is visible. Inside a torch.compile'd
-    decode step (engine.Engine(compile=True)) the mask is always built: the shortcut reads positions on the host."""
-    if torch.compiler.is_compiling():
-        return attention_mask(q_pos, k_pos, chunk_size)
+    build for most of a long prefill's global attention, where the whole past is visible."""
     lo = 0 if chunk_size is None else int(q_pos.max()) // chunk_size * chunk_size   # start of the last query's chunk
     if int(k_pos.min()) >= lo and int(k_pos.max()) <= int(q_pos.min()):
         return None
