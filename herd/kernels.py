@@ -2,15 +2,17 @@
 
 Why: at batch 1 a decode step reads every weight once, so its matmuls are memory-bound. torch's packed kernels
 (quantize.py) streamed SmolLM2's 66 MB of int4 matrices at ~6 GB/s on this machine (~10.5 GB/s for a plain sum on
-one core); these stream them at ~9.5 GB/s from memory and 1.5-2.5x torch's speed from cache (bench/quant_matmul.py). kernels.cpp is compiled at first use with
-torch.utils.cpp_extension (a C++ compiler and ninja are needed; ~30 s, cached under ~/.cache/torch_extensions).
+one core); these stream them at ~9.5 GB/s from memory and at 1.5-2.5x torch's speed from cache
+(bench/quant_matmul.py). kernels.cpp is compiled at first use with torch.utils.cpp_extension (a C++ compiler and
+ninja are needed; ~40 s here, cached under ~/.cache/torch_extensions).
 Where it cannot run (no AVX512-VNNI, no compiler, HERD_KERNELS=0) `status()` says why and the model keeps torch's
 kernels: `use_herd_kernels(model)` is a no-op there.
 
 Math, for activation rows x (M, K) fp32:
 - Activations are quantized per block of 32 inputs: xs = max|x_block| / 32767, xq = round(x / xs) in int16
-  (`quantize_activations_reference`). llama.cpp uses int8 here; on SmolLM2 int8 activations cost 2.7% perplexity
-  (outlier channels leave the rest of their block a few levels), int16 ones ~0.
+  (`quantize_activations_reference`). llama.cpp uses int8 here; on 512 tokens of SmolLM2 int8 activations cost
+  +2.7% perplexity (outlier channels leave the rest of their block a few levels), int16 ones +0.17% (bf16 ones, in
+  torch's kernels, +0.25%); bench/perplexity.py's 4096 tokens: +0.09%.
 - int4: w[n, k] = (u[n, k] - 8) * scale[n, g] + zero[n, g] (torch's CPU int4 convention, g = k // G):
   y[m, n] = sum_g scale[n, g] * sum_{b in g} xs[m, b] * sum_{k in b} u[n, k] xq[m, k]
             + (zero[n, g] - 8 scale[n, g]) * sum_{k in g} x[m, k]          (the exact input sum, not the quantized one)

@@ -61,8 +61,8 @@ def attention_blockwise(q, k, v, mask_fn, block_size: int | None = None):
     """
     S, block_size = k.shape[2], block_size or KV_BLOCK
     if S <= block_size:
-        one_query = attention_one_query if q.shape[2] == 1 else attention
-        return one_query(q, _dense(k, q.dtype), _dense(v, q.dtype), mask_fn(0, S))
+        attend = attention_one_query if q.shape[2] == 1 else attention
+        return attend(q, _dense(k, q.dtype), _dense(v, q.dtype), mask_fn(0, S))
     out = lse = None
     for start in range(0, S, block_size):
         end = min(start + block_size, S)

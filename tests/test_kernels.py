@@ -45,7 +45,7 @@ def test_activation_quantization_matches_reference():
     torch.testing.assert_close(xs, rs, rtol=1e-6, atol=0)
 
 
-# The kernels sum int8 x int4/int8 products exactly in int32 and combine the blocks in fp32 FMAs (in a different
+# The kernels sum int16 x int4/int8 products exactly in int32 and combine the blocks in fp32 FMAs (in a different
 # order than the float64 twin): measured max error ~3e-7 of the largest output; stated 1e-5.
 @needs_kernels
 @pytest.mark.parametrize("M", [1, 3, 4, 9])                         # 4-row tiles, and a partial tile
@@ -74,14 +74,15 @@ def test_int8_kernel_matches_twin(M, N, K):
 
 
 def test_twins_close_to_float_matmul():
-    """The twins' only approximation is the int8 activations: 8 bits per 32-input block, against the exact fp32
-    matmul of the same weights. Measured ~0.4% relative Frobenius error; stated 1%."""
+    """The twins' only approximation is the int16 activations (one scale per 32 inputs), against the exact fp32
+    matmul of the same weights, with an outlier channel 30x the rest. Measured 5e-5 relative Frobenius error;
+    stated 5e-4 (int8 activations, llama.cpp's choice, gave ~1e-2 here)."""
     u, sz = int4_weights(64, 256, 32)
     x = rows(4, 256)
     w = (u.float() - 8).unflatten(-1, (-1, 32)) * sz[..., 0].t().float()[..., None] + sz[..., 1].t().float()[..., None]
     exact = x @ w.flatten(-2).t()
     approx = kernels.int4_mm_reference(x, u, sz, 32)
-    assert (approx - exact).norm() <= 1e-2 * exact.norm(), ((approx - exact).norm() / exact.norm()).item()
+    assert (approx - exact).norm() <= 5e-4 * exact.norm(), ((approx - exact).norm() / exact.norm()).item()
 
 
 # ---- modules ---------------------------------------------------------------------------------------------------------
@@ -103,10 +104,11 @@ def test_herd_int4_linear_matches_int4_linear(M, zero):
     ref = linear_reference(x, q, scale, z)
     with torch.no_grad():
         y, y_torch = herd_mod(x), mod(x)
-    # int8 activations (kernel) or bf16 activations (dense path) vs the fp32 reference; torch's module is within
-    # the same bound (measured ~0.4% and ~0.3%; stated 1.5%)
-    for out in (y, y_torch):
-        assert (out - ref).norm() <= 1.5e-2 * ref.norm(), ((out - ref).norm() / ref.norm()).item()
+    # vs the fp32 reference: the kernel's int16 activations measured ~1.4e-4 (stated 1e-3); the dense path's and
+    # torch's module's bf16 activations ~2-3e-3 (stated 5e-3)
+    bound = 1e-3 if M < kernels.DEQUANT_ROWS else 5e-3
+    assert (y - ref).norm() <= bound * ref.norm(), ((y - ref).norm() / ref.norm()).item()
+    assert (y_torch - ref).norm() <= 5e-3 * ref.norm(), ((y_torch - ref).norm() / ref.norm()).item()
 
 
 @needs_kernels
