@@ -159,7 +159,9 @@ void check_x(const torch::Tensor& x, int64_t K) {
 torch::Tensor int4_mm(torch::Tensor x, torch::Tensor stream, int64_t N, int64_t group_size) {
   const int64_t M = x.size(0), K = x.size(1), G = group_size, n_groups = K / G;
   check_x(x, K);
-  TORCH_CHECK(G % kBlock == 0 && K % G == 0 && N % kRows == 0, "bad int4 shapes");
+  TORCH_CHECK(G % kBlock == 0 && K % G == 0 && N % kRows == 0, "int4 shapes: the group size must be a multiple of ",
+              kBlock, " dividing the input dim and the output dim a multiple of ", kRows, "; got input ", K,
+              ", group ", G, ", output ", N);
   const int64_t rb_bytes = n_groups * (64 + G * 8);
   TORCH_CHECK(stream.scalar_type() == torch::kUInt8 && stream.is_contiguous() && stream.numel() == N / kRows * rb_bytes,
               "int4 stream has the wrong size or dtype");

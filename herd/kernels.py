@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Linear, _cpu_int4_block, _int4_unpack_cpu
+from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Linear, _cpu_int4_block, _int4_unpack_cpu, _set_module
 
 ROWS = 16            # output rows per block (one 512-bit register of 32-bit lanes)
 X_BLOCK = 32         # inputs per activation scale
@@ -270,8 +270,7 @@ def use_herd_kernels(model: nn.Module) -> int:
     tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", False)
     for name, mod in swaps:
         new = HerdInt4Linear.from_int4(mod) if type(mod) is Int4Linear else HerdInt8Linear.from_int8(mod)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new)
+        _set_module(model, name, new)
         if tied and mod is head:        # an int8 embedding sharing the head's matrix: it reads the new stream
             model.tok_embeddings = HerdInt8Embedding(new, getattr(emb, "dtype", torch.float32))
     return len(swaps)

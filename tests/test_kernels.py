@@ -73,6 +73,24 @@ def test_int8_kernel_matches_twin(M, N, K):
     assert (y - ref).abs().max() <= 1e-5 * ref.abs().max(), ((y - ref).abs().max() / ref.abs().max()).item()
 
 
+@needs_kernels
+def test_kernels_refuse_mismatched_inputs():
+    """A stream of the wrong size, or activations of the wrong width or dtype, raise a clear error, never read
+    past a buffer."""
+    u, sz = int4_weights(32, 64, 32)
+    stream = kernels.int4_stream(u, sz, 32)
+    with pytest.raises(RuntimeError, match="int4 stream has the wrong size"):
+        kernels.int4_mm(rows(1, 64), stream[:-64], 32, 32)
+    with pytest.raises(RuntimeError, match=r"fp32 \(M, 64\)"):
+        kernels._load().int4_mm(rows(1, 64).double(), stream, 32, 32)
+    with pytest.raises(RuntimeError, match="output dim a multiple of 16; got input 64, group 32, output 24"):
+        kernels.int4_mm(rows(1, 64), stream, 24, 32)
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        kernels.int8_mm(rows(1, 48), torch.zeros(16 * 48, dtype=torch.int8), torch.ones(16))
+    with pytest.raises(RuntimeError, match="int8 stream has the wrong size"):
+        kernels.int8_mm(rows(1, 64), torch.zeros(16 * 32, dtype=torch.int8), torch.ones(16))
+
+
 def test_twins_close_to_float_matmul():
     """The twins' only approximation is the int16 activations (one scale per 32 inputs), against the exact fp32
     matmul of the same weights, with an outlier channel 30x the rest. Measured 5e-5 relative Frobenius error;
