@@ -177,6 +177,7 @@ def tiny_moe(args, results: dict):
     transformers and loaded by herd: the same checkpoint, fp32 in both."""
     import herd
     import transformers
+    from herd.decode import use_decode_kernels
     from herd.fuse import fuse_model
 
     cfg = transformers.Llama4TextConfig(
@@ -192,7 +193,8 @@ def tiny_moe(args, results: dict):
     prompt = torch.randint(3, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        model = fuse_model(herd.load(d))
+        model = fuse_model(herd.load(d))        # as `herd run` loads a checkpoint (cli._load)
+        use_decode_kernels(model)
     for name, fn, m in (("herd tiny MoE (fp32)", herd_run, model), ("transformers tiny MoE (fp32)", hf_run, hf)):
         with torch.inference_mode():
             fn(m, prompt, 4)

@@ -54,8 +54,13 @@ def _load(model_arg, verbose=False, packed=False):
 
     path = default_model_path() if model_arg in (None, "default") else model_arg
     t0 = time.perf_counter()
+    from .decode import use_decode_kernels
+    from .fuse import fuse_model
     from .gguf_loader import is_gguf
     model = herd.load(path, progress=True, quant="packed" if packed and is_gguf(path) else None)
+    if not (packed and is_gguf(path)):      # (load_gguf_packed does both itself)
+        fuse_model(model)                   # one q/k/v and one gate/up matmul per layer (fuse.py)
+        use_decode_kernels(model)           # decode steps in C++ where the extension runs (decode.py)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     if verbose:
         print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)

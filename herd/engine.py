@@ -142,6 +142,8 @@ class KVCache:
         """Store this step's k, v (B, T, K, D) at positions pos (B, T); return every key the step may attend to,
         with their positions: (k_all, v_all, pos_all)."""
         kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
+        if pos.numel() == 1 and isinstance(self.rows, slice) and type(kb) is torch.Tensor and int(pos) >= 0:
+            return self._update_dense(layer, k, v, pos)     # batch-1 decode: no masks, index tensors or host checks
         S, T = kb.shape[1], pos.shape[1]
         row_ids = self._row_ids(pos.shape[0])
         valid = pos >= 0
@@ -185,7 +187,7 @@ class KVCache:
         instead of nonzero + gathers + index_put (a dozen small ops per layer per decoded token)."""
         kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
         S = kb.shape[1]
-        top = int(pos.max())
+        top = int(pos.max()) if pos.numel() > 1 else int(pos)
         if not self.ring[layer] and top >= S:
             raise ContextLengthError(f"position {top} is past the cache's {S} slots")
         if pos.numel() == 1:            # batch-1 decode: three slot writes, no index tensors

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from . import gguf_loader as gl
+from .decode import use_decode_kernels
 from .fuse import fuse_model
 from .kernels import use_herd_kernels
 from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Linear, _aligned, _bf16, pack_int4
@@ -109,7 +110,8 @@ def load_gguf_packed(path: str | Path, fuse: bool = True, int8_embeddings: bool 
     """A GGUF file -> a Transformer whose Q4_0 / Q4_1 / Q8_0 linears (and a Q8_0 token embedding) are packed
     modules, read one tensor at a time; every other tensor dequantized to fp32. fuse: fuse q/k/v and gate/up.
     int8_embeddings=False keeps a Q8_0 token embedding (and a tied head) in fp32 instead. herd_kernels: run the
-    linears on herd's own decode kernels where this CPU has them (kernels.use_herd_kernels; after fusing)."""
+    linears on herd's own decode kernels where this CPU has them (kernels.use_herd_kernels; after fusing), and the
+    steps between them in C++ (decode.use_decode_kernels)."""
     from tqdm import tqdm
 
     from .checkpoint import build_meta
@@ -165,6 +167,7 @@ def load_gguf_packed(path: str | Path, fuse: bool = True, int8_embeddings: bool 
         fuse_model(model)
     if herd_kernels:
         use_herd_kernels(model)
+        use_decode_kernels(model)
     _release_freed_memory()
     return model.eval()
 

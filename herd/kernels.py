@@ -67,10 +67,13 @@ def _load():
         return None
     try:
         from torch.utils.cpp_extension import load_inline
-        source = (Path(__file__).with_name("kernels.cpp")).read_text()
-        _ext = load_inline("herd_kernels", cpp_sources=source, functions=["int4_mm", "int8_mm", "quantize_x"],
+        # one extension: these matmuls and decode.cpp's norm / rotary / attention steps (decode.py)
+        sources = [Path(__file__).with_name(name).read_text() for name in ("kernels.cpp", "decode.cpp")]
+        _ext = load_inline("herd_kernels", cpp_sources=sources,
+                           functions=["int4_mm", "int8_mm", "quantize_x", "rms_norm", "decode_qkv", "attend_one",
+                                      "silu_mul"],
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-        _status = "on: AVX512-VNNI int4/int8 decode kernels"
+        _status = "on: AVX512-VNNI int4/int8 decode kernels and decode steps"
     except Exception as e:   # no compiler, no ninja, ...: keep torch's kernels, say why
         _status = f"off: building kernels.cpp failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
     return _ext

@@ -144,7 +144,6 @@ class Attention(nn.Module):
                 self.wv(x).view(B, T, self.n_kv_heads, self.head_dim))
 
     def forward(self, x, pos, rope, kv_cache=None):
-        B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         if self.spec.uses_rope:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
@@ -158,6 +157,12 @@ class Attention(nn.Module):
             k, v, k_pos = kv_cache.update(self.layer_id, k, v, pos)
         else:
             k_pos = pos
+        return self.wo(self.attend(q, k, v, pos, k_pos))
+
+    def attend(self, q, k, v, pos, k_pos):
+        """Each query (position pos) over the keys it may see (positions k_pos): q (B, T, H, D), k and v (B, S, K, D)
+        -> (B, T, H*D)."""
+        B, T = q.shape[:2]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)      # (B, H, T, D), (B, K, S, D)
         if is_plain_causal(pos, k_pos, self.chunk_size):
             out = ops.attention_causal(q, k, v)
@@ -166,7 +171,7 @@ class Attention(nn.Module):
             # block, never as one (T, S) mask.
             mask = lambda start, end: key_block_mask(pos, k_pos[:, start:end], self.chunk_size)
             out = ops.attention_blockwise(q, k, v, mask)                            # (B, H, T, D)
-        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+        return out.transpose(1, 2).reshape(B, T, -1)
 
 
 class FeedForward(nn.Module):

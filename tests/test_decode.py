@@ -1,0 +1,170 @@
+"""decode.cpp's steps against their torch twins, and whole decode runs with them against the model without them."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from herd import decode, kernels
+from herd.config import preset
+from herd.engine import Engine, SamplingParams
+from herd.fuse import fuse_model
+from herd.model import RMSNorm, rope_angles
+from herd.model import Transformer
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"herd kernels {kernels.status()}")
+ext = kernels._load
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 64), (2, 7), (4, 33)])
+def test_rms_norm_matches_torch(shape):
+    x = torch.randn(shape) * 3
+    w = torch.randn(shape[-1])
+    for weight in (w, None):
+        ref = F.rms_norm(x, (shape[-1],), weight, 1e-5)
+        got = ext().rms_norm(x, weight if weight is not None else torch.empty(0), 1e-5)
+        torch.testing.assert_close(got, ref, rtol=2e-6, atol=2e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("H,K,D", [(9, 3, 64), (4, 2, 16), (8, 8, 8), (6, 1, 24)])
+@pytest.mark.parametrize("rope,qk_norm,q_scale", [(True, False, 1.0), (True, True, 1.0), (False, True, 1.37),
+                                                  (False, False, 1.0)])
+def test_decode_qkv_matches_model_steps(H, K, D, rope, qk_norm, q_scale):
+    qkv = torch.randn((H + 2 * K) * D) * 2
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    rotation = rope_angles(torch.tensor([[1234]]), inv_freq) if rope else None                # (1, 1, 1, D/2)
+    cos_sin = torch.view_as_real(rotation).reshape(D // 2, 2) if rope else torch.empty(0)
+    got = ext().decode_qkv(qkv, cos_sin, H, K, qk_norm, 1e-5, q_scale)
+    ref = decode.decode_qkv_reference(qkv, rotation, H, K, qk_norm, 1e-5, q_scale)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("H,K,D", [(9, 3, 64), (8, 8, 16), (8, 1, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk", [0, 16])
+def test_attend_one_matches_masked_softmax(H, K, D, dtype, chunk):
+    """Empty slots (-1), keys past the query (a ring's stale slots), other chunks, S not a multiple of 16."""
+    S, q_pos = 53, 40
+    k, v = torch.randn(S, K, D).to(dtype), torch.randn(S, K, D).to(dtype)
+    k_pos = torch.arange(S)
+    k_pos[[0, 7, 22]] = -1
+    k_pos[50:] = 100 + torch.arange(3)            # future positions: never visible
+    q = torch.randn(H * D) * 2
+    got = ext().attend_one(q, k, v, k_pos, q_pos, chunk)
+    ref = decode.attend_one_reference(q, k, v, k_pos, q_pos, chunk)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_attend_one_long_context_in_parallel():
+    """Enough keys that kv heads run on several threads."""
+    S, H, K, D = 1500, 4, 2, 64
+    k, v, q = torch.randn(S, K, D), torch.randn(S, K, D), torch.randn(H * D)
+    got = ext().attend_one(q, k, v, torch.arange(S), S - 1, 0)
+    torch.testing.assert_close(got, decode.attend_one_reference(q, k, v, torch.arange(S), S - 1, 0),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("shape", [(1, 1, 3072), (5, 2 * 24), (3, 2 * 7)])
+def test_silu_mul_matches_torch(shape):
+    gate_up = torch.randn(shape) * 6
+    gate_up.view(-1)[:4] = torch.tensor([-100.0, 100.0, -87.5, 89.0])       # e^-g under- and overflowing
+    F_ = shape[-1] // 2
+    ref = F.silu(gate_up[..., :F_]) * gate_up[..., F_:]
+    torch.testing.assert_close(ext().silu_mul(gate_up), ref, rtol=2e-6, atol=1e-6)
+    nan = gate_up.clone()
+    nan.view(-1)[0] = float("nan")
+    assert ext().silu_mul(nan).view(-1)[0].isnan(), "a NaN activation must stay NaN, not be hidden"
+
+
+@needs_kernels
+def test_decode_steps_refuse_bad_input():
+    with pytest.raises(RuntimeError, match="contiguous fp32"):
+        ext().rms_norm(torch.randn(2, 8).double(), torch.empty(0), 1e-5)
+    with pytest.raises(RuntimeError, match=r"weight must be a contiguous fp32 \(8,\)"):
+        ext().rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5)
+    with pytest.raises(RuntimeError, match="head_dim"):
+        ext().decode_qkv(torch.randn(100), torch.empty(0), 4, 2, False, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="cos_sin"):
+        ext().decode_qkv(torch.randn(128), torch.randn(5, 2), 4, 2, False, 1e-5, 1.0)
+    with pytest.raises(RuntimeError, match="k and v"):
+        ext().attend_one(torch.randn(64), torch.randn(5, 2, 16), torch.randn(5, 2, 8), torch.arange(5), 4, 0)
+    with pytest.raises(RuntimeError, match="k_pos"):
+        ext().attend_one(torch.randn(64), torch.randn(5, 2, 16), torch.randn(5, 2, 16), torch.arange(4), 4, 0)
+    with pytest.raises(RuntimeError, match="even last dim"):
+        ext().silu_mul(torch.randn(3, 5))
+
+
+def tiny(kind: str) -> Transformer:
+    cfg = preset("debug")                 # chunks of 16, temperature floor 8, QK-norm, MoE every other layer
+    if kind == "llama3":
+        cfg.moe, cfg.nope_every, cfg.attn_chunk_size, cfg.use_qk_norm = None, 0, None, False
+        cfg.attn_temperature_tuning, cfg.source = False, "llama"
+    cfg.__post_init__()
+    return Transformer(cfg).init_weights(std=0.3, seed=3).eval()
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["llama4", "llama3"])
+@pytest.mark.parametrize("kv_int8", [False, True])
+def test_decode_with_herd_steps_equals_without(kind, kv_int8):
+    """Greedy decode through the engine, 70 tokens past a 20-token prompt: chunk rings wrap four times, the NoPE
+    layer's temperature grows; same tokens, logprobs within float error (int8 KV: the C++ q/k/v preparation, then
+    Attention.attend)."""
+    plain = fuse_model(tiny(kind))
+    herd_model = copy.deepcopy(plain)
+    assert decode.use_decode_kernels(herd_model) > 0
+    assert type(herd_model.layers[0].attention) is decode.HerdAttention
+    assert type(herd_model.norm) is decode.HerdRMSNorm
+    prompt = torch.randint(3, 512, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run(model):
+        engine = Engine(model, max_batch=1, kv_int8=kv_int8)
+        req = engine.add(prompt, SamplingParams(max_tokens=70, ignore_eos=True, logprobs=0))
+        with torch.inference_mode():
+            while not req.finished:
+                engine.step()
+        return req.output, torch.tensor([x["logprob"] for x in req.logprobs])
+
+    (ref_tokens, ref_lp), (tokens, lp) = run(plain), run(herd_model)
+    assert tokens == ref_tokens
+    assert len(set(ref_tokens)) > 5, "degenerate model: the comparison would prove little"
+    # int8 keys: a last-bit difference in k can move its rounding by one level (1/127 of the head's largest value)
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=5e-3 if kv_int8 else 1e-4)
+
+
+@needs_kernels
+def test_herd_modules_fall_back_to_their_twins_off_the_decode_path():
+    """Prefill (many tokens), batches with padding and bf16 activations run the plain modules' code."""
+    plain = fuse_model(tiny("llama4"))
+    herd_model = copy.deepcopy(plain)
+    decode.use_decode_kernels(herd_model)
+    tokens = torch.randint(3, 512, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(herd_model(tokens), plain(tokens), rtol=1e-5, atol=1e-5)
+        bf = copy.deepcopy(herd_model).to(torch.bfloat16)
+        assert bf(tokens).dtype == torch.float32
+    x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
+    norm = herd_model.layers[0].attention_norm
+    torch.testing.assert_close(norm(x), RMSNorm.forward(norm, x))
+
+
+def test_use_decode_kernels_is_a_no_op_where_the_extension_cannot_run(monkeypatch):
+    monkeypatch.setattr(kernels, "available", lambda: False)
+    model = fuse_model(tiny("llama4"))
+    assert decode.use_decode_kernels(model) == 0
+    assert not any(type(m).__module__ == "herd.decode" for m in model.modules())
+
+
+def test_temperature_formula_matches_model():
+    """HerdAttention computes the NoPE q scale on the host; the model computes it in torch."""
+    from herd.model import attention_temperature
+    for p in (0, 6, 7, 8, 100, 8191, 8192, 10 ** 6):
+        host = 1.0 + 0.1 * math.log1p(math.floor((p + 1.0) / 8192.0))
+        assert abs(host - float(attention_temperature(torch.tensor([[p]]), 8192.0, 0.1))) < 1e-6
