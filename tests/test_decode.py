@@ -121,7 +121,9 @@ def test_decode_with_herd_steps_equals_without(kind, kv_int8):
     herd_model = copy.deepcopy(plain)
     assert decode.use_decode_kernels(herd_model) > 0
     assert type(herd_model.layers[0].attention) is decode.HerdAttention
-    assert type(herd_model.norm) is decode.HerdRMSNorm
+    assert type(herd_model.norm) is decode.HerdRMSNorm and type(herd_model.output) is decode.HerdLinear
+    if kind == "llama4":
+        assert type(herd_model.layers[1].feed_forward.experts) is decode.HerdExperts
     prompt = torch.randint(3, 512, (20,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def run(model):
@@ -153,6 +155,24 @@ def test_herd_modules_fall_back_to_their_twins_off_the_decode_path():
     x = torch.randn(2, 3, 64, dtype=torch.bfloat16)
     norm = herd_model.layers[0].attention_norm
     torch.testing.assert_close(norm(x), RMSNorm.forward(norm, x))
+
+
+@needs_kernels
+def test_herd_linear_and_experts_match_their_twins():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(48, 80, bias=False)
+    herd_lin = decode.HerdLinear(lin.weight.detach().t().contiguous())
+    experts = Transformer(preset("debug")).layers[1].feed_forward.experts.to_empty(device="cpu")
+    for w in (experts.w1, experts.w2, experts.w3):
+        torch.nn.init.normal_(w, std=0.3)
+    herd_experts = decode.HerdExperts(experts)
+    with torch.no_grad():
+        for n in (1, 7):
+            x = torch.randn(n, 48)
+            torch.testing.assert_close(herd_lin(x), lin(x), rtol=1e-5, atol=1e-5)
+            x = torch.randn(n, 64)
+            idx, gate = torch.randint(0, 4, (n, 1)), torch.rand(n, 1)
+            torch.testing.assert_close(herd_experts(x, idx, gate), experts(x, idx, gate), rtol=1e-5, atol=1e-5)
 
 
 def test_use_decode_kernels_is_a_no_op_where_the_extension_cannot_run(monkeypatch):
