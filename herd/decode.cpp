@@ -1,6 +1,7 @@
 // The small steps between a decode step's matmuls, in C++: RMSNorm, q/k/v post-processing (rotary, QK-norm,
 // attention temperature) and one query's attention over the KV cache. Built with kernels.cpp into one extension
-// (kernels.py); decode.py holds the modules that call these and the plain twins they are tested against.
+// (kernels.py; the threads are kernels.cpp's parallel_rows); decode.py holds the modules that call these and the
+// plain twins they are tested against.
 //
 // Why: at batch 1 each of these is a handful of torch ops on a few hundred numbers, and each op costs a few
 // microseconds of dispatch whatever its size. SmolLM2's decode step ran ~60 such ops per layer (~9 ms of ~22 ms at
@@ -210,9 +211,9 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torc
   auto out = torch::empty({H * D}, torch::kFloat32);
   const float* qp = q.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  // kv heads in parallel only when there is enough cache to read: a short context is cheaper on one thread
-  const int64_t grain = S * D >= 16384 ? 1 : K;
-  at::parallel_for(0, K, grain, [&](int64_t begin, int64_t end) {
+  // kv heads in parallel (kernels.cpp's SpinPool, as the matmuls around it) only when there is enough cache to
+  // read: a short context is cheaper on one thread
+  auto heads = [&](int64_t begin, int64_t end) {
     for (int64_t h = begin; h < end; ++h) {
       if (k.scalar_type() == torch::kFloat32) {
         attend_kv_head(qp + h * G * D, k.data_ptr<float>() + h * D, v.data_ptr<float>() + h * D, K * D,
@@ -222,7 +223,12 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torc
                        K * D, visible.data(), S, G, D, op + h * G * D);
       }
     }
-  });
+  };
+  if (S * D >= 16384) {
+    parallel_rows(K, heads);
+  } else {
+    heads(0, K);
+  }
   return out;
 }
 

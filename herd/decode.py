@@ -76,6 +76,11 @@ class HerdLinear(nn.Module):
         self.in_features, self.out_features = weight_t.shape
         self.weight_t = nn.Parameter(weight_t, requires_grad=False)
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """(out, in), as nn.Linear's: a view, for code reading the weight's dtype, device or shape."""
+        return self.weight_t.t()
+
     def forward(self, x):
         return x @ self.weight_t
 

@@ -12,10 +12,121 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <functional>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 namespace {
+
+// ---- threads for decode-sized work ---------------------------------------------------------------------------------
+// Why not at::parallel_for: with OMP_WAIT_POLICY=PASSIVE (the bench's setting on this shared machine) every parallel
+// region wakes sleeping OpenMP threads, which cost ~25-30 us per call at 2 threads here: more than a small matrix
+// takes (SmolLM2's 576x576 int4 wo: 35 us on one thread, 56 us on two). A decode step calls the kernels ~120 times,
+// a few tens of microseconds apart. These workers spin for kSpin after each job, so the next call of the same step
+// finds them awake, and then sleep. Measured per call at 2 threads: see kernels.py.
+constexpr auto kSpin = std::chrono::milliseconds(2);
+
+class SpinPool {
+ public:
+  const int n_threads;                      // the caller included
+  const pid_t pid = getpid();               // a forked child gets a new pool (the parent's threads are not in it)
+
+  explicit SpinPool(int n) : n_threads(n) {
+    for (int t = 1; t < n; ++t) workers_.emplace_back([this, t] { loop(t); });
+  }
+  ~SpinPool() {
+    stop_ = true;
+    generation_.fetch_add(1);
+    { std::lock_guard<std::mutex> lk(mu_); }
+    cv_.notify_all();
+    for (auto& w : workers_) w.join();
+  }
+
+  // f(begin, end) over [0, n) split in n_threads contiguous ranges; returns when all are done.
+  void run(int64_t n, const std::function<void(int64_t, int64_t)>& f) {
+    std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
+    if (!busy.owns_lock()) {                // another thread is using the pool: do it all here
+      f(0, n);
+      return;
+    }
+    job_ = &f;
+    job_n_ = n;
+    pending_.store(n_threads - 1);
+    generation_.fetch_add(1);               // seq_cst: publishes the job; pairs with the sleepers' check (loop)
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lk(mu_);
+      cv_.notify_all();
+    }
+    run_share(0);
+    while (pending_.load() > 0) _mm_pause();
+  }
+
+ private:
+  std::vector<std::thread> workers_;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> pending_{0}, sleeping_{0};
+  std::atomic<bool> stop_{false};
+  std::mutex mu_, run_mu_;
+  std::condition_variable cv_;
+  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+  int64_t job_n_ = 0;
+
+  void run_share(int t) {
+    const int64_t per = (job_n_ + n_threads - 1) / n_threads;
+    const int64_t begin = std::min(job_n_, t * per), end = std::min(job_n_, begin + per);
+    if (begin < end) (*job_)(begin, end);
+  }
+
+  void loop(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      const auto start = std::chrono::steady_clock::now();
+      for (uint32_t spins = 1; generation_.load() == seen; ++spins) {
+        _mm_pause();
+        if (spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          // Sleep. Either run() sees sleeping_ > 0 and notifies, or its generation_ increment came first and the
+          // predicate (checked under mu_ before waiting) sees it: no wake-up is lost.
+          std::unique_lock<std::mutex> lk(mu_);
+          sleeping_.fetch_add(1);
+          cv_.wait(lk, [&] { return generation_.load() != seen; });
+          sleeping_.fetch_sub(1);
+        }
+      }
+      seen = generation_.load();
+      if (stop_) return;
+      run_share(t);
+      pending_.fetch_sub(1);
+    }
+  }
+};
+
+// f(begin, end) over [0, n) on torch's intra-op thread count (torch.set_num_threads) through the SpinPool.
+void parallel_rows(int64_t n, const std::function<void(int64_t, int64_t)>& f) {
+  const int threads = at::get_num_threads();
+  if (threads <= 1 || n <= 1 || at::in_parallel_region()) {
+    f(0, n);
+    return;
+  }
+  static std::mutex make_mu;
+  static SpinPool* pool = nullptr;
+  SpinPool* p;
+  {
+    std::lock_guard<std::mutex> lk(make_mu);
+    if (pool == nullptr || pool->n_threads != threads || pool->pid != getpid()) {
+      if (pool != nullptr && pool->pid == getpid()) delete pool;    // (a forked child's copy has no threads: leak)
+      pool = new SpinPool(threads);
+    }
+    p = pool;
+  }
+  p->run(n, f);
+}
 
 constexpr int kRows = 16;       // output rows per register (16 x 32-bit lanes)
 constexpr int kBlock = 32;      // activation quantization block (inputs per scale)
@@ -175,7 +286,7 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor stream, int64_t N, int64_t 
   const int16_t* q = xq.data();
   const float *xsp = xs.data(), *xsump = xsum.data();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
+  parallel_rows(N / kRows, [&](int64_t begin, int64_t end) {
     for (int64_t rb = begin; rb < end; ++rb) {
       for (int64_t m = 0; m < M; m += kMTile) {
         const int64_t mt = std::min<int64_t>(kMTile, M - m);
@@ -212,7 +323,7 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor stream, torch::Tensor row_s
   const int16_t* q = xq.data();
   const float *xsp = xs.data(), *rs = row_scale.data_ptr<float>();
   float* o = out.data_ptr<float>();
-  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
+  parallel_rows(N / kRows, [&](int64_t begin, int64_t end) {
     for (int64_t rb = begin; rb < end; ++rb) {
       for (int64_t m = 0; m < M; m += kMTile) {
         const int64_t mt = std::min<int64_t>(kMTile, M - m);

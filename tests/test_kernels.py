@@ -182,3 +182,57 @@ def test_status_explains_itself(monkeypatch):
     assert not kernels.available() and "HERD_KERNELS=0" in kernels.status()
     model = torch.nn.Sequential(Int8Linear(32, 16, device="meta"))
     assert kernels.use_herd_kernels(model) == 0 and isinstance(model[0], Int8Linear)
+
+
+@needs_kernels
+def test_kernels_give_the_same_numbers_on_any_thread_count():
+    """kernels.cpp's SpinPool splits the row blocks over torch's thread count (the suite runs on 1): each block is
+    computed by one thread with the same arithmetic, so 2 and 3 threads (pool rebuilt at each change) give
+    bit-identical outputs; the pool is used over and over."""
+    from herd import decode
+    u, sz = int4_weights(1536, 576, 32, zero=True)
+    stream = kernels.int4_stream(u, sz, 32)
+    w8 = torch.randint(-127, 128, (1024, 576), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
+    s8, scale = kernels.int8_stream(w8), torch.rand(1024) * 0.01
+    k, v, q = torch.randn(600, 3, 64), torch.randn(600, 3, 64), torch.randn(9 * 64)     # enough keys for threads
+    x = rows(3, 576)
+
+    def outputs():
+        return (kernels.int4_mm(x, stream, 1536, 32), kernels.int8_mm(x, s8, scale),
+                kernels._load().attend_one(q, k, v, torch.arange(600), 599, 0))
+
+    before = torch.get_num_threads()
+    try:
+        ref = outputs()
+        for threads in (2, 3, 2):
+            torch.set_num_threads(threads)
+            for _ in range(50):
+                got = outputs()
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"{threads} threads"
+        torch.testing.assert_close(ref[2], decode.attend_one_reference(q, k, v, torch.arange(600), 599, 0),
+                                   rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+def test_kernels_run_in_a_forked_child_after_the_parent_used_threads():
+    """The pool's threads do not exist in a fork()ed child (a DataLoader worker, a server's process): the child must
+    build its own pool, not wait forever on the parent's."""
+    import multiprocessing as mp
+    u, sz = int4_weights(256, 256, 32, zero=False)
+    stream, x = kernels.int4_stream(u, sz, 32), rows(1, 256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = kernels.int4_mm(x, stream, 256, 32)
+        with mp.get_context("fork").Pool(1) as pool:
+            got = pool.apply_async(_int4_in_child, (x, stream)).get(timeout=60)
+        assert torch.equal(got, ref)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _int4_in_child(x, stream):
+    torch.set_num_threads(2)
+    return kernels.int4_mm(x, stream, 256, 32)
