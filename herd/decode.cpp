@@ -85,44 +85,97 @@ inline void axpy(float p, const T* x, float* y, int64_t n) {     // y += p * x
   for (; i < n; ++i) y[i] += p * to_float(x[i]);
 }
 
-// One kv head's share of `attend_one`: the G query heads q (G, D) over keys/values k, v (S, kv_stride) at offset
-// 0 (already advanced to this head), visible[j] says which keys count -> out (G, D). Keys are read once for all G
-// query heads; scores and softmax in fp32.
+// The lane sums of 4 vectors, as one 4-float vector: 512 -> 256 bits by halves, then horizontal adds
+// (13 instructions for 4 sums instead of ~8 per sum).
+inline __m128 hsum4(const __m512 a[4]) {
+  __m256 t[4];
+  for (int i = 0; i < 4; ++i) t[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm512_extractf32x8_ps(a[i], 1));
+  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));   // per 128-bit half
+  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+// Software prefetch of the cache row kAheadBytes past `row` (one key's K * D values, row_bytes), while at least
+// that much is left of the range: a decode step finds the cache out of cache (the weights streamed past it), and
+// the per-key work is too short for the hardware prefetcher alone to keep up.
+constexpr int64_t kAheadBytes = 4096;
+inline void prefetch_ahead(const void* row, int64_t row_bytes, int64_t rows_left) {
+  if (rows_left * row_bytes <= kAheadBytes) return;
+  const char* p = static_cast<const char*>(row) + kAheadBytes;
+  for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
+}
+
+// Keys j0..j1-1 of `attend_one`, read in memory order (all kv heads of key j, then key j + 1: the cache is
+// (S, K, D), and walking one kv head at a time read it at a third of the memory speed). For each query head h:
+// top[h] = the largest visible score, total[h] = sum of e^(score - top[h]), acc[h] (D) = the sum of those weights
+// times the values; the caller merges ranges (log-sum-exp). No visible key: top = -inf, total 0, acc 0.
 template <typename T>
-void attend_kv_head(const float* q, const T* k, const T* v, int64_t kv_stride, const uint8_t* visible, int64_t S,
-                    int64_t G, int64_t D, float* out) {
+void attend_range(const float* q, const T* k, const T* v, const uint8_t* visible, int64_t j0, int64_t j1,
+                  int64_t K, int64_t G, int64_t D, float* top, float* total, float* acc) {
+  const int64_t H = K * G, n = j1 - j0;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> scores(G * S);
-  std::vector<float> top(G, neg_inf);
-  for (int64_t j = 0; j < S; ++j) {
-    for (int64_t g = 0; g < G; ++g) {
-      float s = visible[j] ? dot(q + g * D, k + j * kv_stride, D) * scale : neg_inf;
-      scores[g * S + j] = s;
-      top[g] = std::max(top[g], s);
+  std::vector<float> scores(H * n);                    // (H, n)
+  std::fill(top, top + H, neg_inf);
+  const int64_t row_bytes = K * D * static_cast<int64_t>(sizeof(T));
+  int64_t j = j0;
+  if (D % 16 == 0) {         // 4 keys at a time: their 4 dot products per head summed across lanes together
+    for (; j + 4 <= j1; j += 4) {
+      const T* row = k + j * K * D;
+      prefetch_ahead(row, 4 * row_bytes, j1 - j);
+      for (int64_t h = 0; h < H; ++h) {
+        const float* qh = q + h * D;
+        const T* kh = row + (h / G) * D;
+        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t d = 0; d < D; d += 16) {
+          const __m512 qv = _mm512_loadu_ps(qh + d);
+          for (int r = 0; r < 4; ++r) a[r] = _mm512_fmadd_ps(qv, load16(kh + r * K * D + d), a[r]);
+        }
+        float dots[4];
+        _mm_storeu_ps(dots, hsum4(a));
+        for (int r = 0; r < 4; ++r) {
+          const float s = visible[j + r] ? dots[r] * scale : neg_inf;
+          scores[h * n + (j + r - j0)] = s;
+          top[h] = std::max(top[h], s);
+        }
+      }
     }
   }
-  std::vector<float> total(G, 0.0f);
-  for (int64_t g = 0; g < G; ++g) {     // e^(s - max); masked scores are -inf and give exactly 0
-    float* sg = scores.data() + g * S;
-    const __m512 m = _mm512_set1_ps(top[g]);
-    __m512 acc = _mm512_setzero_ps();
-    int64_t j = 0;
-    for (; j + 16 <= S; j += 16) {
-      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + j), m));
-      _mm512_storeu_ps(sg + j, e);
-      acc = _mm512_add_ps(acc, e);
-    }
-    total[g] = _mm512_reduce_add_ps(acc);
-    for (; j < S; ++j) {
-      sg[j] = visible[j] ? std::exp(sg[j] - top[g]) : 0.0f;
-      total[g] += sg[j];
+  for (; j < j1; ++j) {
+    const T* row = k + j * K * D;
+    prefetch_ahead(row, row_bytes, j1 - j);
+    for (int64_t h = 0; h < H; ++h) {
+      const float s = visible[j] ? dot(q + h * D, row + (h / G) * D, D) * scale : neg_inf;
+      scores[h * n + (j - j0)] = s;
+      top[h] = std::max(top[h], s);
     }
   }
-  std::fill(out, out + G * D, 0.0f);
-  for (int64_t j = 0; j < S; ++j) {
+  for (int64_t h = 0; h < H; ++h) {                    // e^(s - top); masked scores are -inf and give exactly 0
+    float* sh = scores.data() + h * n;
+    total[h] = 0.0f;
+    if (top[h] == neg_inf) {                           // nothing visible here: weights all 0
+      std::fill(sh, sh + n, 0.0f);
+      continue;
+    }
+    const __m512 m = _mm512_set1_ps(top[h]);
+    __m512 sum = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sh + i), m));
+      _mm512_storeu_ps(sh + i, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    total[h] = _mm512_reduce_add_ps(sum);
+    for (; i < n; ++i) {
+      sh[i] = std::exp(sh[i] - top[h]);
+      total[h] += sh[i];
+    }
+  }
+  std::fill(acc, acc + H * D, 0.0f);
+  for (int64_t j = j0; j < j1; ++j) {
     if (!visible[j]) continue;
-    for (int64_t g = 0; g < G; ++g) axpy(scores[g * S + j] / total[g], v + j * kv_stride, out + g * D, D);
+    const T* row = v + j * K * D;
+    prefetch_ahead(row, row_bytes, j1 - j);
+    for (int64_t h = 0; h < H; ++h) axpy(scores[h * n + (j - j0)], row + (h / G) * D, acc + h * D, D);
   }
 }
 
@@ -208,26 +261,43 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torc
   std::vector<uint8_t> visible(S);
   const int64_t* kp = k_pos.data_ptr<int64_t>();
   for (int64_t j = 0; j < S; ++j) visible[j] = kp[j] >= 0 && kp[j] >= lo && kp[j] <= q_pos;
-  auto out = torch::empty({H * D}, torch::kFloat32);
+  // Key ranges in parallel (kernels.cpp's SpinPool, as the matmuls around it) only when there is enough cache to
+  // read: a short context is cheaper on one thread. Ranges of at least 256 keys.
+  const int64_t n_ranges = S * K * D >= 65536 ? std::min<int64_t>(at::get_num_threads(), (S + 255) / 256) : 1;
+  const int64_t per = (S + n_ranges - 1) / n_ranges;
+  std::vector<float> top(n_ranges * H), total(n_ranges * H), acc(n_ranges * H * D);
   const float* qp = q.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  // kv heads in parallel (kernels.cpp's SpinPool, as the matmuls around it) only when there is enough cache to
-  // read: a short context is cheaper on one thread
-  auto heads = [&](int64_t begin, int64_t end) {
-    for (int64_t h = begin; h < end; ++h) {
+  auto ranges = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t j0 = std::min(S, r * per), j1 = std::min(S, j0 + per);
       if (k.scalar_type() == torch::kFloat32) {
-        attend_kv_head(qp + h * G * D, k.data_ptr<float>() + h * D, v.data_ptr<float>() + h * D, K * D,
-                       visible.data(), S, G, D, op + h * G * D);
+        attend_range(qp, k.data_ptr<float>(), v.data_ptr<float>(), visible.data(), j0, j1, K, G, D,
+                     &top[r * H], &total[r * H], &acc[r * H * D]);
       } else {
-        attend_kv_head(qp + h * G * D, k.data_ptr<at::BFloat16>() + h * D, v.data_ptr<at::BFloat16>() + h * D,
-                       K * D, visible.data(), S, G, D, op + h * G * D);
+        attend_range(qp, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), visible.data(), j0, j1, K, G, D,
+                     &top[r * H], &total[r * H], &acc[r * H * D]);
       }
     }
   };
-  if (S * D >= 16384) {
-    parallel_rows(K, heads);
+  if (n_ranges > 1) {
+    parallel_rows(n_ranges, ranges);
   } else {
-    heads(0, K);
+    ranges(0, 1);
+  }
+  // merge: out[h] = sum_r e^(top_r - M) acc_r / sum_r e^(top_r - M) total_r, M = max_r top_r
+  auto out = torch::zeros({H * D}, torch::kFloat32);
+  float* op = out.data_ptr<float>();
+  for (int64_t h = 0; h < H; ++h) {
+    float M = -std::numeric_limits<float>::infinity(), denom = 0.0f;
+    for (int64_t r = 0; r < n_ranges; ++r) M = std::max(M, top[r * H + h]);
+    if (M == -std::numeric_limits<float>::infinity()) continue;      // no visible key at all: zeros
+    for (int64_t r = 0; r < n_ranges; ++r) {
+      if (total[r * H + h] == 0.0f) continue;
+      const float w = std::exp(top[r * H + h] - M);
+      denom += w * total[r * H + h];
+      axpy(w, &acc[(r * H + h) * D], op + h * D, D);
+    }
+    for (int64_t i = 0; i < D; ++i) op[h * D + i] /= denom;
   }
   return out;
 }

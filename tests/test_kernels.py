@@ -188,7 +188,8 @@ def test_status_explains_itself(monkeypatch):
 def test_kernels_give_the_same_numbers_on_any_thread_count():
     """kernels.cpp's SpinPool splits the row blocks over torch's thread count (the suite runs on 1): each block is
     computed by one thread with the same arithmetic, so 2 and 3 threads (pool rebuilt at each change) give
-    bit-identical outputs; the pool is used over and over."""
+    bit-identical matmuls; the pool is used over and over. attend_one splits the keys into ranges merged by
+    log-sum-exp, so its sums move by float rounding only."""
     from herd import decode
     u, sz = int4_weights(1536, 576, 32, zero=True)
     stream = kernels.int4_stream(u, sz, 32)
@@ -208,7 +209,8 @@ def test_kernels_give_the_same_numbers_on_any_thread_count():
             torch.set_num_threads(threads)
             for _ in range(50):
                 got = outputs()
-            assert all(torch.equal(a, b) for a, b in zip(got, ref)), f"{threads} threads"
+            assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), f"{threads} threads"
+            torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ref[2], decode.attend_one_reference(q, k, v, torch.arange(600), 599, 0),
                                    rtol=1e-5, atol=1e-5)
     finally:
