@@ -104,8 +104,10 @@ inline void prefetch_ahead(const void* row, int64_t row_bytes, int64_t rows_left
   for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
-// Keys j0..j1-1 of `attend_one`, read in memory order (all kv heads of key j, then key j + 1: the cache is
-// (S, K, D), and walking one kv head at a time read it at a third of the memory speed). For each query head h:
+// Keys j0..j1-1 of `attend_one`, read in memory order: all kv heads of key j, then key j + 1 (the cache is
+// (S, K, D)). Measured on SmolLM2's shapes, 517 keys, 30 layers' caches from L3, 1 thread: one kv head at a time
+// 262 us per layer, in memory order 230, with the prefetch 172-189; 4 keys' sums at once: 105 -> 77 us from L2.
+// For each query head h:
 // top[h] = the largest visible score, total[h] = sum of e^(score - top[h]), acc[h] (D) = the sum of those weights
 // times the values; the caller merges ranges (log-sum-exp). No visible key: top = -inf, total 0, acc 0.
 template <typename T>
@@ -121,7 +123,7 @@ void attend_range(const float* q, const T* k, const T* v, const uint8_t* visible
   if (D % 16 == 0) {         // 4 keys at a time: their 4 dot products per head summed across lanes together
     for (; j + 4 <= j1; j += 4) {
       const T* row = k + j * K * D;
-      prefetch_ahead(row, 4 * row_bytes, j1 - j);
+      prefetch_ahead(row, 4 * row_bytes, (j1 - j) / 4);
       for (int64_t h = 0; h < H; ++h) {
         const float* qh = q + h * D;
         const T* kh = row + (h / G) * D;
@@ -171,7 +173,7 @@ void attend_range(const float* q, const T* k, const T* v, const uint8_t* visible
     }
   }
   std::fill(acc, acc + H * D, 0.0f);
-  for (int64_t j = j0; j < j1; ++j) {
+  for (j = j0; j < j1; ++j) {
     if (!visible[j]) continue;
     const T* row = v + j * K * D;
     prefetch_ahead(row, row_bytes, j1 - j);

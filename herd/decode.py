@@ -1,5 +1,6 @@
 """The batch-1 decode step's small steps in C++ (decode.cpp): RMSNorm, the q/k/v preparation (rotary, QK-norm,
-attention temperature) and one query's attention over the KV cache.
+attention temperature), one query's attention over the KV cache and SiLU gating; and fp32 matrices kept in the
+layout a one-row product reads fastest.
 
 Why: at batch 1 these are a few hundred numbers each, and every torch op costs a few microseconds of dispatch
 whatever its size. Measured in SmolLM2's decode step (packed Q4_1, 1 thread): ~60 torch ops per layer between the
@@ -13,6 +14,7 @@ Modules (swapped in by `use_decode_kernels` after fusing, in place):
   runs Attention.forward, its twin. An int8 (ops.QuantizedKV) cache still takes the C++ q/k/v preparation, then
   Attention.attend.
 - HerdFeedForward (fuse.FusedFeedForward, MoE shared experts included): silu(gate) * up in one call (`silu_mul`).
+- HerdLinear (fp32 nn.Linear) and HerdExperts (fp32 model.Experts): the same weights transposed (see the classes).
 Where the extension cannot run (kernels.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
 C++ step against its torch twin and whole decode steps against the unswapped model.
 """
@@ -25,7 +27,7 @@ from torch import nn
 
 from . import kernels, ops
 from .fuse import FusedAttention, FusedFeedForward, _retype
-from .model import Experts, RMSNorm, apply_rope, attention_mask, attention_temperature, rms_normalize
+from .model import Experts, RMSNorm, apply_rope, attention_mask, rms_normalize
 from .quantize import _set_module
 
 _NO_ROPE = torch.empty(0)
