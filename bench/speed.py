@@ -3,6 +3,7 @@ GGUF file) vs transformers (the same GGUF loaded in fp32), and a tiny Llama 4 Mo
 every expert for every token). Not a test. Prints a markdown table of medians over --repeats runs and the ratios.
 
     python bench/speed.py [--threads 2] [--repeats 3] [--decode 32] [--skip-llamacpp] [--skip-transformers]
+                          [--skip-moe | --moe-only]
 
 Measured (SmolLM2-135M-Instruct Q4_1, the default model):
 - decode tok/s after a 5-token and after a 512-token prompt (greedy, --decode tokens, first token excluded);
@@ -211,6 +212,7 @@ def main():
     ap.add_argument("--skip-llamacpp", action="store_true")
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-moe", action="store_true")
+    ap.add_argument("--moe-only", action="store_true", help="only the tiny Llama 4 MoE, herd vs transformers")
     ap.add_argument("--llamacpp-child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -219,7 +221,8 @@ def main():
     print(f"machine: {machine()}; threads {args.threads}; torch {torch.__version__}; "
           f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}; load average at start {load_avg()}", flush=True)
     results: dict = {}
-    smollm2(args, results)
+    if not args.moe_only:
+        smollm2(args, results)
     if not args.skip_moe and not args.skip_transformers:
         tiny_moe(args, results)
     print(f"\nload average at end {load_avg()}; medians of {args.repeats} runs, {args.decode} decode tokens each\n")
@@ -228,10 +231,10 @@ def main():
     for name, r in results.items():
         if "prefill 512" in r:
             print(f"| {name} | {r['decode after 5']:.1f} | {r['decode after 512']:.1f} | {r['prefill 512']:.1f} |")
-    herd_r = results["herd (packed Q4_1)"]
+    herd_r = results.get("herd (packed Q4_1)")
     print()
     for other, label in (("llama.cpp (Q4_1)", "llama.cpp"), ("transformers (fp32)", "transformers")):
-        if other in results:
+        if herd_r and other in results:
             o = results[other]
             print(f"herd / {label}: decode after 5 {herd_r['decode after 5'] / o['decode after 5']:.2f}x, "
                   f"decode after 512 {herd_r['decode after 512'] / o['decode after 512']:.2f}x, "
