@@ -332,3 +332,43 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   });
   return out;
 }
+
+namespace {
+
+// y (1, N) = x (1, K) times one of herd's packed matrices: int8 when row_scale is given, else int4 (kernels.cpp).
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& stream, const torch::Tensor& row_scale,
+                            int64_t N, int64_t group_size) {
+  return row_scale.numel() > 0 ? int8_mm(x, stream, row_scale) : int4_mm(x, stream, N, group_size);
+}
+
+}  // namespace
+
+// One whole dense decoder layer for one token (decode.HerdBlock; twin: model.Block.forward through the engine's
+// cache), every matrix one of herd's packed int4 / int8 ones (stream, row scale or empty, out dim, group size):
+//   h = x + wo(attention(decode_qkv(wqkv(rms_norm(x)))));  out = h + w2(silu_mul(w13(rms_norm(h))))
+// with this token's key, value and position written to slot `slot` of the layer's cache row (k_cache, v_cache
+// (S, K, D) fp32 or bf16, pos_cache (S,) int64) and attention over its first n_slots slots. x (1, dim) fp32.
+torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
+                           torch::Tensor wqkv, torch::Tensor wqkv_scale, int64_t wqkv_n, int64_t wqkv_g,
+                           torch::Tensor wo, torch::Tensor wo_scale, int64_t wo_n, int64_t wo_g,
+                           torch::Tensor w13, torch::Tensor w13_scale, int64_t w13_n, int64_t w13_g,
+                           torch::Tensor w2, torch::Tensor w2_scale, int64_t w2_n, int64_t w2_g,
+                           torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm, double q_scale,
+                           torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pos_cache, int64_t slot,
+                           int64_t n_slots, int64_t pos, int64_t chunk) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "decode_layer: x must be one (1, dim) row; got ", x.sizes());
+  TORCH_CHECK(k_cache.dim() == 3 && slot >= 0 && slot < k_cache.size(0) && n_slots > slot &&
+                  n_slots <= k_cache.size(0) && pos_cache.numel() == k_cache.size(0),
+              "decode_layer: slot ", slot, " / ", n_slots, " slots do not fit a cache of ", k_cache.sizes());
+  auto qkv = packed_linear(rms_norm(x, attn_norm, eps), wqkv, wqkv_scale, wqkv_n, wqkv_g);
+  auto qkv_parts = decode_qkv(qkv.view({-1}), cos_sin, H, K, qk_norm, eps, q_scale);
+  const int64_t D = k_cache.size(2);
+  k_cache.select(0, slot).copy_(qkv_parts[1].view({K, D}));      // (cast to the cache's dtype)
+  v_cache.select(0, slot).copy_(qkv_parts[2].view({K, D}));
+  pos_cache.data_ptr<int64_t>()[slot] = pos;
+  auto attn = attend_one(qkv_parts[0], k_cache.narrow(0, 0, n_slots), v_cache.narrow(0, 0, n_slots),
+                         pos_cache.narrow(0, 0, n_slots), pos, chunk);
+  auto h = x + packed_linear(attn.view({1, -1}), wo, wo_scale, wo_n, wo_g);
+  auto gate_up = packed_linear(rms_norm(h, ffn_norm, eps), w13, w13_scale, w13_n, w13_g);
+  return h + packed_linear(silu_mul(gate_up), w2, w2_scale, w2_n, w2_g);
+}

@@ -27,10 +27,10 @@ from torch import nn
 
 from . import kernels, ops
 from .fuse import FusedAttention, FusedFeedForward, _retype
-from .model import Experts, RMSNorm, apply_rope, attention_mask, rms_normalize
+from .model import Block, Experts, RMSNorm, apply_rope, attention_mask, rms_normalize
 from .quantize import _set_module
 
-_NO_ROPE = torch.empty(0)
+_EMPTY = torch.empty(0)
 
 
 class HerdRMSNorm(RMSNorm):
@@ -48,7 +48,7 @@ class HerdAttention(FusedAttention):
         if p < 0:                                                         # a padding row: the twin handles it
             return super().forward(x, pos, rope, kv_cache)
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        cos_sin = torch.view_as_real(rope).reshape(D // 2, 2) if self.spec.uses_rope else _NO_ROPE   # (D/2, 2)
+        cos_sin = torch.view_as_real(rope).reshape(D // 2, 2) if self.spec.uses_rope else _EMPTY   # (D/2, 2)
         q_scale = (1.0 + self.attn_scale * math.log1p(math.floor((p + 1.0) / self.floor_scale))
                    if self.spec.temperature_tuning else 1.0)
         q, k, v = kernels._ext.decode_qkv(self.wqkv(x).reshape(-1), cos_sin, H, K, self.spec.qk_norm,
@@ -110,6 +110,52 @@ class HerdExperts(nn.Module):
         return ops.dispatch_experts(x, expert_idx, gate, self.n_experts, self.expert)
 
 
+class HerdBlock(Block):
+    """A dense decoder layer whose matrices are all herd's packed int4 / int8 ones (kernels.py), norms HerdRMSNorm,
+    attention HerdAttention and feed-forward HerdFeedForward: a batch-1 decode step runs the whole layer in one C++
+    call (`decode_layer`), which writes this token's key and value to the slot the cache names (KVCache.decode_slot)
+    and attends over it. Anything else (prefill, batches, MoE layers, int8 keys, other modules) runs Block.forward,
+    its twin. Why: the ~15 Python-level calls per layer still cost ~5 ms of a SmolLM2 decode step."""
+
+    def forward(self, x, pos, rope, kv_cache=None):
+        args = self._one_call_args(x, pos, rope, kv_cache)
+        if args is None:
+            return super().forward(x, pos, rope, kv_cache)
+        return kernels._ext.decode_layer(*args).view_as(x)
+
+    def _one_call_args(self, x, pos, rope, kv_cache):
+        attn, ffn = self.attention, self.feed_forward
+        if (kv_cache is None or not hasattr(kv_cache, "decode_slot") or x.shape[:2] != (1, 1)
+                or x.dtype != torch.float32 or type(attn) is not HerdAttention or type(ffn) is not HerdFeedForward
+                or type(self.attention_norm) is not HerdRMSNorm or type(self.ffn_norm) is not HerdRMSNorm
+                or not all(type(m) in _PACKED for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2))
+                or self.attention_norm.eps != attn.norm_eps or self.ffn_norm.eps != attn.norm_eps):
+            return None
+        p = int(pos)
+        if p < 0:
+            return None
+        cache = kv_cache.decode_slot(attn.layer_id, p)
+        if cache is None:
+            return None
+        D = attn.head_dim
+        cos_sin = torch.view_as_real(rope).reshape(D // 2, 2) if attn.spec.uses_rope else _EMPTY
+        q_scale = (1.0 + attn.attn_scale * math.log1p(math.floor((p + 1.0) / attn.floor_scale))
+                   if attn.spec.temperature_tuning else 1.0)
+        return (x.reshape(1, -1), self.attention_norm.weight, self.ffn_norm.weight, attn.norm_eps,
+                *_packed_args(attn.wqkv), *_packed_args(attn.wo), *_packed_args(ffn.w13), *_packed_args(ffn.w2),
+                cos_sin, attn.n_heads, attn.n_kv_heads, attn.spec.qk_norm, q_scale, *cache, p, attn.chunk_size or 0)
+
+
+_PACKED = (kernels.HerdInt4Linear, kernels.HerdInt8Linear)
+
+
+def _packed_args(mod) -> tuple:
+    """(stream, row scale or empty, out dim, group size) of a HerdInt4Linear / HerdInt8Linear for decode_layer."""
+    if type(mod) is kernels.HerdInt8Linear:
+        return mod.stream, mod.scale, mod.out_features, 0
+    return mod.stream, _EMPTY, mod.out_features, mod.group_size
+
+
 def _fp32_cpu(*tensors) -> bool:
     return all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
 
@@ -125,7 +171,8 @@ def _herd_version(mod: nn.Module, tied: set[int]) -> nn.Module | None:
     return None
 
 
-_SUBCLASSES = {RMSNorm: HerdRMSNorm, FusedAttention: HerdAttention, FusedFeedForward: HerdFeedForward}
+_SUBCLASSES = {RMSNorm: HerdRMSNorm, FusedAttention: HerdAttention, FusedFeedForward: HerdFeedForward,
+               Block: HerdBlock}
 
 
 @torch.no_grad()

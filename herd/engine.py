@@ -181,6 +181,22 @@ class KVCache:
         filled = int(pos.max()) + 1       # global layers: attend only over the slots in use
         return kb[self.rows, :filled], vb[self.rows, :filled], pb[self.rows, :filled]
 
+    def decode_slot(self, layer: int, p: int):
+        """For one token at position p in the cache's only row (a batch-1 decode step) whose writer fills the slot
+        itself (decode.HerdBlock): (k, v (S, K, D), pos (S,) of that row, the slot p goes to, how many slots from 0
+        attention reads), what `update` writes and returns. None where `update` must do it (int8 keys, rows that
+        are not a single slice row)."""
+        kb = self.k[layer]
+        if type(kb) is not torch.Tensor or not isinstance(self.rows, slice):
+            return None
+        row = self.rows.start or 0
+        if (self.rows.stop or 0) - row != 1:
+            return None
+        S = kb.shape[1]
+        if not self.ring[layer] and p >= S:
+            raise ContextLengthError(f"position {p} is past the cache's {S} slots")
+        return kb[row], self.v[layer][row], self.pos[layer][row], p % S, S if self.ring[layer] else p + 1
+
     def _update_dense(self, layer: int, k, v, pos):
         """`update` when every new token is real (no padding) and the rows are a slice: the common batch-1 decode
         and single-prompt prefill. The slots are written in place through views with one scatter per buffer,

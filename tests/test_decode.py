@@ -141,6 +141,62 @@ def test_decode_with_herd_steps_equals_without(kind, kv_int8):
     torch.testing.assert_close(lp, ref_lp, rtol=0, atol=5e-3 if kv_int8 else 1e-4)
 
 
+def packed_tiny(kind: str, scheme: str) -> Transformer:
+    """The tiny model with every trunk linear quantized (int4 groups of 32, or int8), fused, on herd's kernels."""
+    from herd.quantize import quantize_model
+    model = quantize_model(tiny(kind), scheme, 32 if scheme == "int4" else None, only="all")
+    fuse_model(model)
+    assert kernels.use_herd_kernels(model) > 0
+    return model
+
+
+@needs_kernels
+@pytest.mark.parametrize("kind", ["llama3", "llama4"])
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
+def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
+    """HerdBlock's one C++ call per layer against Block.forward (the same Herd* modules, layer by layer), through
+    the engine: 70 tokens past a 20-token prompt; llama4's MoE layers take the twin, its dense ones the C++ layer
+    (chunk rings wrapping, QK-norm, the NoPE layer's temperature)."""
+    model = packed_tiny(kind, scheme)
+    assert decode.use_decode_kernels(model) > 0
+    assert type(model.layers[0]) is decode.HerdBlock
+    prompt = torch.randint(3, 512, (20,), generator=torch.Generator().manual_seed(1)).tolist()
+    calls = []
+    one_call = kernels._ext.decode_layer
+
+    def run():
+        engine = Engine(model, max_batch=1)
+        req = engine.add(prompt, SamplingParams(max_tokens=70, ignore_eos=True, logprobs=0))
+        with torch.inference_mode():
+            while not req.finished:
+                engine.step()
+        return req.output, torch.tensor([x["logprob"] for x in req.logprobs])
+
+    monkeypatch.setattr(kernels._ext, "decode_layer", lambda *a: calls.append(1) or one_call(*a))
+    tokens, lp = run()
+    n_dense = sum(not spec.is_moe for spec in model.config.layers)
+    assert len(calls) == 69 * n_dense, "every decode step of every dense layer in one call"
+    monkeypatch.setattr(decode.HerdBlock, "forward", decode.Block.forward)
+    ref_tokens, ref_lp = run()
+    assert tokens == ref_tokens
+    assert len(set(ref_tokens)) > 5, "degenerate model: the comparison would prove little"
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4)
+
+
+@needs_kernels
+def test_whole_layer_decode_refuses_a_slot_outside_the_cache():
+    model = packed_tiny("llama3", "int4")
+    decode.use_decode_kernels(model)
+    block = model.layers[0]
+    cache = Engine(model, max_batch=1, max_seq_len=64).cache
+    cache.rows = slice(0, 1)                            # as Engine._decode sets it
+    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
+    args = list(block._one_call_args(torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache))
+    args[-4] = 64                                       # slot
+    with pytest.raises(RuntimeError, match="do not fit a cache"):
+        kernels._ext.decode_layer(*args)
+
+
 @needs_kernels
 def test_herd_modules_fall_back_to_their_twins_off_the_decode_path():
     """Prefill (many tokens), batches with padding and bf16 activations run the plain modules' code."""
