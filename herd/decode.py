@@ -15,6 +15,9 @@ Modules (swapped in by `use_decode_kernels` after fusing, in place):
   Attention.attend.
 - HerdFeedForward (fuse.FusedFeedForward, MoE shared experts included): silu(gate) * up in one call (`silu_mul`).
 - HerdLinear (fp32 nn.Linear) and HerdExperts (fp32 model.Experts): the same weights transposed (see the classes).
+- HerdBlock (model.Block): a dense layer whose matrices are all herd's packed ones runs a decode step as one C++ call
+  (`decode_layer`: the steps above plus the matmuls, the cache slot write and the residuals); Block.forward, its
+  twin, everywhere else.
 Where the extension cannot run (kernels.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
 C++ step against its torch twin and whole decode steps against the unswapped model.
 """
