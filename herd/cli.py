@@ -57,16 +57,16 @@ def _load(model_arg, verbose=False, packed=False):
     from .decode import use_decode_kernels
     from .fuse import fuse_model
     from .gguf_loader import is_gguf
+    from .kernels import status, use_herd_kernels
     model = herd.load(path, progress=True, quant="packed" if packed and is_gguf(path) else None)
-    if not (packed and is_gguf(path)):      # (load_gguf_packed does both itself)
+    if not (packed and is_gguf(path)):      # (load_gguf_packed does all three itself)
         fuse_model(model)                   # one q/k/v and one gate/up matmul per layer (fuse.py)
+        use_herd_kernels(model)             # `herd quantize` int4/int8 linears on herd's kernels (kernels.py)
         use_decode_kernels(model)           # decode steps in C++ where the extension runs (decode.py)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     if verbose:
         print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
-        if packed:
-            from .kernels import status
-            print(f"[herd decode kernels {status()}]", file=sys.stderr)
+        print(f"[herd decode kernels {status()}]", file=sys.stderr)
     return path, model, tok
 
 
