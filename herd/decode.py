@@ -51,9 +51,7 @@ class HerdAttention(FusedAttention):
         if p < 0:                                                         # a padding row: the twin handles it
             return super().forward(x, pos, rope, kv_cache)
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        cos_sin = torch.view_as_real(rope).reshape(D // 2, 2) if self.spec.uses_rope else _EMPTY   # (D/2, 2)
-        q_scale = (1.0 + self.attn_scale * math.log1p(math.floor((p + 1.0) / self.floor_scale))
-                   if self.spec.temperature_tuning else 1.0)
+        cos_sin, q_scale = self.rotation_and_q_scale(rope, p)
         q, k, v = kernels._ext.decode_qkv(self.wqkv(x).reshape(-1), cos_sin, H, K, self.spec.qk_norm,
                                           self.norm_eps, q_scale)
         k, v, k_pos = kv_cache.update(self.layer_id, k.view(1, 1, K, D), v.view(1, 1, K, D), pos)
@@ -61,6 +59,15 @@ class HerdAttention(FusedAttention):
             out = kernels._ext.attend_one(q, k[0], v[0], k_pos[0], p, self.chunk_size or 0)      # (H*D,)
             return self.wo(out.view(1, 1, H * D))
         return self.wo(self.attend(q.view(1, 1, H, D), k, v, pos, k_pos))
+
+
+    def rotation_and_q_scale(self, rope, p: int):
+        """decode_qkv's cos_sin (D/2, 2) from the step's rotation (empty on NoPE layers) and q scale: the NoPE
+        temperature of position p, on the host (model.attention_temperature computes it in torch)."""
+        cos_sin = torch.view_as_real(rope).reshape(self.head_dim // 2, 2) if self.spec.uses_rope else _EMPTY
+        q_scale = (1.0 + self.attn_scale * math.log1p(math.floor((p + 1.0) / self.floor_scale))
+                   if self.spec.temperature_tuning else 1.0)
+        return cos_sin, q_scale
 
 
 class HerdFeedForward(FusedFeedForward):
@@ -140,10 +147,7 @@ class HerdBlock(Block):
         cache = kv_cache.decode_slot(attn.layer_id, p)
         if cache is None:
             return None
-        D = attn.head_dim
-        cos_sin = torch.view_as_real(rope).reshape(D // 2, 2) if attn.spec.uses_rope else _EMPTY
-        q_scale = (1.0 + attn.attn_scale * math.log1p(math.floor((p + 1.0) / attn.floor_scale))
-                   if attn.spec.temperature_tuning else 1.0)
+        cos_sin, q_scale = attn.rotation_and_q_scale(rope, p)
         return (x.reshape(1, -1), self.attention_norm.weight, self.ffn_norm.weight, attn.norm_eps,
                 *_packed_args(attn.wqkv), *_packed_args(attn.wo), *_packed_args(ffn.w13), *_packed_args(ffn.w2),
                 cos_sin, attn.n_heads, attn.n_kv_heads, attn.spec.qk_norm, q_scale, *cache, p, attn.chunk_size or 0)

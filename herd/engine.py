@@ -142,8 +142,13 @@ class KVCache:
         """Store this step's k, v (B, T, K, D) at positions pos (B, T); return every key the step may attend to,
         with their positions: (k_all, v_all, pos_all)."""
         kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
-        if pos.numel() == 1 and isinstance(self.rows, slice) and type(kb) is torch.Tensor and int(pos) >= 0:
-            return self._update_dense(layer, k, v, pos)     # batch-1 decode: no masks, index tensors or host checks
+        one = self.decode_slot(layer, int(pos)) if pos.numel() == 1 and int(pos) >= 0 else None
+        if one is not None:         # batch-1 decode: three slot writes, no masks, index tensors or host checks
+            k_row, v_row, pos_row, slot, n = one
+            k_row[slot].copy_(k[0, 0])
+            v_row[slot].copy_(v[0, 0])
+            pos_row[slot] = pos[0, 0]
+            return k_row[None, :n], v_row[None, :n], pos_row[None, :n]
         S, T = kb.shape[1], pos.shape[1]
         row_ids = self._row_ids(pos.shape[0])
         valid = pos >= 0
@@ -182,10 +187,9 @@ class KVCache:
         return kb[self.rows, :filled], vb[self.rows, :filled], pb[self.rows, :filled]
 
     def decode_slot(self, layer: int, p: int):
-        """For one token at position p in the cache's only row (a batch-1 decode step) whose writer fills the slot
-        itself (decode.HerdBlock): (k, v (S, K, D), pos (S,) of that row, the slot p goes to, how many slots from 0
-        attention reads), what `update` writes and returns. None where `update` must do it (int8 keys, rows that
-        are not a single slice row)."""
+        """Where one token at position p in the cache's only row (a batch-1 decode step) goes: (k, v (S, K, D), pos
+        (S,) of that row, its slot, how many slots from 0 attention reads). `update` writes the slot itself;
+        decode.HerdBlock has its C++ layer write it. None when the rows are not a single slice row or keys are int8."""
         kb = self.k[layer]
         if type(kb) is not torch.Tensor or not isinstance(self.rows, slice):
             return None
@@ -198,22 +202,14 @@ class KVCache:
         return kb[row], self.v[layer][row], self.pos[layer][row], p % S, S if self.ring[layer] else p + 1
 
     def _update_dense(self, layer: int, k, v, pos):
-        """`update` when every new token is real (no padding) and the rows are a slice: the common batch-1 decode
-        and single-prompt prefill. The slots are written in place through views with one scatter per buffer,
-        instead of nonzero + gathers + index_put (a dozen small ops per layer per decoded token)."""
+        """`update` when every new token is real (no padding) and the rows are a slice: a single prompt's prefill,
+        batched decode. The slots are written in place through views with one scatter per buffer, instead of
+        nonzero + gathers + index_put (a dozen small ops per layer per decoded token)."""
         kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
         S = kb.shape[1]
-        top = int(pos.max()) if pos.numel() > 1 else int(pos)
+        top = int(pos.max())
         if not self.ring[layer] and top >= S:
             raise ContextLengthError(f"position {top} is past the cache's {S} slots")
-        if pos.numel() == 1:            # batch-1 decode: three slot writes, no index tensors
-            row, slot = self.rows.start or 0, top % S
-            kb[row, slot].copy_(k[0, 0])
-            vb[row, slot].copy_(v[0, 0])
-            pb[row, slot] = top
-            if self.ring[layer]:
-                return kb[self.rows], vb[self.rows], pb[self.rows]
-            return kb[self.rows, :top + 1], vb[self.rows, :top + 1], pb[self.rows, :top + 1]
         slots = pos % S                                                    # (B, T); T == 1 on rings (see update)
         index = slots[:, :, None, None].expand_as(k)                       # (B, T, K, D)
         kb[self.rows].scatter_(1, index, k.to(kb.dtype))

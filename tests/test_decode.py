@@ -238,9 +238,13 @@ def test_use_decode_kernels_is_a_no_op_where_the_extension_cannot_run(monkeypatc
     assert not any(type(m).__module__ == "herd.decode" for m in model.modules())
 
 
-def test_temperature_formula_matches_model():
+def test_host_temperature_matches_model():
     """HerdAttention computes the NoPE q scale on the host; the model computes it in torch."""
     from herd.model import attention_temperature
+    model = fuse_model(tiny("llama4"))
+    nope = next(layer.attention for layer in model.layers if layer.attention.spec.temperature_tuning)
+    attn = decode._retype(nope, decode.HerdAttention, ())
     for p in (0, 6, 7, 8, 100, 8191, 8192, 10 ** 6):
-        host = 1.0 + 0.1 * math.log1p(math.floor((p + 1.0) / 8192.0))
-        assert abs(host - float(attention_temperature(torch.tensor([[p]]), 8192.0, 0.1))) < 1e-6
+        _, host = attn.rotation_and_q_scale(None, p)
+        ref = float(attention_temperature(torch.tensor([[p]]), attn.floor_scale, attn.attn_scale))
+        assert abs(host - ref) < 1e-6 and (p < 7 or host > 1.0), p
