@@ -142,12 +142,13 @@ class KVCache:
         """Store this step's k, v (B, T, K, D) at positions pos (B, T); return every key the step may attend to,
         with their positions: (k_all, v_all, pos_all)."""
         kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
-        one = self.decode_slot(layer, int(pos)) if pos.numel() == 1 and int(pos) >= 0 else None
+        p = int(pos) if pos.numel() == 1 else -1
+        one = self.decode_slot(layer, p) if p >= 0 else None
         if one is not None:         # batch-1 decode: three slot writes, no masks, index tensors or host checks
             k_row, v_row, pos_row, slot, n = one
             k_row[slot].copy_(k[0, 0])
             v_row[slot].copy_(v[0, 0])
-            pos_row[slot] = pos[0, 0]
+            pos_row[slot] = p
             return k_row[None, :n], v_row[None, :n], pos_row[None, :n]
         S, T = kb.shape[1], pos.shape[1]
         row_ids = self._row_ids(pos.shape[0])
