@@ -1,7 +1,7 @@
 // The small steps between a decode step's matmuls, in C++: RMSNorm, q/k/v post-processing (rotary, QK-norm,
-// attention temperature) and one query's attention over the KV cache. Built with kernels.cpp into one extension
-// (kernels.py; the threads are kernels.cpp's parallel_rows); decode.py holds the modules that call these and the
-// plain twins they are tested against.
+// attention temperature), one query's attention over the KV cache, SiLU gating and whole dense layers. Built with
+// kernels.cpp into one extension (kernels.py); kernels.cpp comes first, and its matmuls, parallel_rows and bf16 loads
+// serve here too. decode.py holds the modules that call these and the plain twins they are tested against.
 //
 // Why: at batch 1 each of these is a handful of torch ops on a few hundred numbers, and each op costs a few
 // microseconds of dispatch whatever its size. SmolLM2's decode step ran ~60 such ops per layer (~9 ms of ~22 ms at
@@ -17,10 +17,7 @@
 namespace {
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
+inline __m512 load16(const at::BFloat16* p) { return bf16x16_to_fp32(p); }     // (kernels.cpp)
 // e^x for 16 floats, ~1 ulp over the range softmax and SiLU use (x <= 0 after the max is subtracted; SiLU's
 // e^-x for any x): x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (error < 2e-8 relative),
 // times 2^n (VSCALEFPS). Inputs below -87.3 give 0, above 88.7 give +inf, NaN gives NaN, like expf.

@@ -214,12 +214,8 @@ def decode_qkv_reference(qkv, rotation, n_heads: int, n_kv_heads: int, qk_norm: 
 
 
 def attend_one_reference(q, k, v, k_pos, q_pos: int, chunk: int):
-    """q (H*D,), k and v (S, K, D), k_pos (S,) -> (H*D,): softmax(q k^T / sqrt(D)) v under model.attention_mask."""
+    """q (H*D,), k and v (S, K, D), k_pos (S,) -> (H*D,): ops.attention_reference under model.attention_mask."""
     S, K, D = k.shape
-    H = q.numel() // D
     mask = attention_mask(torch.tensor([[q_pos]]), k_pos[None], chunk or None)       # (1, 1, 1, S)
-    kr = k.float().repeat_interleave(H // K, dim=1).transpose(0, 1)                     # (H, S, D)
-    vr = v.float().repeat_interleave(H // K, dim=1).transpose(0, 1)
-    scores = (q.view(H, 1, D) @ kr.transpose(1, 2)) / math.sqrt(D)                      # (H, 1, S)
-    scores = scores.masked_fill(~mask[0], float("-inf"))
-    return (scores.softmax(-1) @ vr).reshape(-1)
+    out = ops.attention_reference(q.view(1, -1, 1, D), k.transpose(0, 1)[None], v.transpose(0, 1)[None], mask)
+    return out.reshape(-1)
