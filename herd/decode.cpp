@@ -332,17 +332,42 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 
 namespace {
 
-// y (1, N) = x (1, K) times one of herd's packed matrices: int8 when row_scale is given, else int4 (kernels.cpp).
-torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& stream, const torch::Tensor& row_scale,
-                            int64_t N, int64_t group_size) {
-  return row_scale.numel() > 0 ? int8_mm(x, stream, row_scale) : int4_mm(x, stream, N, group_size);
+// y (1, N) = x (1, K) times one of a decode layer's matrices, by how it is stored (kernels.cpp): fp32 (K, N)
+// transposed (decode.HerdLinear), int8 when a row scale is given, else int4 (herd's packed streams).
+torch::Tensor layer_linear(const torch::Tensor& x, const torch::Tensor& data, const torch::Tensor& row_scale,
+                           int64_t N, int64_t group_size) {
+  if (data.scalar_type() == torch::kFloat32) return fp32_mm(x, data);
+  return row_scale.numel() > 0 ? int8_mm(x, data, row_scale) : int4_mm(x, data, N, group_size);
+}
+
+// A Llama 4 MoE feed-forward for one token x (1, dim), already normed: router_t (dim, E), experts_w13 (E, dim, 2F),
+// experts_w2 (E, F, dim), fp32 (decode.HerdExperts' layout). Top-1: the first of the largest router logits (as
+// argmax; torch.topk's choice among exact ties is unspecified), its sigmoid scales the expert's input. Returns the
+// routed expert's output (1, dim).
+torch::Tensor routed_expert(const torch::Tensor& x, const torch::Tensor& router_t, const torch::Tensor& experts_w13,
+                            const torch::Tensor& experts_w2) {
+  TORCH_CHECK(experts_w13.dim() == 3 && experts_w2.dim() == 3 && experts_w13.size(0) == router_t.size(1) &&
+                  experts_w2.size(0) == router_t.size(1) && experts_w13.scalar_type() == torch::kFloat32 &&
+                  experts_w2.scalar_type() == torch::kFloat32,
+              "decode_layer: experts must be fp32 (E, dim, 2F) and (E, F, dim) with E = the router's ", router_t.size(1),
+              " outputs; got ", experts_w13.sizes(), " and ", experts_w2.sizes());
+  auto logits = fp32_mm(x, router_t);                                // (1, E)
+  const float* l = logits.data_ptr<float>();
+  int64_t e = 0;
+  for (int64_t i = 1; i < logits.size(1); ++i)
+    if (l[i] > l[e]) e = i;
+  const float gate = 1.0f / (1.0f + std::exp(-l[e]));
+  return fp32_mm(silu_mul(fp32_mm(x * gate, experts_w13[e])), experts_w2[e]);
 }
 
 }  // namespace
 
-// One whole dense decoder layer for one token (decode.HerdBlock; twin: model.Block.forward through the engine's
-// cache), every matrix one of herd's packed int4 / int8 ones (stream, row scale or empty, out dim, group size):
-//   h = x + wo(attention(decode_qkv(wqkv(rms_norm(x)))));  out = h + w2(silu_mul(w13(rms_norm(h))))
+// One whole decoder layer for one token (decode.HerdBlock; twin: model.Block.forward through the engine's cache).
+// Every matrix is passed as (data, row scale or empty, out dim, group size) and may be herd's packed int4 / int8 or
+// fp32 transposed (layer_linear):
+//   h = x + wo(attention(decode_qkv(wqkv(rms_norm(x)))))
+//   dense: out = h + w2(silu_mul(w13(rms_norm(h))))
+//   MoE (router_t given): out = h + (shared + routed_expert), shared the dense formula's w2(...) of the shared expert
 // with this token's key, value and position written to slot `slot` of the layer's cache row (k_cache, v_cache
 // (S, K, D) fp32 or bf16, pos_cache (S,) int64) and attention over its first n_slots slots. x (1, dim) fp32.
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
@@ -350,6 +375,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
                            torch::Tensor wo, torch::Tensor wo_scale, int64_t wo_n, int64_t wo_g,
                            torch::Tensor w13, torch::Tensor w13_scale, int64_t w13_n, int64_t w13_g,
                            torch::Tensor w2, torch::Tensor w2_scale, int64_t w2_n, int64_t w2_g,
+                           torch::Tensor router_t, torch::Tensor experts_w13, torch::Tensor experts_w2,
                            torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm, double q_scale,
                            torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pos_cache, int64_t slot,
                            int64_t n_slots, int64_t pos, int64_t chunk) {
@@ -357,7 +383,7 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
   TORCH_CHECK(k_cache.dim() == 3 && slot >= 0 && slot < k_cache.size(0) && n_slots > slot &&
                   n_slots <= k_cache.size(0) && pos_cache.numel() == k_cache.size(0),
               "decode_layer: slot ", slot, " / ", n_slots, " slots do not fit a cache of ", k_cache.sizes());
-  auto qkv = packed_linear(rms_norm(x, attn_norm, eps), wqkv, wqkv_scale, wqkv_n, wqkv_g);
+  auto qkv = layer_linear(rms_norm(x, attn_norm, eps), wqkv, wqkv_scale, wqkv_n, wqkv_g);
   auto qkv_parts = decode_qkv(qkv.view({-1}), cos_sin, H, K, qk_norm, eps, q_scale);
   const int64_t D = k_cache.size(2);
   k_cache.select(0, slot).copy_(qkv_parts[1].view({K, D}));      // (cast to the cache's dtype)
@@ -365,7 +391,9 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
   pos_cache.data_ptr<int64_t>()[slot] = pos;
   auto attn = attend_one(qkv_parts[0], k_cache.narrow(0, 0, n_slots), v_cache.narrow(0, 0, n_slots),
                          pos_cache.narrow(0, 0, n_slots), pos, chunk);
-  auto h = x + packed_linear(attn.view({1, -1}), wo, wo_scale, wo_n, wo_g);
-  auto gate_up = packed_linear(rms_norm(h, ffn_norm, eps), w13, w13_scale, w13_n, w13_g);
-  return h + packed_linear(silu_mul(gate_up), w2, w2_scale, w2_n, w2_g);
+  auto h = x + layer_linear(attn.view({1, -1}), wo, wo_scale, wo_n, wo_g);
+  auto normed = rms_norm(h, ffn_norm, eps);
+  auto ffn = layer_linear(silu_mul(layer_linear(normed, w13, w13_scale, w13_n, w13_g)), w2, w2_scale, w2_n, w2_g);
+  if (router_t.numel() > 0) ffn = ffn + routed_expert(normed, router_t, experts_w13, experts_w2);
+  return h + ffn;
 }

@@ -14,10 +14,11 @@ Modules (swapped in by `use_decode_kernels` after fusing, in place):
   runs Attention.forward, its twin. An int8 (ops.QuantizedKV) cache still takes the C++ q/k/v preparation, then
   Attention.attend.
 - HerdFeedForward (fuse.FusedFeedForward, MoE shared experts included): silu(gate) * up in one call (`silu_mul`).
-- HerdLinear (fp32 nn.Linear) and HerdExperts (fp32 model.Experts): the same weights transposed (see the classes).
-- HerdBlock (model.Block): a dense layer whose matrices are all herd's packed ones runs a decode step as one C++ call
-  (`decode_layer`: the steps above plus the matmuls, the cache slot write and the residuals); Block.forward, its
-  twin, everywhere else.
+- HerdLinear (fp32 nn.Linear) and HerdExperts (fp32 model.Experts): the same weights transposed (see the classes),
+  few-row products through kernels.cpp's `fp32_mm`.
+- HerdBlock (model.Block): a layer whose matrices are all herd's (packed int4 / int8, or HerdLinear's fp32), dense or
+  a top-1 MoE of HerdExperts, runs a decode step as one C++ call (`decode_layer`: the steps above plus the matmuls,
+  the routing, the cache slot write and the residuals); Block.forward, its twin, everywhere else.
 Where the extension cannot run (kernels.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
 C++ step against its torch twin and whole decode steps against the unswapped model.
 """
@@ -30,10 +31,14 @@ from torch import nn
 
 from . import kernels, ops
 from .fuse import FusedAttention, FusedFeedForward, _retype
-from .model import Block, Experts, RMSNorm, apply_rope, attention_mask, rms_normalize
+from .model import MoE, Block, Experts, RMSNorm, apply_rope, attention_mask, rms_normalize
 from .quantize import _set_module
 
 _EMPTY = torch.empty(0)
+# Up to this many rows fp32 products run kernels.cpp's fp32_mm, from here on torch's GEMM. Measured one row at a time
+# over 160 MB of matrices (cold caches) at the tiny MoE's and the 8192-row vocab head's shapes: at 2 threads 10-60 us
+# faster per matrix than x @ w_t (no OpenMP region per call), at 1 thread the same within noise.
+FP32_MM_ROWS = 4
 
 
 class HerdRMSNorm(RMSNorm):
@@ -94,6 +99,9 @@ class HerdLinear(nn.Module):
         return self.weight_t.t()
 
     def forward(self, x):
+        if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= FP32_MM_ROWS * self.in_features:
+            return kernels._ext.fp32_mm(x.reshape(-1, self.in_features).contiguous(),
+                                        self.weight_t).view(*x.shape[:-1], self.out_features)
         return x @ self.weight_t
 
 
@@ -110,6 +118,9 @@ class HerdExperts(nn.Module):
         self.w2_t = nn.Parameter(experts.w2.transpose(1, 2).contiguous(), requires_grad=False)  # (E, F, D)
 
     def expert(self, e: int, seg):                                    # seg (n, D) -> (n, D)
+        if seg.shape[0] <= FP32_MM_ROWS:
+            return kernels._ext.fp32_mm(kernels._ext.silu_mul(kernels._ext.fp32_mm(seg.contiguous(), self.w13_t[e])),
+                                        self.w2_t[e])
         return kernels._ext.silu_mul(seg.contiguous() @ self.w13_t[e]) @ self.w2_t[e]
 
     def forward(self, x, expert_idx, gate):
@@ -121,11 +132,12 @@ class HerdExperts(nn.Module):
 
 
 class HerdBlock(Block):
-    """A dense decoder layer whose matrices are all herd's packed int4 / int8 ones (kernels.py), norms HerdRMSNorm,
-    attention HerdAttention and feed-forward HerdFeedForward: a batch-1 decode step runs the whole layer in one C++
-    call (`decode_layer`), which writes this token's key and value to the slot the cache names (KVCache.decode_slot)
-    and attends over it. Anything else (prefill, batches, MoE layers, int8 keys, other modules) runs Block.forward,
-    its twin. Why: the ~15 Python-level calls per layer still cost ~5 ms of a SmolLM2 decode step."""
+    """A decoder layer whose matrices are all herd's (packed int4 / int8 from kernels.py, or HerdLinear's fp32), norms
+    HerdRMSNorm, attention HerdAttention and feed-forward HerdFeedForward or a top-1 MoE of HerdExperts with a
+    HerdLinear router and a HerdFeedForward shared expert: a batch-1 decode step runs the whole layer in one C++ call
+    (`decode_layer`), which writes this token's key and value to the slot the cache names (KVCache.decode_slot) and
+    attends over it. Anything else (prefill, batches, int8 keys, other modules) runs Block.forward, its twin. Why: the
+    ~15 Python-level calls per layer cost ~5 ms of a SmolLM2 decode step (30 layers)."""
 
     def forward(self, x, pos, rope, kv_cache=None):
         args = self._one_call_args(x, pos, rope, kv_cache)
@@ -136,10 +148,20 @@ class HerdBlock(Block):
     def _one_call_args(self, x, pos, rope, kv_cache):
         attn, ffn = self.attention, self.feed_forward
         if (kv_cache is None or not hasattr(kv_cache, "decode_slot") or x.shape[:2] != (1, 1)
-                or x.dtype != torch.float32 or type(attn) is not HerdAttention or type(ffn) is not HerdFeedForward
+                or x.dtype != torch.float32 or type(attn) is not HerdAttention
                 or type(self.attention_norm) is not HerdRMSNorm or type(self.ffn_norm) is not HerdRMSNorm
-                or not all(type(m) in _PACKED for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2))
                 or self.attention_norm.eps != attn.norm_eps or self.ffn_norm.eps != attn.norm_eps):
+            return None
+        if type(ffn) is MoE:
+            moe, ffn = ffn, ffn.shared_expert
+            if (moe.top_k != 1 or type(moe.router) is not HerdLinear or type(moe.experts) is not HerdExperts
+                    or moe.training):
+                return None
+            routed = (moe.router.weight_t, moe.experts.w13_t, moe.experts.w2_t)
+        else:
+            routed = (_EMPTY, _EMPTY, _EMPTY)
+        if type(ffn) is not HerdFeedForward or not all(type(m) in _LAYER_MATRICES
+                                                      for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)):
             return None
         p = int(pos)
         if p < 0:
@@ -149,18 +171,22 @@ class HerdBlock(Block):
             return None
         cos_sin, q_scale = attn.rotation_and_q_scale(rope, p)
         return (x.reshape(1, -1), self.attention_norm.weight, self.ffn_norm.weight, attn.norm_eps,
-                *_packed_args(attn.wqkv), *_packed_args(attn.wo), *_packed_args(ffn.w13), *_packed_args(ffn.w2),
-                cos_sin, attn.n_heads, attn.n_kv_heads, attn.spec.qk_norm, q_scale, *cache, p, attn.chunk_size or 0)
+                *_matrix_args(attn.wqkv), *_matrix_args(attn.wo), *_matrix_args(ffn.w13), *_matrix_args(ffn.w2),
+                *routed, cos_sin, attn.n_heads, attn.n_kv_heads, attn.spec.qk_norm, q_scale, *cache, p,
+                attn.chunk_size or 0)
 
 
-_PACKED = (kernels.HerdInt4Linear, kernels.HerdInt8Linear)
-
-
-def _packed_args(mod) -> tuple:
-    """(stream, row scale or empty, out dim, group size) of a HerdInt4Linear / HerdInt8Linear for decode_layer."""
+def _matrix_args(mod) -> tuple:
+    """(data, row scale or empty, out dim, group size) of a layer matrix for decode_layer: a HerdInt8Linear's stream
+    and row scales, a HerdInt4Linear's stream, a HerdLinear's fp32 (in, out) weight."""
     if type(mod) is kernels.HerdInt8Linear:
         return mod.stream, mod.scale, mod.out_features, 0
+    if type(mod) is HerdLinear:
+        return mod.weight_t, _EMPTY, mod.out_features, 0
     return mod.stream, _EMPTY, mod.out_features, mod.group_size
+
+
+_LAYER_MATRICES = (kernels.HerdInt4Linear, kernels.HerdInt8Linear, HerdLinear)
 
 
 def _fp32_cpu(*tensors) -> bool:

@@ -333,6 +333,60 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor stream, torch::Tensor row_s
   return out;
 }
 
+// x (M, K) fp32 times w_t (K, N) fp32, the matrix stored transposed (decode.HerdLinear / HerdExperts) -> (M, N).
+// For decode-sized M; torch's GEMM is faster from a few tens of rows on. Each thread takes a contiguous range of
+// w_t's rows (the inputs k), streams it front to back once and accumulates its partial (M, N) in a private buffer
+// that stays in L1/L2; the partials are summed at the end. Why not x @ w_t: at 2 threads every torch matmul here is an
+// OpenMP region (~25-30 us under PASSIVE, see the SpinPool), ~30 of them per tiny-MoE decode step.
+torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w_t) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "fp32_mm: x must be a contiguous fp32 (M, K) tensor; got ", x.scalar_type(), " of shape ", x.sizes());
+  TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == torch::kFloat32 && w_t.is_contiguous() &&
+                  w_t.size(0) == x.size(1),
+              "fp32_mm: w_t must be a contiguous fp32 (", x.size(1), ", N) tensor; got ", w_t.scalar_type(),
+              " of shape ", w_t.sizes());
+  const int64_t M = x.size(0), K = w_t.size(0), N = w_t.size(1);
+  // one share per thread, none smaller than 64 KB of weights (a wake-up costs more than streaming that)
+  const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K * N / 16384));
+  const int64_t per = (K + shares - 1) / shares;
+  std::vector<float> partial(shares * M * N, 0.0f);
+  const float *xp = x.data_ptr<float>(), *wp = w_t.data_ptr<float>();
+  parallel_rows(shares, [&](int64_t begin, int64_t end) {
+    for (int64_t s = begin; s < end; ++s) {
+      float* y = partial.data() + s * M * N;
+      const int64_t k_end = std::min(K, (s + 1) * per);
+      for (int64_t k = s * per; k < k_end; k += 4) {
+        // 4 rows of w_t per pass over y: 4 sequential streams, y loaded and stored once per 4 rows
+        const int64_t rows = std::min<int64_t>(4, k_end - k);
+        const float* r[4];
+        for (int i = 0; i < 4; ++i) r[i] = wp + (k + std::min<int64_t>(i, rows - 1)) * N;
+        for (int64_t m = 0; m < M; ++m) {
+          __m512 xk[4];
+          for (int i = 0; i < 4; ++i) xk[i] = _mm512_set1_ps(i < rows ? xp[m * K + k + i] : 0.0f);
+          float* ym = y + m * N;
+          int64_t j = 0;
+          for (; j + 16 <= N; j += 16) {
+            if (m == 0)
+              for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(r[i] + j) + kPrefetch, _MM_HINT_T0);
+            __m512 acc = _mm512_fmadd_ps(xk[0], _mm512_loadu_ps(r[0] + j), _mm512_loadu_ps(ym + j));
+            acc = _mm512_fmadd_ps(xk[1], _mm512_loadu_ps(r[1] + j), acc);
+            acc = _mm512_fmadd_ps(xk[2], _mm512_loadu_ps(r[2] + j), acc);
+            _mm512_storeu_ps(ym + j, _mm512_fmadd_ps(xk[3], _mm512_loadu_ps(r[3] + j), acc));
+          }
+          for (; j < N; ++j)
+            for (int i = 0; i < rows; ++i) ym[j] += xp[m * K + k + i] * r[i][j];
+        }
+      }
+    }
+  });
+  auto out = torch::empty({M, N}, torch::kFloat32);
+  float* o = out.data_ptr<float>();
+  std::memcpy(o, partial.data(), M * N * sizeof(float));
+  for (int64_t s = 1; s < shares; ++s)
+    for (int64_t i = 0; i < M * N; ++i) o[i] += partial[s * M * N + i];
+  return out;
+}
+
 // x (M, K) fp32 -> (xq (M, K) int16 in input order, xs (M, K/32) fp32): the activation quantization both kernels
 // use, exposed so the Python twins can be checked against exactly what the kernels multiply.
 std::vector<torch::Tensor> quantize_x(torch::Tensor x) {

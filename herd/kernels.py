@@ -18,6 +18,8 @@ Math, for activation rows x (M, K) fp32:
             + (zero[n, g] - 8 scale[n, g]) * sum_{k in g} x[m, k]          (the exact input sum, not the quantized one)
 - int8: y[m, n] = row_scale[n] * sum_b xs[m, b] * sum_{k in b} w[n, k] xq[m, k].
 `int4_mm_reference` / `int8_mm_reference` compute exactly these sums in float64: the kernels' twins.
+- fp32 (`fp32_mm`, for decode.HerdLinear / HerdExperts): y = x @ w_t with w_t (K, N) the matrix transposed, each
+  thread streaming its own range of w_t's rows; twin: x @ w_t.
 
 Layouts ("streams": one flat buffer per matrix, read front to back by one thread per block of 16 output rows):
 - int4, per block of 16 rows, per group g: 16 scales then 16 zeros (bf16, 64 bytes), then G/8 chunks of 64 bytes;
@@ -70,7 +72,7 @@ def _load():
         # one extension: these matmuls and decode.cpp's norm / rotary / attention steps (decode.py)
         sources = [Path(__file__).with_name(name).read_text() for name in ("kernels.cpp", "decode.cpp")]
         _ext = load_inline("herd_kernels", cpp_sources=sources,
-                           functions=["int4_mm", "int8_mm", "quantize_x", "rms_norm", "decode_qkv", "attend_one",
+                           functions=["int4_mm", "int8_mm", "fp32_mm", "quantize_x", "rms_norm", "decode_qkv", "attend_one",
                                       "silu_mul", "decode_layer"],
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         _status = "on: AVX512-VNNI int4/int8 decode kernels and decode steps"

@@ -142,8 +142,11 @@ def test_decode_with_herd_steps_equals_without(kind, kv_int8):
 
 
 def packed_tiny(kind: str, scheme: str) -> Transformer:
-    """The tiny model with every trunk linear quantized (int4 groups of 32, or int8), fused, on herd's kernels."""
+    """The tiny model with every trunk linear quantized (int4 groups of 32, or int8), fused, on herd's kernels; or
+    (scheme "fp32") only fused."""
     from herd.quantize import quantize_model
+    if scheme == "fp32":
+        return fuse_model(tiny(kind))
     model = quantize_model(tiny(kind), scheme, 32 if scheme == "int4" else None, only="all")
     fuse_model(model)
     assert kernels.use_herd_kernels(model) > 0
@@ -152,11 +155,12 @@ def packed_tiny(kind: str, scheme: str) -> Transformer:
 
 @needs_kernels
 @pytest.mark.parametrize("kind", ["llama3", "llama4"])
-@pytest.mark.parametrize("scheme", ["int4", "int8"])
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp32"])
 def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
     """HerdBlock's one C++ call per layer against Block.forward (the same Herd* modules, layer by layer), through
-    the engine: 70 tokens past a 20-token prompt; llama4's MoE layers take the twin, its dense ones the C++ layer
-    (chunk rings wrapping, QK-norm, the NoPE layer's temperature)."""
+    the engine: 70 tokens past a 20-token prompt (chunk rings wrapping, QK-norm, the NoPE layer's temperature).
+    fp32 (HerdLinear, HerdExperts): every layer takes the C++ layer, llama4's MoE ones included; int4 / int8 (their
+    routed experts quantized, which decode_layer does not take): the dense layers."""
     model = packed_tiny(kind, scheme)
     assert decode.use_decode_kernels(model) > 0
     assert type(model.layers[0]) is decode.HerdBlock
@@ -174,8 +178,8 @@ def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
 
     monkeypatch.setattr(kernels._ext, "decode_layer", lambda *a: calls.append(1) or one_call(*a))
     tokens, lp = run()
-    n_dense = sum(not spec.is_moe for spec in model.config.layers)
-    assert len(calls) == 69 * n_dense, "every decode step of every dense layer in one call"
+    n_layers = sum(scheme == "fp32" or not spec.is_moe for spec in model.config.layers)
+    assert len(calls) == 69 * n_layers, "every decode step of every layer it can take in one call"
     monkeypatch.setattr(decode.HerdBlock, "forward", decode.Block.forward)
     ref_tokens, ref_lp = run()
     assert tokens == ref_tokens
@@ -195,6 +199,39 @@ def test_whole_layer_decode_refuses_a_slot_outside_the_cache():
     args[-4] = 64                                       # slot
     with pytest.raises(RuntimeError, match="do not fit a cache"):
         kernels._ext.decode_layer(*args)
+
+
+@needs_kernels
+def test_whole_layer_decode_refuses_mismatched_experts():
+    model = packed_tiny("llama4", "fp32")
+    decode.use_decode_kernels(model)
+    block = model.layers[1]
+    assert type(block.feed_forward.experts) is decode.HerdExperts
+    cache = Engine(model, max_batch=1, max_seq_len=64).cache
+    cache.rows = slice(0, 1)
+    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
+    args = list(block._one_call_args(torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache))
+    args[21] = args[21][:2]                             # experts_w13 with 2 of the router's 4 experts
+    with pytest.raises(RuntimeError, match="router's 4 outputs"):
+        kernels._ext.decode_layer(*args)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("M, K, N", [(1, 64, 48), (1, 37, 20), (3, 130, 77), (4, 512, 768), (1, 512, 16)])
+def test_fp32_mm_matches_torch(M, K, N, threads):
+    """fp32_mm (HerdLinear / HerdExperts at decode sizes) against x @ w_t: shapes with tails in both dims (rows of
+    w_t are taken 4 at a time, outputs 16 at a time), 1-3 threads (each sums its own range of inputs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        g = torch.Generator().manual_seed(M * K + N)
+        x, w_t = torch.randn(M, K, generator=g), torch.randn(K, N, generator=g)
+        torch.testing.assert_close(ext().fp32_mm(x, w_t), x @ w_t, rtol=1e-5, atol=1e-4)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match=r"w_t must be a contiguous fp32 \(64, N\)"):
+        ext().fp32_mm(torch.randn(1, 64), torch.randn(48, 64))
 
 
 @needs_kernels
