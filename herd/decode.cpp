@@ -199,6 +199,39 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor w, double eps) {
   return y;
 }
 
+namespace {
+
+// In place on one token's q|k|v ((H + 2K) * D fp32): see decode_qkv.
+void prepare_qkv(float* o, const float* cs, int64_t H, int64_t K, int64_t D, bool qk_norm, float eps, float q_scale) {
+  std::vector<float> tmp(D);
+  for (int64_t h = 0; h < H + K; ++h) {          // q heads, then k heads; v stays as projected
+    float* x = o + h * D;
+    if (cs) {
+      for (int64_t i = 0; i < D / 2; ++i) {
+        const float c = cs[2 * i], s = cs[2 * i + 1], x0 = x[2 * i], x1 = x[2 * i + 1];
+        x[2 * i] = x0 * c - x1 * s;
+        x[2 * i + 1] = x0 * s + x1 * c;
+      }
+    }
+    if (qk_norm) {
+      rms_norm_row(x, nullptr, D, eps, tmp.data());
+      std::copy(tmp.begin(), tmp.end(), x);
+    }
+    if (h < H && q_scale != 1.0f) {
+      for (int64_t i = 0; i < D; ++i) x[i] *= q_scale;
+    }
+  }
+}
+
+void check_cos_sin(const torch::Tensor& cos_sin, int64_t D) {
+  TORCH_CHECK(cos_sin.numel() == 0 || (cos_sin.scalar_type() == torch::kFloat32 && cos_sin.is_contiguous() &&
+                                       cos_sin.numel() == D),
+              "decode_qkv: cos_sin must be a contiguous fp32 (", D / 2, ", 2) tensor; got ", cos_sin.scalar_type(),
+              " of shape ", cos_sin.sizes());
+}
+
+}  // namespace
+
 // One decode token's fused q|k|v projection (H + 2K) * D fp32 -> q (H*D), k (K*D), v (K*D), as model.Attention
 // prepares them: rotary on q and k when cos_sin (D/2, 2) is given (pairs (x[2i], x[2i+1]) rotated by angle i), then
 // QK-norm (RMSNorm without weight over each head's D) when qk_norm, then q times q_scale (attention temperature).
@@ -209,73 +242,40 @@ std::vector<torch::Tensor> decode_qkv(torch::Tensor qkv, torch::Tensor cos_sin, 
               "decode_qkv: qkv must be a contiguous fp32 tensor of (", H, " + 2 * ", K, ") * head_dim values; got ",
               qkv.scalar_type(), " of shape ", qkv.sizes());
   const int64_t D = qkv.numel() / (H + 2 * K);
-  const bool rope = cos_sin.numel() > 0;
-  TORCH_CHECK(!rope || (cos_sin.scalar_type() == torch::kFloat32 && cos_sin.is_contiguous() && cos_sin.numel() == D),
-              "decode_qkv: cos_sin must be a contiguous fp32 (", D / 2, ", 2) tensor; got ", cos_sin.scalar_type(),
-              " of shape ", cos_sin.sizes());
+  check_cos_sin(cos_sin, D);
   auto out = qkv.clone();
-  float* o = out.data_ptr<float>();
-  const float* cs = rope ? cos_sin.data_ptr<float>() : nullptr;
-  std::vector<float> tmp(D);
-  for (int64_t h = 0; h < H + K; ++h) {          // q heads, then k heads; v stays as projected
-    float* x = o + h * D;
-    if (rope) {
-      for (int64_t i = 0; i < D / 2; ++i) {
-        const float c = cs[2 * i], s = cs[2 * i + 1], x0 = x[2 * i], x1 = x[2 * i + 1];
-        x[2 * i] = x0 * c - x1 * s;
-        x[2 * i + 1] = x0 * s + x1 * c;
-      }
-    }
-    if (qk_norm) {
-      rms_norm_row(x, nullptr, D, static_cast<float>(eps), tmp.data());
-      std::copy(tmp.begin(), tmp.end(), x);
-    }
-    if (h < H && q_scale != 1.0) {
-      for (int64_t i = 0; i < D; ++i) x[i] *= static_cast<float>(q_scale);
-    }
-  }
+  prepare_qkv(out.data_ptr<float>(), cos_sin.numel() ? cos_sin.data_ptr<float>() : nullptr, H, K, D, qk_norm,
+              static_cast<float>(eps), static_cast<float>(q_scale));
   return {out.narrow(0, 0, H * D), out.narrow(0, H * D, K * D), out.narrow(0, (H + K) * D, K * D)};
 }
 
-// One query (H*D fp32, position q_pos) over cached keys and values k, v (S, K, D) fp32 or bf16 with positions
-// k_pos (S,) int64 -> (H*D) fp32. Key j counts iff 0 <= k_pos[j] <= q_pos and, when chunk > 0, it lies in the
-// query's chunk (k_pos[j] >= q_pos - q_pos % chunk): model.attention_mask for one query. Query heads h*G .. h*G+G-1
-// share kv head h (G = H / K).
-torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_pos, int64_t q_pos,
-                         int64_t chunk) {
+namespace {
+
+void check_cache(const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
                   k.scalar_type() == v.scalar_type() &&
                   (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16),
               "attend_one: k and v must be contiguous (S, K, D) fp32 or bf16 tensors of one shape; got ", k.sizes(),
               " ", k.scalar_type(), " and ", v.sizes(), " ", v.scalar_type());
-  const int64_t S = k.size(0), K = k.size(1), D = k.size(2);
-  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous() && q.numel() % (K * D) == 0,
-              "attend_one: q must be a contiguous fp32 tensor of H * ", D, " values with H a multiple of ", K,
-              "; got ", q.scalar_type(), " of shape ", q.sizes());
-  TORCH_CHECK(k_pos.scalar_type() == torch::kLong && k_pos.is_contiguous() && k_pos.numel() == S,
-              "attend_one: k_pos must be a contiguous int64 (", S, ",) tensor; got ", k_pos.scalar_type(),
-              " of shape ", k_pos.sizes());
-  const int64_t H = q.numel() / D, G = H / K;
+}
+
+// attend_one on raw pointers: k, v (S, K, D) of T, k_pos (S,), out (H*D) written.
+template <typename T>
+void attend_one_raw(const float* qp, const T* k, const T* v, const int64_t* kp, int64_t S, int64_t K, int64_t D,
+                    int64_t H, int64_t q_pos, int64_t chunk, float* op) {
+  const int64_t G = H / K;
   const int64_t lo = chunk > 0 ? q_pos - q_pos % chunk : 0;
   std::vector<uint8_t> visible(S);
-  const int64_t* kp = k_pos.data_ptr<int64_t>();
   for (int64_t j = 0; j < S; ++j) visible[j] = kp[j] >= 0 && kp[j] >= lo && kp[j] <= q_pos;
   // Key ranges in parallel (kernels.cpp's SpinPool, as the matmuls around it) only when there is enough cache to
   // read: a short context is cheaper on one thread. Ranges of at least 256 keys.
   const int64_t n_ranges = S * K * D >= 65536 ? std::min<int64_t>(at::get_num_threads(), (S + 255) / 256) : 1;
   const int64_t per = (S + n_ranges - 1) / n_ranges;
   std::vector<float> top(n_ranges * H), total(n_ranges * H), acc(n_ranges * H * D);
-  const float* qp = q.data_ptr<float>();
   auto ranges = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t j0 = std::min(S, r * per), j1 = std::min(S, j0 + per);
-      if (k.scalar_type() == torch::kFloat32) {
-        attend_range(qp, k.data_ptr<float>(), v.data_ptr<float>(), visible.data(), j0, j1, K, G, D,
-                     &top[r * H], &total[r * H], &acc[r * H * D]);
-      } else {
-        attend_range(qp, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), visible.data(), j0, j1, K, G, D,
-                     &top[r * H], &total[r * H], &acc[r * H * D]);
-      }
+      attend_range(qp, k, v, visible.data(), j0, j1, K, G, D, &top[r * H], &total[r * H], &acc[r * H * D]);
     }
   };
   if (n_ranges > 1) {
@@ -284,8 +284,7 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torc
     ranges(0, 1);
   }
   // merge: out[h] = sum_r e^(top_r - M) acc_r / sum_r e^(top_r - M) total_r, M = max_r top_r
-  auto out = torch::zeros({H * D}, torch::kFloat32);
-  float* op = out.data_ptr<float>();
+  std::fill(op, op + H * D, 0.0f);
   for (int64_t h = 0; h < H; ++h) {
     float M = -std::numeric_limits<float>::infinity(), denom = 0.0f;
     for (int64_t r = 0; r < n_ranges; ++r) M = std::max(M, top[r * H + h]);
@@ -298,8 +297,55 @@ torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torc
     }
     for (int64_t i = 0; i < D; ++i) op[h * D + i] /= denom;
   }
+}
+
+void attend_one_raw(const float* q, const torch::Tensor& k, const torch::Tensor& v, const int64_t* kp, int64_t S,
+                    int64_t H, int64_t q_pos, int64_t chunk, float* out) {
+  const int64_t K = k.size(1), D = k.size(2);
+  if (k.scalar_type() == torch::kFloat32) {
+    attend_one_raw(q, k.data_ptr<float>(), v.data_ptr<float>(), kp, S, K, D, H, q_pos, chunk, out);
+  } else {
+    attend_one_raw(q, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), kp, S, K, D, H, q_pos, chunk, out);
+  }
+}
+
+}  // namespace
+
+// One query (H*D fp32, position q_pos) over cached keys and values k, v (S, K, D) fp32 or bf16 with positions
+// k_pos (S,) int64 -> (H*D) fp32. Key j counts iff 0 <= k_pos[j] <= q_pos and, when chunk > 0, it lies in the
+// query's chunk (k_pos[j] >= q_pos - q_pos % chunk): model.attention_mask for one query. Query heads h*G .. h*G+G-1
+// share kv head h (G = H / K).
+torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_pos, int64_t q_pos,
+                         int64_t chunk) {
+  check_cache(k, v);
+  const int64_t S = k.size(0), K = k.size(1), D = k.size(2);
+  TORCH_CHECK(q.scalar_type() == torch::kFloat32 && q.is_contiguous() && q.numel() % (K * D) == 0,
+              "attend_one: q must be a contiguous fp32 tensor of H * ", D, " values with H a multiple of ", K,
+              "; got ", q.scalar_type(), " of shape ", q.sizes());
+  TORCH_CHECK(k_pos.scalar_type() == torch::kLong && k_pos.is_contiguous() && k_pos.numel() == S,
+              "attend_one: k_pos must be a contiguous int64 (", S, ",) tensor; got ", k_pos.scalar_type(),
+              " of shape ", k_pos.sizes());
+  const int64_t H = q.numel() / D;
+  auto out = torch::empty({H * D}, torch::kFloat32);
+  attend_one_raw(q.data_ptr<float>(), k, v, k_pos.data_ptr<int64_t>(), S, H, q_pos, chunk, out.data_ptr<float>());
   return out;
 }
+
+namespace {
+
+// o (F) = silu(g) * u for one row: g / (1 + e^-g) * u
+void silu_mul_row(const float* g, const float* u, int64_t F, float* o) {
+  const __m512 one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 16 <= F; i += 16) {
+    __m512 gv = _mm512_loadu_ps(g + i);
+    __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_xor_ps(gv, sign))));
+    _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+  }
+  for (; i < F; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+}
+
+}  // namespace
 
 // gate_up (..., 2F) fp32 -> silu(gate) * up (..., F), gate the first F of each row (fuse.FusedFeedForward's w13).
 torch::Tensor silu_mul(torch::Tensor gate_up) {
@@ -313,63 +359,78 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
   auto out = torch::empty(sizes, torch::kFloat32);
   const float* src = gate_up.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  const __m512 one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float *g = src + r * 2 * F, *u = g + F;
-      float* o = dst + r * F;
-      int64_t i = 0;
-      for (; i + 16 <= F; i += 16) {           // g / (1 + e^-g) * u
-        __m512 gv = _mm512_loadu_ps(g + i);
-        __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_xor_ps(gv, sign))));
-        _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
-      }
-      for (; i < F; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-    }
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(src + r * 2 * F, src + r * 2 * F + F, F, dst + r * F);
   });
   return out;
 }
 
 namespace {
 
-// y (1, N) = x (1, K) times one of a decode layer's matrices, by how it is stored (kernels.cpp): fp32 (K, N)
-// transposed (decode.HerdLinear), int8 when a row scale is given, else int4 (herd's packed streams).
-torch::Tensor layer_linear(const torch::Tensor& x, const torch::Tensor& data, const torch::Tensor& row_scale,
-                           int64_t N, int64_t group_size) {
-  if (data.scalar_type() == torch::kFloat32) return fp32_mm(x, data);
-  return row_scale.numel() > 0 ? int8_mm(x, data, row_scale) : int4_mm(x, data, N, group_size);
+// One of a decode layer's matrices (decode.HerdBlock passes each as data, row scale or empty, out dim, group size),
+// by how it is stored (kernels.cpp): fp32 (K, N) transposed (decode.HerdLinear), int8 when a row scale is given, else
+// int4 (herd's packed streams). Checked once per call; `apply` is one row's product.
+struct LayerMatrix {
+  const torch::Tensor &data, &row_scale;
+  int64_t K, N, G;
+
+  LayerMatrix(const torch::Tensor& data, const torch::Tensor& row_scale, int64_t K, int64_t N, int64_t G,
+              const char* name)
+      : data(data), row_scale(row_scale), K(K), N(N), G(G) {
+    if (data.scalar_type() == torch::kFloat32) {
+      check_fp32(data, K);
+      TORCH_CHECK(data.size(1) == N, "decode_layer: ", name, " has ", data.size(1), " outputs, expected ", N);
+    } else if (row_scale.numel() > 0) {
+      TORCH_CHECK(row_scale.numel() == N, "decode_layer: ", name, " has ", row_scale.numel(), " row scales, expected ",
+                  N);
+      check_int8(data, row_scale, K);
+    } else {
+      check_int4(data, K, N, G);
+    }
+  }
+
+  void apply(const float* x, float* y) const {
+    if (data.scalar_type() == torch::kFloat32) {
+      fp32_mm_raw(x, 1, K, data.data_ptr<float>(), N, y);
+    } else if (row_scale.numel() > 0) {
+      int8_mm_raw(x, 1, K, data.data_ptr<int8_t>(), row_scale.data_ptr<float>(), N, y);
+    } else {
+      int4_mm_raw(x, 1, K, data.data_ptr<uint8_t>(), N, G, y);
+    }
+  }
+};
+
+void check_norm(const torch::Tensor& w, int64_t n, const char* name) {
+  TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == n, "decode_layer: ", name,
+              " must be a contiguous fp32 (", n, ",) tensor; got ", w.scalar_type(), " of shape ", w.sizes());
 }
 
-// A Llama 4 MoE feed-forward for one token x (1, dim), already normed: router_t (dim, E), experts_w13 (E, dim, 2F),
-// experts_w2 (E, F, dim), fp32 (decode.HerdExperts' layout). Top-1: the first of the largest router logits (as
-// argmax; torch.topk's choice among exact ties is unspecified), its sigmoid scales the expert's input. Returns the
-// routed expert's output (1, dim).
-torch::Tensor routed_expert(const torch::Tensor& x, const torch::Tensor& router_t, const torch::Tensor& experts_w13,
-                            const torch::Tensor& experts_w2) {
-  TORCH_CHECK(experts_w13.dim() == 3 && experts_w2.dim() == 3 && experts_w13.size(0) == router_t.size(1) &&
-                  experts_w2.size(0) == router_t.size(1) && experts_w13.scalar_type() == torch::kFloat32 &&
-                  experts_w2.scalar_type() == torch::kFloat32,
-              "decode_layer: experts must be fp32 (E, dim, 2F) and (E, F, dim) with E = the router's ", router_t.size(1),
-              " outputs; got ", experts_w13.sizes(), " and ", experts_w2.sizes());
-  auto logits = fp32_mm(x, router_t);                                // (1, E)
-  const float* l = logits.data_ptr<float>();
-  int64_t e = 0;
-  for (int64_t i = 1; i < logits.size(1); ++i)
-    if (l[i] > l[e]) e = i;
-  const float gate = 1.0f / (1.0f + std::exp(-l[e]));
-  return fp32_mm(silu_mul(fp32_mm(x * gate, experts_w13[e])), experts_w2[e]);
+// this token's k or v (K*D fp32) into the cache slot's row, cast to the cache's dtype (round to nearest even, as
+// torch's copy_)
+void write_slot(const float* src, torch::Tensor& cache, int64_t slot) {
+  const int64_t n = cache.size(1) * cache.size(2);
+  if (cache.scalar_type() == torch::kFloat32) {
+    std::memcpy(cache.data_ptr<float>() + slot * n, src, n * sizeof(float));
+  } else {
+    at::BFloat16* dst = cache.data_ptr<at::BFloat16>() + slot * n;
+    for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(src[i]);
+  }
 }
 
 }  // namespace
 
-// One whole decoder layer for one token (decode.HerdBlock; twin: model.Block.forward through the engine's cache).
-// Every matrix is passed as (data, row scale or empty, out dim, group size) and may be herd's packed int4 / int8 or
-// fp32 transposed (layer_linear):
+// One whole decoder layer for one token (decode.HerdBlock; twin: model.Block.forward through the engine's cache),
+// every matrix (data, row scale or empty, out dim, group size) one of LayerMatrix's:
 //   h = x + wo(attention(decode_qkv(wqkv(rms_norm(x)))))
 //   dense: out = h + w2(silu_mul(w13(rms_norm(h))))
-//   MoE (router_t given): out = h + (shared + routed_expert), shared the dense formula's w2(...) of the shared expert
+//   MoE (router_t given): out = h + (shared + routed), shared the dense formula's w2(...) of the shared expert and
+//     routed the top-1 expert: router_t (dim, E), experts_w13 (E, dim, 2F'), experts_w2 (E, F', dim), fp32
+//     (decode.HerdExperts' layout); the first of the largest router logits (as argmax; torch.topk's choice among
+//     exact ties is unspecified), its sigmoid scaling the expert's input
 // with this token's key, value and position written to slot `slot` of the layer's cache row (k_cache, v_cache
 // (S, K, D) fp32 or bf16, pos_cache (S,) int64) and attention over its first n_slots slots. x (1, dim) fp32.
+// Everything runs on raw pointers and scratch from the C++ heap: the ~40 torch ops per layer this took as composed
+// torch calls cost ~1 ms of a 30-layer SmolLM2 step in dispatch alone.
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
                            torch::Tensor wqkv, torch::Tensor wqkv_scale, int64_t wqkv_n, int64_t wqkv_g,
                            torch::Tensor wo, torch::Tensor wo_scale, int64_t wo_n, int64_t wo_g,
@@ -379,21 +440,70 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
                            torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm, double q_scale,
                            torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pos_cache, int64_t slot,
                            int64_t n_slots, int64_t pos, int64_t chunk) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1, "decode_layer: x must be one (1, dim) row; got ", x.sizes());
-  TORCH_CHECK(k_cache.dim() == 3 && slot >= 0 && slot < k_cache.size(0) && n_slots > slot &&
-                  n_slots <= k_cache.size(0) && pos_cache.numel() == k_cache.size(0),
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "decode_layer: x must be one contiguous fp32 (1, dim) row; got ", x.scalar_type(), " of shape ",
+              x.sizes());
+  check_cache(k_cache, v_cache);
+  TORCH_CHECK(slot >= 0 && slot < k_cache.size(0) && n_slots > slot && n_slots <= k_cache.size(0) &&
+                  pos_cache.scalar_type() == torch::kLong && pos_cache.is_contiguous() &&
+                  pos_cache.numel() == k_cache.size(0),
               "decode_layer: slot ", slot, " / ", n_slots, " slots do not fit a cache of ", k_cache.sizes());
-  auto qkv = layer_linear(rms_norm(x, attn_norm, eps), wqkv, wqkv_scale, wqkv_n, wqkv_g);
-  auto qkv_parts = decode_qkv(qkv.view({-1}), cos_sin, H, K, qk_norm, eps, q_scale);
-  const int64_t D = k_cache.size(2);
-  k_cache.select(0, slot).copy_(qkv_parts[1].view({K, D}));      // (cast to the cache's dtype)
-  v_cache.select(0, slot).copy_(qkv_parts[2].view({K, D}));
+  const int64_t dim = x.size(1), D = k_cache.size(2), F = w13_n / 2;
+  TORCH_CHECK(H > 0 && k_cache.size(1) == K && H % K == 0 && wqkv_n == (H + 2 * K) * D && w13_n % 2 == 0,
+              "decode_layer: ", H, " query heads and ", K, " kv heads of ", D, " do not match wqkv's ", wqkv_n,
+              " outputs or the cache ", k_cache.sizes());
+  check_norm(attn_norm, dim, "attn_norm");
+  check_norm(ffn_norm, dim, "ffn_norm");
+  check_cos_sin(cos_sin, D);
+  const LayerMatrix m_qkv(wqkv, wqkv_scale, dim, wqkv_n, wqkv_g, "wqkv"), m_o(wo, wo_scale, H * D, wo_n, wo_g, "wo"),
+      m_13(w13, w13_scale, dim, w13_n, w13_g, "w13"), m_2(w2, w2_scale, F, w2_n, w2_g, "w2");
+  TORCH_CHECK(wo_n == dim && w2_n == dim, "decode_layer: wo and w2 must have ", dim, " outputs; got ", wo_n, " and ",
+              w2_n);
+  const bool moe = router_t.numel() > 0;
+  int64_t E = 0, Fe = 0;
+  if (moe) {
+    check_fp32(router_t, dim);
+    E = router_t.size(1);
+    TORCH_CHECK(experts_w13.dim() == 3 && experts_w2.dim() == 3 && experts_w13.size(0) == E &&
+                    experts_w2.size(0) == E && experts_w13.scalar_type() == torch::kFloat32 &&
+                    experts_w2.scalar_type() == torch::kFloat32 && experts_w13.is_contiguous() &&
+                    experts_w2.is_contiguous() && experts_w13.size(1) == dim && experts_w13.size(2) % 2 == 0 &&
+                    experts_w2.size(1) == experts_w13.size(2) / 2 && experts_w2.size(2) == dim,
+                "decode_layer: experts must be contiguous fp32 (E, ", dim, ", 2F) and (E, F, ", dim,
+                ") with E = the router's ", E, " outputs; got ", experts_w13.sizes(), " and ", experts_w2.sizes());
+    Fe = experts_w2.size(1);
+  }
+  const float e = static_cast<float>(eps);
+  const float* xp = x.data_ptr<float>();
+  std::vector<float> normed(dim), qkv(wqkv_n), attn(H * D), h(dim), gate_up(w13_n), act(F), ffn(dim);
+  rms_norm_row(xp, attn_norm.data_ptr<float>(), dim, e, normed.data());
+  m_qkv.apply(normed.data(), qkv.data());
+  prepare_qkv(qkv.data(), cos_sin.numel() ? cos_sin.data_ptr<float>() : nullptr, H, K, D, qk_norm, e,
+              static_cast<float>(q_scale));
+  write_slot(qkv.data() + H * D, k_cache, slot);
+  write_slot(qkv.data() + (H + K) * D, v_cache, slot);
   pos_cache.data_ptr<int64_t>()[slot] = pos;
-  auto attn = attend_one(qkv_parts[0], k_cache.narrow(0, 0, n_slots), v_cache.narrow(0, 0, n_slots),
-                         pos_cache.narrow(0, 0, n_slots), pos, chunk);
-  auto h = x + layer_linear(attn.view({1, -1}), wo, wo_scale, wo_n, wo_g);
-  auto normed = rms_norm(h, ffn_norm, eps);
-  auto ffn = layer_linear(silu_mul(layer_linear(normed, w13, w13_scale, w13_n, w13_g)), w2, w2_scale, w2_n, w2_g);
-  if (router_t.numel() > 0) ffn = ffn + routed_expert(normed, router_t, experts_w13, experts_w2);
-  return h + ffn;
+  attend_one_raw(qkv.data(), k_cache, v_cache, pos_cache.data_ptr<int64_t>(), n_slots, H, pos, chunk, attn.data());
+  m_o.apply(attn.data(), h.data());
+  for (int64_t i = 0; i < dim; ++i) h[i] += xp[i];                 // h = x + wo(...), in the model's order
+  rms_norm_row(h.data(), ffn_norm.data_ptr<float>(), dim, e, normed.data());
+  m_13.apply(normed.data(), gate_up.data());
+  silu_mul_row(gate_up.data(), gate_up.data() + F, F, act.data());
+  m_2.apply(act.data(), ffn.data());
+  if (moe) {
+    std::vector<float> logits(E), gated(dim), e_gate_up(2 * Fe), e_act(Fe), routed(dim);
+    fp32_mm_raw(normed.data(), 1, dim, router_t.data_ptr<float>(), E, logits.data());
+    const int64_t chosen = std::max_element(logits.begin(), logits.end()) - logits.begin();   // the first largest
+    const float gate = 1.0f / (1.0f + std::exp(-logits[chosen]));
+    for (int64_t i = 0; i < dim; ++i) gated[i] = normed[i] * gate;
+    fp32_mm_raw(gated.data(), 1, dim, experts_w13.data_ptr<float>() + chosen * dim * 2 * Fe, 2 * Fe,
+                e_gate_up.data());
+    silu_mul_row(e_gate_up.data(), e_gate_up.data() + Fe, Fe, e_act.data());
+    fp32_mm_raw(e_act.data(), 1, Fe, experts_w2.data_ptr<float>() + chosen * Fe * dim, dim, routed.data());
+    for (int64_t i = 0; i < dim; ++i) ffn[i] += routed[i];          // shared + routed
+  }
+  auto out = torch::empty({1, dim}, torch::kFloat32);
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < dim; ++i) o[i] = h[i] + ffn[i];
+  return out;
 }

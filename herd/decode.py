@@ -139,6 +139,8 @@ class HerdBlock(Block):
     attends over it. Anything else (prefill, batches, int8 keys, other modules) runs Block.forward, its twin. Why: the
     ~15 Python-level calls per layer cost ~5 ms of a SmolLM2 decode step (30 layers)."""
 
+    _layer_args = None      # (the modules they were read from, decode_layer's per-layer arguments or None)
+
     def forward(self, x, pos, rope, kv_cache=None):
         args = self._one_call_args(x, pos, rope, kv_cache)
         if args is None:
@@ -146,34 +148,65 @@ class HerdBlock(Block):
         return kernels._ext.decode_layer(*args).view_as(x)
 
     def _one_call_args(self, x, pos, rope, kv_cache):
-        attn, ffn = self.attention, self.feed_forward
         if (kv_cache is None or not hasattr(kv_cache, "decode_slot") or x.shape[:2] != (1, 1)
-                or x.dtype != torch.float32 or type(attn) is not HerdAttention
-                or type(self.attention_norm) is not HerdRMSNorm or type(self.ffn_norm) is not HerdRMSNorm
-                or self.attention_norm.eps != attn.norm_eps or self.ffn_norm.eps != attn.norm_eps):
+                or x.dtype != torch.float32 or self.training):
             return None
-        if type(ffn) is MoE:
-            moe, ffn = ffn, ffn.shared_expert
-            if (moe.top_k != 1 or type(moe.router) is not HerdLinear or type(moe.experts) is not HerdExperts
-                    or moe.training):
-                return None
-            routed = (moe.router.weight_t, moe.experts.w13_t, moe.experts.w2_t)
-        else:
-            routed = (_EMPTY, _EMPTY, _EMPTY)
-        if type(ffn) is not HerdFeedForward or not all(type(m) in _LAYER_MATRICES
-                                                      for m in (attn.wqkv, attn.wo, ffn.w13, ffn.w2)):
+        parts = _parts(self)
+        if self._layer_args is None or self._layer_args[0] != parts:
+            self._layer_args = (parts, _layer_args(*parts))
+        layer = self._layer_args[1]
+        if layer is None:
             return None
         p = int(pos)
         if p < 0:
             return None
+        attn = parts[2]
         cache = kv_cache.decode_slot(attn.layer_id, p)
         if cache is None:
             return None
         cos_sin, q_scale = attn.rotation_and_q_scale(rope, p)
-        return (x.reshape(1, -1), self.attention_norm.weight, self.ffn_norm.weight, attn.norm_eps,
-                *_matrix_args(attn.wqkv), *_matrix_args(attn.wo), *_matrix_args(ffn.w13), *_matrix_args(ffn.w2),
-                *routed, cos_sin, attn.n_heads, attn.n_kv_heads, attn.spec.qk_norm, q_scale, *cache, p,
-                attn.chunk_size or 0)
+        return (x.reshape(1, -1), *layer, cos_sin, attn.n_heads, attn.n_kv_heads, attn.spec.qk_norm, q_scale, *cache,
+                p, attn.chunk_size or 0)
+
+    def _apply(self, fn, recurse=True):
+        self._layer_args = None             # .to() / .float() ... may replace the tensors the arguments hold
+        return super()._apply(fn, recurse)
+
+
+def _parts(block: HerdBlock) -> tuple:
+    """The modules decode_layer reads, through the module dicts: nn.Module's attribute lookup costs ~1 us here, and
+    a layer's arguments read ~25 of them (~1.1 ms of a 30-layer SmolLM2 step). Compared by identity, so replacing
+    any of them rebuilds the arguments."""
+    m = block._modules
+    attn, ffn = m["attention"], m["feed_forward"]
+    a, f = attn._modules, ffn._modules
+    mlp = f.get("shared_expert", ffn)                    # a MoE's shared expert holds its w13 / w2
+    return (m["attention_norm"], m["ffn_norm"], attn, a.get("wqkv"), a.get("wo"), ffn, mlp, mlp._modules.get("w13"),
+            mlp._modules.get("w2"), f.get("router"), f.get("experts"))
+
+
+def _layer_args(attn_norm, ffn_norm, attn, wqkv, wo, ffn, mlp, w13, w2, router, experts) -> tuple | None:
+    """decode_layer's arguments that stay the same from step to step (the norms, eps, the matrices, a MoE's router
+    and experts), or None if the layer cannot take the one call."""
+    if (type(attn) is not HerdAttention or type(attn_norm) is not HerdRMSNorm or type(ffn_norm) is not HerdRMSNorm
+            or attn_norm.eps != attn.norm_eps or ffn_norm.eps != attn.norm_eps or type(mlp) is not HerdFeedForward
+            or not all(_layer_matrix(w) for w in (wqkv, wo, w13, w2))
+            or not _fp32_cpu(attn_norm.weight, ffn_norm.weight)):
+        return None
+    if type(ffn) is MoE:
+        if (ffn.top_k != 1 or type(router) is not HerdLinear or type(experts) is not HerdExperts
+                or not _fp32_cpu(router.weight_t, experts.w13_t, experts.w2_t)):
+            return None
+        routed = (router.weight_t, experts.w13_t, experts.w2_t)
+    else:
+        routed = (_EMPTY, _EMPTY, _EMPTY)
+    return (attn_norm.weight, ffn_norm.weight, attn.norm_eps, *_matrix_args(wqkv), *_matrix_args(wo),
+            *_matrix_args(w13), *_matrix_args(w2), *routed)
+
+
+def _layer_matrix(mod) -> bool:
+    """A matrix decode_layer can take: herd's packed int4 / int8, or HerdLinear's fp32 on the CPU."""
+    return type(mod) in _PACKED or (type(mod) is HerdLinear and _fp32_cpu(mod.weight_t))
 
 
 def _matrix_args(mod) -> tuple:
@@ -186,7 +219,7 @@ def _matrix_args(mod) -> tuple:
     return mod.stream, _EMPTY, mod.out_features, mod.group_size
 
 
-_LAYER_MATRICES = (kernels.HerdInt4Linear, kernels.HerdInt8Linear, HerdLinear)
+_PACKED = (kernels.HerdInt4Linear, kernels.HerdInt8Linear)
 
 
 def _fp32_cpu(*tensors) -> bool:

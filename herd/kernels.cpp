@@ -248,34 +248,17 @@ void int8_row_block(const int8_t* stream, const float* row_scale, int64_t K, con
   for (int i = 0; i < MT; ++i) _mm512_storeu_ps(out + i * out_stride, _mm512_mul_ps(acc[i], rs));
 }
 
-void check_x(const torch::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
-              "x must be a contiguous fp32 (M, ", K, ") tensor");
-  TORCH_CHECK(K % kBlock == 0, "the input dim must be a multiple of ", kBlock);
-}
-
-}  // namespace
-
-// x (M, K) fp32, stream uint8 (N/16 * K/G * (64 + G * 8)) -> (M, N) fp32.
-torch::Tensor int4_mm(torch::Tensor x, torch::Tensor stream, int64_t N, int64_t group_size) {
-  const int64_t M = x.size(0), K = x.size(1), G = group_size, n_groups = K / G;
-  check_x(x, K);
-  TORCH_CHECK(G % kBlock == 0 && K % G == 0 && N % kRows == 0, "int4 shapes: the group size must be a multiple of ",
-              kBlock, " dividing the input dim and the output dim a multiple of ", kRows, "; got input ", K,
-              ", group ", G, ", output ", N);
-  const int64_t rb_bytes = n_groups * (64 + G * 8);
-  TORCH_CHECK(stream.scalar_type() == torch::kUInt8 && stream.is_contiguous() && stream.numel() == N / kRows * rb_bytes,
-              "int4 stream has the wrong size or dtype");
+// ---- the products on raw pointers (decode.cpp's decode_layer calls these directly) ---------------------------------
+// x (M, K) fp32 times an int4 stream (N/16 * K/G * (64 + G * 8) bytes) -> out (M, N) fp32.
+void int4_mm_raw(const float* x, int64_t M, int64_t K, const uint8_t* s, int64_t N, int64_t G, float* o) {
+  const int64_t n_groups = K / G, rb_bytes = n_groups * (64 + G * 8);
   // scratch on the C++ heap, not through torch's allocator: this runs ~120 times per SmolLM2 decode step
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * (K / kBlock)), bsum(M * (K / kBlock)), xsum(M * n_groups, 0.0f);
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data(), xs.data(), bsum.data());
+  quantize_activations(x, M, K, xq.data(), xs.data(), bsum.data());
   for (int64_t i = 0; i < M * (K / kBlock); ++i) xsum[i / (G / kBlock)] += bsum[i];   // group sums (M, K/G)
-  auto out = torch::empty({M, N}, torch::kFloat32);
-  const uint8_t* s = stream.data_ptr<uint8_t>();
   const int16_t* q = xq.data();
   const float *xsp = xs.data(), *xsump = xsum.data();
-  float* o = out.data_ptr<float>();
   parallel_rows(N / kRows, [&](int64_t begin, int64_t end) {
     for (int64_t rb = begin; rb < end; ++rb) {
       for (int64_t m = 0; m < M; m += kMTile) {
@@ -294,25 +277,15 @@ torch::Tensor int4_mm(torch::Tensor x, torch::Tensor stream, int64_t N, int64_t 
       }
     }
   });
-  return out;
 }
 
-// x (M, K) fp32, stream int8 (N/16 * K/4 * 64), row_scale fp32 (N,) -> (M, N) fp32.
-torch::Tensor int8_mm(torch::Tensor x, torch::Tensor stream, torch::Tensor row_scale) {
-  const int64_t M = x.size(0), K = x.size(1), N = row_scale.numel();
-  check_x(x, K);
-  TORCH_CHECK(N % kRows == 0, "the output dim must be a multiple of ", kRows);
-  TORCH_CHECK(stream.scalar_type() == torch::kInt8 && stream.is_contiguous() && stream.numel() == N * K,
-              "int8 stream has the wrong size or dtype");
-  TORCH_CHECK(row_scale.scalar_type() == torch::kFloat32 && row_scale.is_contiguous(), "row_scale must be fp32");
+// x (M, K) fp32 times an int8 stream (N/16 * K/4 * 64 bytes) with row scales (N,) -> out (M, N) fp32.
+void int8_mm_raw(const float* x, int64_t M, int64_t K, const int8_t* s, const float* rs, int64_t N, float* o) {
   std::vector<int16_t> xq(M * K);
   std::vector<float> xs(M * (K / kBlock));
-  quantize_activations(x.data_ptr<float>(), M, K, xq.data(), xs.data());
-  auto out = torch::empty({M, N}, torch::kFloat32);
-  const int8_t* s = stream.data_ptr<int8_t>();
+  quantize_activations(x, M, K, xq.data(), xs.data());
   const int16_t* q = xq.data();
-  const float *xsp = xs.data(), *rs = row_scale.data_ptr<float>();
-  float* o = out.data_ptr<float>();
+  const float* xsp = xs.data();
   parallel_rows(N / kRows, [&](int64_t begin, int64_t end) {
     for (int64_t rb = begin; rb < end; ++rb) {
       for (int64_t m = 0; m < M; m += kMTile) {
@@ -330,27 +303,18 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor stream, torch::Tensor row_s
       }
     }
   });
-  return out;
 }
 
-// x (M, K) fp32 times w_t (K, N) fp32, the matrix stored transposed (decode.HerdLinear / HerdExperts) -> (M, N).
+// x (M, K) fp32 times w_t (K, N) fp32, the matrix stored transposed (decode.HerdLinear / HerdExperts) -> out (M, N).
 // For decode-sized M; torch's GEMM is faster from a few tens of rows on. Each thread takes a contiguous range of
 // w_t's rows (the inputs k), streams it front to back once and accumulates its partial (M, N) in a private buffer
 // that stays in L1/L2; the partials are summed at the end. Why not x @ w_t: at 2 threads every torch matmul here is an
 // OpenMP region (~25-30 us under PASSIVE, see the SpinPool), ~30 of them per tiny-MoE decode step.
-torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w_t) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
-              "fp32_mm: x must be a contiguous fp32 (M, K) tensor; got ", x.scalar_type(), " of shape ", x.sizes());
-  TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == torch::kFloat32 && w_t.is_contiguous() &&
-                  w_t.size(0) == x.size(1),
-              "fp32_mm: w_t must be a contiguous fp32 (", x.size(1), ", N) tensor; got ", w_t.scalar_type(),
-              " of shape ", w_t.sizes());
-  const int64_t M = x.size(0), K = w_t.size(0), N = w_t.size(1);
+void fp32_mm_raw(const float* xp, int64_t M, int64_t K, const float* wp, int64_t N, float* o) {
   // one share per thread, none smaller than 64 KB of weights (a wake-up costs more than streaming that)
   const int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), K * N / 16384));
   const int64_t per = (K + shares - 1) / shares;
   std::vector<float> partial(shares * M * N, 0.0f);
-  const float *xp = x.data_ptr<float>(), *wp = w_t.data_ptr<float>();
   parallel_rows(shares, [&](int64_t begin, int64_t end) {
     for (int64_t s = begin; s < end; ++s) {
       float* y = partial.data() + s * M * N;
@@ -379,11 +343,74 @@ torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w_t) {
       }
     }
   });
-  auto out = torch::empty({M, N}, torch::kFloat32);
-  float* o = out.data_ptr<float>();
   std::memcpy(o, partial.data(), M * N * sizeof(float));
   for (int64_t s = 1; s < shares; ++s)
     for (int64_t i = 0; i < M * N; ++i) o[i] += partial[s * M * N + i];
+}
+
+// ---- checks of the matrices' storage, shared by the wrappers below and decode_layer ---------------------------------
+void check_x(const torch::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.size(1) == K,
+              "x must be a contiguous fp32 (M, ", K, ") tensor");
+  TORCH_CHECK(K % kBlock == 0, "the input dim must be a multiple of ", kBlock);
+}
+
+void check_int4(const torch::Tensor& stream, int64_t K, int64_t N, int64_t G) {
+  TORCH_CHECK(G > 0 && G % kBlock == 0 && K % G == 0 && N % kRows == 0 && K % kBlock == 0,
+              "int4 shapes: the group size must be a multiple of ", kBlock,
+              " dividing the input dim and the output dim a multiple of ", kRows, "; got input ", K, ", group ", G,
+              ", output ", N);
+  TORCH_CHECK(stream.scalar_type() == torch::kUInt8 && stream.is_contiguous() &&
+                  stream.numel() == N / kRows * (K / G) * (64 + G * 8),
+              "int4 stream has the wrong size or dtype");
+}
+
+void check_int8(const torch::Tensor& stream, const torch::Tensor& row_scale, int64_t K) {
+  const int64_t N = row_scale.numel();
+  TORCH_CHECK(N % kRows == 0 && K % kBlock == 0, "int8 shapes: the output dim must be a multiple of ", kRows,
+              " and the input dim of ", kBlock, "; got input ", K, ", output ", N);
+  TORCH_CHECK(stream.scalar_type() == torch::kInt8 && stream.is_contiguous() && stream.numel() == N * K,
+              "int8 stream has the wrong size or dtype");
+  TORCH_CHECK(row_scale.scalar_type() == torch::kFloat32 && row_scale.is_contiguous(), "row_scale must be fp32");
+}
+
+void check_fp32(const torch::Tensor& w_t, int64_t K) {
+  TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == torch::kFloat32 && w_t.is_contiguous() && w_t.size(0) == K,
+              "fp32_mm: w_t must be a contiguous fp32 (", K, ", N) tensor; got ", w_t.scalar_type(), " of shape ",
+              w_t.sizes());
+}
+
+}  // namespace
+
+// x (M, K) fp32, stream uint8 (N/16 * K/G * (64 + G * 8)) -> (M, N) fp32.
+torch::Tensor int4_mm(torch::Tensor x, torch::Tensor stream, int64_t N, int64_t group_size) {
+  const int64_t M = x.size(0), K = x.size(1);
+  check_x(x, K);
+  check_int4(stream, K, N, group_size);
+  auto out = torch::empty({M, N}, torch::kFloat32);
+  int4_mm_raw(x.data_ptr<float>(), M, K, stream.data_ptr<uint8_t>(), N, group_size, out.data_ptr<float>());
+  return out;
+}
+
+// x (M, K) fp32, stream int8 (N/16 * K/4 * 64), row_scale fp32 (N,) -> (M, N) fp32.
+torch::Tensor int8_mm(torch::Tensor x, torch::Tensor stream, torch::Tensor row_scale) {
+  const int64_t M = x.size(0), K = x.size(1), N = row_scale.numel();
+  check_x(x, K);
+  check_int8(stream, row_scale, K);
+  auto out = torch::empty({M, N}, torch::kFloat32);
+  int8_mm_raw(x.data_ptr<float>(), M, K, stream.data_ptr<int8_t>(), row_scale.data_ptr<float>(), N,
+              out.data_ptr<float>());
+  return out;
+}
+
+// x (M, K) fp32, w_t (K, N) fp32 -> (M, N) fp32 (fp32_mm_raw).
+torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w_t) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "fp32_mm: x must be a contiguous fp32 (M, K) tensor; got ", x.scalar_type(), " of shape ", x.sizes());
+  check_fp32(w_t, x.size(1));
+  const int64_t M = x.size(0), K = x.size(1), N = w_t.size(1);
+  auto out = torch::empty({M, N}, torch::kFloat32);
+  fp32_mm_raw(x.data_ptr<float>(), M, K, w_t.data_ptr<float>(), N, out.data_ptr<float>());
   return out;
 }
 

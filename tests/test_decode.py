@@ -202,7 +202,30 @@ def test_whole_layer_decode_refuses_a_slot_outside_the_cache():
 
 
 @needs_kernels
-def test_whole_layer_decode_refuses_mismatched_experts():
+def test_whole_layer_arguments_follow_replaced_modules():
+    """HerdBlock keeps decode_layer's per-layer arguments between steps: replacing a matrix, or moving the model to
+    another dtype, must not leave the old tensors in them."""
+    model = packed_tiny("llama3", "int4")
+    decode.use_decode_kernels(model)
+    block = model.layers[0]
+    cache = Engine(model, max_batch=1, max_seq_len=64).cache
+    cache.rows = slice(0, 1)
+    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
+    step = (torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache)
+    assert block._one_call_args(*step)[8] is block.attention.wo.stream
+    block.attention.wo = copy.deepcopy(block.attention.wo)
+    assert block._one_call_args(*step)[8] is block.attention.wo.stream
+    block.attention.wo = torch.nn.Linear(64, 64, bias=False)          # not a matrix decode_layer takes
+    assert block._one_call_args(*step) is None
+    fp32 = packed_tiny("llama3", "fp32")
+    decode.use_decode_kernels(fp32)
+    assert fp32.layers[0]._one_call_args(*step) is not None
+    fp32.to(torch.bfloat16)                                             # HerdLinear's weights become bf16
+    assert fp32.layers[0]._one_call_args(*step) is None
+
+
+@needs_kernels
+def test_whole_layer_decode_refuses_mismatched_shapes():
     model = packed_tiny("llama4", "fp32")
     decode.use_decode_kernels(model)
     block = model.layers[1]
@@ -211,9 +234,19 @@ def test_whole_layer_decode_refuses_mismatched_experts():
     cache.rows = slice(0, 1)
     rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
     args = list(block._one_call_args(torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache))
-    args[21] = args[21][:2]                             # experts_w13 with 2 of the router's 4 experts
+    bad = list(args)
+    bad[21] = args[21][:2]                              # experts_w13 with 2 of the router's 4 experts
     with pytest.raises(RuntimeError, match="router's 4 outputs"):
-        kernels._ext.decode_layer(*args)
+        kernels._ext.decode_layer(*bad)
+    bad = list(args)
+    bad[24] = args[24] + args[25]                       # more query heads than wqkv has outputs for
+    with pytest.raises(RuntimeError, match="do not match wqkv's"):
+        kernels._ext.decode_layer(*bad)
+    bad = list(args)
+    bad[1] = args[1][:-1]                               # a norm weight one short
+    with pytest.raises(RuntimeError, match=r"attn_norm must be a contiguous fp32 \(64,\)"):
+        kernels._ext.decode_layer(*bad)
+    kernels._ext.decode_layer(*args)                    # the untouched arguments run
 
 
 @needs_kernels
