@@ -72,7 +72,7 @@ def _load():
         # one extension: these matmuls and decode.cpp's norm / rotary / attention steps (decode.py)
         sources = [Path(__file__).with_name(name).read_text() for name in ("kernels.cpp", "decode.cpp")]
         _ext = load_inline("herd_kernels", cpp_sources=sources,
-                           functions=["int4_mm", "int8_mm", "fp32_mm", "quantize_x", "rms_norm", "decode_qkv", "attend_one",
+                           functions=["int4_mm", "int8_mm", "fp32_mm", "int4_dequantize", "quantize_x", "rms_norm", "decode_qkv", "attend_one",
                                       "silu_mul", "decode_layer"],
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         _status = "on: AVX512-VNNI int4/int8 decode kernels and decode steps"
@@ -189,9 +189,14 @@ class HerdInt4Linear(nn.Module):
                    int4_stream(u, mod.scales_and_zeros, mod.group_size))
 
     def dequantize(self) -> torch.Tensor:
-        """The weight (N, K) in bf16, (u - 8) * scale + zero, as the transposed view of a contiguous (K, N) buffer:
-        the nibbles are written straight to their (k, n) places and the arithmetic runs in place in fp32 (one
-        rounding to bf16), like quantize._int4_dequantize_packed; 2-2.4x faster than unstreaming to (N, K) first."""
+        """The weight (N, K) in bf16, (u - 8) * scale + zero, as the transposed view of a contiguous (K, N) buffer,
+        for prefill's dense matmul: kernels.cpp's int4_dequantize, bit-identical to `dequantize_reference` and ~7x
+        faster (SmolLM2's 66 MB of int4 matrices: 45 vs 326 ms at 2 threads)."""
+        return _ext.int4_dequantize(self.stream, self.out_features, self.in_features, self.group_size).t()
+
+    def dequantize_reference(self) -> torch.Tensor:
+        """dequantize's twin in torch ops: the nibbles are written straight to their (k, n) places and the
+        arithmetic runs in place in fp32 (one rounding to bf16), like quantize._int4_dequantize_packed."""
         N, K, G = self.out_features, self.in_features, self.group_size
         NB, NG = N // ROWS, K // G
         s = self.stream.view(NB, NG, 4 * ROWS + G // 8 * 64)

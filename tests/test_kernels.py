@@ -133,8 +133,32 @@ def test_herd_int4_linear_matches_int4_linear(M, zero):
 def test_herd_int4_dequantize_equals_torch_layout():
     mod, _ = int4_module()
     herd_mod = kernels.HerdInt4Linear.from_int4(mod)
-    assert torch.equal(herd_mod.dequantize(), _int4_dequantize_packed(mod.weight, mod.scales_and_zeros, 64))
+    torch_layout = _int4_dequantize_packed(mod.weight, mod.scales_and_zeros, 64)
+    assert torch.equal(herd_mod.dequantize_reference(), torch_layout)
+    assert torch.equal(herd_mod.dequantize(), torch_layout)          # kernels.cpp's int4_dequantize, bit for bit
+    assert herd_mod.dequantize().t().is_contiguous()
     assert herd_mod.stream.numel() == mod.weight.numel() + mod.scales_and_zeros.numel() * 2   # the same bytes
+
+
+@needs_kernels
+@pytest.mark.parametrize("N, K, G", [(16, 32, 32), (48, 128, 64), (64, 256, 128), (32, 96, 32)])
+def test_int4_dequantize_matches_its_twin(N, K, G):
+    """kernels.cpp's int4_dequantize against HerdInt4Linear.dequantize_reference, bit for bit: scales and zeros
+    from 1e-3 to 10 in magnitude (bf16 roundings on both sides), group sizes 32-128, 1-3 threads."""
+    g = torch.Generator().manual_seed(N + K + G)
+    u = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+    scale = torch.rand(K // G, N, generator=g) * 10 + 1e-3
+    zero = torch.randn(K // G, N, generator=g) * 3
+    mod = kernels.HerdInt4Linear(K, N, G, kernels.int4_stream(u, torch.stack((scale, zero), dim=-1).bfloat16(), G))
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.equal(mod.dequantize(), mod.dequantize_reference())
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(RuntimeError, match="int4 stream has the wrong size"):
+        kernels._load().int4_dequantize(mod.stream[:-1], N, K, G)
 
 
 @needs_kernels
