@@ -81,10 +81,19 @@ def filter_logits(logits, temperature, top_k, top_p, min_p):
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
 
 
+def argmax_rows(logits):
+    """logits (B, V) -> the index of each row's first largest value (B,), as logits.argmax(-1) (a NaN counts as the
+    largest). On the CPU through numpy: torch's CPU argmax measured 150 us on one 49k-vocab row here, numpy's 9 us
+    (~1.5% of a SmolLM2 decode step)."""
+    if logits.device.type == "cpu" and logits.dtype == torch.float32:
+        return torch.from_numpy(logits.detach().numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 def sample(logits, temperature, top_k, top_p, min_p, generators):
     """Next ids (B,) from logits (B, V): argmax where temperature is 0, else a draw from the filtered distribution
     with that row's generator (so a seeded request is reproducible whatever else is in the batch)."""
-    greedy = logits.argmax(-1)
+    greedy = argmax_rows(logits)
     if bool((temperature <= 0).all()):
         return greedy
     probs = filter_logits(logits.float(), temperature, top_k, top_p, min_p).softmax(-1)

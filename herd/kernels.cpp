@@ -441,7 +441,9 @@ torch::Tensor int4_dequantize(torch::Tensor stream, int64_t N, int64_t K, int64_
   const uint8_t* s = stream.data_ptr<uint8_t>();
   uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   const int64_t n_groups = K / G, rb_bytes = n_groups * (64 + G * 8);
-  parallel_rows(N / kRows, [&](int64_t begin, int64_t end) {
+  // torch's OpenMP threads, not the SpinPool: this runs between prefill's torch matmuls, whose OpenMP workers a
+  // spinning pool worker would compete with for the cores
+  at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
     const __m512i low4 = _mm512_set1_epi32(0x0F);
     const __m512 eight = _mm512_set1_ps(8.0f);
     for (int64_t rb = begin; rb < end; ++rb) {

@@ -72,8 +72,8 @@ def _load():
         # one extension: these matmuls and decode.cpp's norm / rotary / attention steps (decode.py)
         sources = [Path(__file__).with_name(name).read_text() for name in ("kernels.cpp", "decode.cpp")]
         _ext = load_inline("herd_kernels", cpp_sources=sources,
-                           functions=["int4_mm", "int8_mm", "fp32_mm", "int4_dequantize", "quantize_x", "rms_norm", "decode_qkv", "attend_one",
-                                      "silu_mul", "decode_layer"],
+                           functions=["int4_mm", "int8_mm", "fp32_mm", "int4_dequantize", "quantize_x", "rms_norm",
+                                      "decode_qkv", "attend_one", "silu_mul", "decode_layer"],
                            extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
         _status = "on: AVX512-VNNI int4/int8 decode kernels and decode steps"
     except Exception as e:   # no compiler, no ninja, ...: keep torch's kernels, say why

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from herd.config import ModelConfig, preset
-from herd.engine import (ContextLengthError, Engine, KVCache, SamplingParams, filter_logits, generate,
-                         generate_reference, sample)
+from herd.engine import (ContextLengthError, Engine, KVCache, SamplingParams, argmax_rows, filter_logits,
+                         generate, generate_reference, sample)
 from herd.model import Transformer
 
 
@@ -84,6 +84,19 @@ def test_dense_cache_update_equals_general_path():
         assert all(torch.equal(x, y) for x, y in zip(bufs_a, bufs_b))
     with pytest.raises(ContextLengthError, match="past the cache"):
         fast.update(cfg.n_layers - 1, k, v, torch.full((2, 1), 64))
+
+
+def test_argmax_rows_matches_torch_argmax():
+    """The numpy path against torch's argmax: ties take the first index, a NaN counts as the largest, bf16 rows
+    (torch's path), a 49k vocab."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 49152, generator=g)
+    logits[1, 7] = logits[1, 900] = logits[1].max() + 1           # a tie: the first one
+    logits[2, 5000] = float("nan")
+    logits[3] = 0.0                                               # all equal
+    assert torch.equal(argmax_rows(logits), logits.argmax(-1))
+    assert argmax_rows(logits).tolist()[1:] == [7, 5000, 0]
+    assert torch.equal(argmax_rows(logits.bfloat16()), logits.bfloat16().argmax(-1))
 
 
 def test_sampling_filters():
