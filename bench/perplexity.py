@@ -24,6 +24,9 @@ Schemes:
 - packed GGUF, decode kernels: the packed model with every row forced through herd's own int4/int8 kernels
   (herd/kernels.py, int16 activations), which otherwise run only for fewer than kernels.DEQUANT_ROWS rows: the
   numerics of a decode step, measured on whole windows. Only where the kernels run (AVX512-VNNI).
+- packed GGUF, f16 / bf16 KV cache: the packed model with each window run through an engine KV cache of that dtype,
+  so every query attends over keys and values rounded as the cache stores them (`herd run --kv-dtype`; llama.cpp's
+  default cache is f16).
 """
 from __future__ import annotations
 
@@ -55,6 +58,21 @@ class ThroughKernels(torch.nn.Module):
             return self.model(tokens)
         finally:
             kernels.DEQUANT_ROWS = saved
+
+
+class ThroughCache(torch.nn.Module):
+    """Calls `model` with a fresh engine KV cache of `dtype` per window: every query attends over the keys and
+    values as that cache stores them (rounded when written), as in decode."""
+
+    def __init__(self, model, dtype):
+        super().__init__()
+        self.model, self.dtype = model, dtype
+
+    def forward(self, tokens):
+        from herd.engine import KVCache
+        cache = KVCache(self.model.config, 1, tokens.shape[1], self.dtype)
+        cache.rows = slice(0, 1)
+        return self.model(tokens, kv_cache=cache)
 
 
 @torch.inference_mode()
@@ -115,6 +133,9 @@ def main():
         schemes["packed GGUF Q4_1, decode kernels (every row)"] = lambda: ThroughKernels(herd.load(path, quant="packed"))
     else:
         print(f"herd kernels {kernels.status()}: no decode-kernel row")
+    for cache_name, cache_dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
+        schemes[f"packed GGUF Q4_1, {cache_name} KV cache"] = (
+            lambda d=cache_dtype: ThroughCache(herd.load(path, quant="packed"), d))
     targets = {"fp32,": 0.1, "int8": 1.0, "int4": 5.0, "packed": 5.0}
     rows, base = [], None
     for name, make in schemes.items():

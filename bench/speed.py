@@ -9,8 +9,10 @@ Measured (SmolLM2-135M-Instruct Q4_1, the default model):
 - decode tok/s after a 5-token and after a 512-token prompt (greedy, --decode tokens, first token excluded);
 - prefill tok/s of the 512-token prompt (time to the first token's logits).
 herd runs the GGUF repacked (herd.load(path, quant="packed"): herd's own int4 / int8 kernels where the CPU has
-AVX512-VNNI, else torch's; fused q/k/v and gate/up) through its Engine, as `herd run --packed` does; llama.cpp through Llama.eval; transformers through forward calls
-with its KV cache. The prompt is English prose (Python's pydoc topics), identical token ids for all three.
+AVX512-VNNI, else torch's; fused q/k/v and gate/up) through its Engine, as `herd run --packed` does, once with its
+default fp32 KV cache and once with an f16 one (`--kv-dtype f16`; llama.cpp's default cache is f16); llama.cpp
+through Llama.eval; transformers through forward calls with its KV cache. The prompt is English prose (Python's
+pydoc topics), identical token ids for all three.
 
 llama.cpp: llama-cpp-python (a benchmark-only peer, not installed by install.sh). On this machine its native build
 (AVX512 + AMX) crashed with a general protection fault in libggml-cpu on the first eval; built without AMX it runs:
@@ -26,6 +28,7 @@ The same environment applies to every engine in this process (llama.cpp's OpenMP
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -62,10 +65,11 @@ def load_avg() -> str:
 
 
 # ---- herd ----------------------------------------------------------------------------------------------------------
-def herd_run(model, prompt: list[int], n_decode: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of one request through the Engine."""
+def herd_run(model, prompt: list[int], n_decode: int, cache_dtype=None) -> tuple[float, float]:
+    """(prefill tok/s, decode tok/s) of one request through the Engine (KV cache in cache_dtype, default the
+    activations' dtype)."""
     from herd.engine import Engine, SamplingParams
-    engine = Engine(model, max_batch=1, max_seq_len=len(prompt) + n_decode + 8)
+    engine = Engine(model, max_batch=1, max_seq_len=len(prompt) + n_decode + 8, cache_dtype=cache_dtype)
     req = engine.add(prompt, SamplingParams(max_tokens=n_decode + 1, ignore_eos=True))
     t0 = time.perf_counter()
     engine.step()                                        # prefill + the first token
@@ -134,7 +138,10 @@ def smollm2(args, results: dict):
         print(f"  {name}: {results[name]}  (load {load_avg()})", flush=True)
 
     with torch.inference_mode():
-        measure("herd (packed Q4_1)", herd_run, herd.load(path, quant="packed"))
+        packed = herd.load(path, quant="packed")
+        measure("herd (packed Q4_1)", herd_run, packed)
+        measure("herd (packed Q4_1, f16 KV)", functools.partial(herd_run, cache_dtype=torch.float16), packed)
+        del packed
     if not args.skip_llamacpp:
         # in a child process: a crash of the native library (seen: a general protection fault in libggml-cpu.so on
         # the first eval with llama-cpp-python 0.3.36 built natively here) must not take the other results with it
@@ -231,14 +238,16 @@ def main():
     for name, r in results.items():
         if "prefill 512" in r:
             print(f"| {name} | {r['decode after 5']:.1f} | {r['decode after 512']:.1f} | {r['prefill 512']:.1f} |")
-    herd_r = results.get("herd (packed Q4_1)")
     print()
-    for other, label in (("llama.cpp (Q4_1)", "llama.cpp"), ("transformers (fp32)", "transformers")):
-        if herd_r and other in results:
-            o = results[other]
-            print(f"herd / {label}: decode after 5 {herd_r['decode after 5'] / o['decode after 5']:.2f}x, "
-                  f"decode after 512 {herd_r['decode after 512'] / o['decode after 512']:.2f}x, "
-                  f"prefill 512 {herd_r['prefill 512'] / o['prefill 512']:.2f}x")
+    for herd_name, herd_label in (("herd (packed Q4_1)", "herd"), ("herd (packed Q4_1, f16 KV)", "herd f16 KV")):
+        herd_r = results.get(herd_name)
+        for other, label in (("llama.cpp (Q4_1)", "llama.cpp"), ("transformers (fp32)", "transformers")):
+            if herd_r and other in results:
+                o = results[other]
+                print(f"{herd_label} / {label}: "
+                      f"decode after 5 {herd_r['decode after 5'] / o['decode after 5']:.2f}x, "
+                      f"decode after 512 {herd_r['decode after 512'] / o['decode after 512']:.2f}x, "
+                      f"prefill 512 {herd_r['prefill 512'] / o['prefill 512']:.2f}x")
     if "herd tiny MoE (fp32)" in results:
         h, t = results["herd tiny MoE (fp32)"]["decode after 16"], results["transformers tiny MoE (fp32)"]["decode after 16"]
         print(f"tiny Llama 4 MoE decode: herd {h:.1f} tok/s, transformers {t:.1f} tok/s, herd / transformers "

@@ -80,8 +80,9 @@ def _print_kv_cache(engine):
     n_chunked = sum(s.chunked for s in cfg.layers)
     layout = (f"{n_chunked} chunked layers hold {min(ctx, cfg.attn_chunk_size):,} tokens, "
               if n_chunked else "") + f"{cfg.n_layers - n_chunked} global layers hold all"
-    print(f"[kv cache {n / 2**20:,.1f} MiB for {ctx:,} tokens of context = {n / ctx:,.0f} B per token ({layout})]",
-          file=sys.stderr)
+    dtype = str(cache.dtype).removeprefix("torch.")
+    print(f"[kv cache {n / 2**20:,.1f} MiB ({dtype}) for {ctx:,} tokens of context = {n / ctx:,.0f} B per token "
+          f"({layout})]", file=sys.stderr)
 
 
 def _sampling(args, tok, **extra):
@@ -120,7 +121,8 @@ def cmd_run(args):
         raise SystemExit(f"herd: error: {words[0]!r} is a shape preset without weights; give a checkpoint path")
     prompt = " ".join(words) if words else None
     _, model, tok = _load(model_arg, args.verbose, packed=args.packed)
-    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8)
+    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8,
+                    cache_dtype=_cache_dtype(args))
     if args.verbose:
         _print_kv_cache(engine)
     history = [{"role": "system", "content": args.system}] if args.system else []
@@ -185,7 +187,8 @@ def cmd_generate(args):
     params = _sampling(args, tok, ignore_eos=args.ignore_eos)
     if args.ignore_eos:
         params.stop_token_ids = ()
-    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8)
+    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8,
+                    cache_dtype=_cache_dtype(args))
     if args.verbose:
         _print_kv_cache(engine)
     timing = Timing()
@@ -239,7 +242,7 @@ def cmd_serve(args):
         if any(m.name == name for m in served):
             raise ValueError(f"two models are both named {name!r}: give one an id with NAME=PATH")
         served.append(ServedModel(name, model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                                  max_queue=args.max_queue))
+                                  max_queue=args.max_queue, cache_dtype=_cache_dtype(args)))
     print(f"[serving {', '.join(m.name for m in served)} on http://{args.host}:{args.port}/v1]", file=sys.stderr)
     serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
 
@@ -337,7 +340,22 @@ def _add_sampling_flags(p, temperature):
     p.add_argument("--max-seq-len", type=int, default=4096, help="context window to allocate (prompt + output)")
     p.add_argument("--kv-int8", action="store_true",
                    help="int8 keys and values (one scale per token and head) in the global layers' KV cache")
+    _kv_dtype_arg(p)
     p.add_argument("--verbose", action="store_true", help="print load time and prefill / decode tokens per second")
+
+
+KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+def _kv_dtype_arg(p):
+    p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None,
+                   help="the KV cache's dtype (default: the activations'; f16 halves the cache and its reads, as "
+                        "llama.cpp's default cache; bench/perplexity.py measures what it costs)")
+
+
+def _cache_dtype(args):
+    import torch
+    return getattr(torch, KV_DTYPES[args.kv_dtype]) if args.kv_dtype else None
 
 
 def main(argv=None):
@@ -405,6 +423,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--packed", action="store_true",
                    help="keep GGUF files' Q4/Q8 weights packed for the int4/int8 CPU kernels (default: fp32)")
+    _kv_dtype_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, TTFT, ITL, cost")

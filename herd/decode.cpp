@@ -18,6 +18,9 @@ namespace {
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 inline __m512 load16(const at::BFloat16* p) { return bf16x16_to_fp32(p); }     // (kernels.cpp)
+inline __m512 load16(const at::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
 // e^x for 16 floats, ~1 ulp over the range softmax and SiLU use (x <= 0 after the max is subtracted; SiLU's
 // e^-x for any x): x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (error < 2e-8 relative),
 // times 2^n (VSCALEFPS). Inputs below -87.3 give 0, above 88.7 give +inf, NaN gives NaN, like expf.
@@ -44,6 +47,7 @@ inline __m512 exp16(__m512 x) {
 
 inline float to_float(float x) { return x; }
 inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
+inline float to_float(at::Half x) { return static_cast<float>(x); }
 
 // sum of x[i]^2, i < n
 inline float sum_squares(const float* x, int64_t n) {
@@ -254,8 +258,10 @@ namespace {
 void check_cache(const torch::Tensor& k, const torch::Tensor& v) {
   TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous() &&
                   k.scalar_type() == v.scalar_type() &&
-                  (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16),
-              "attend_one: k and v must be contiguous (S, K, D) fp32 or bf16 tensors of one shape; got ", k.sizes(),
+                  (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16 ||
+                   k.scalar_type() == torch::kHalf),
+              "attend_one: k and v must be contiguous (S, K, D) fp32, bf16 or f16 tensors of one shape; got ",
+              k.sizes(),
               " ", k.scalar_type(), " and ", v.sizes(), " ", v.scalar_type());
 }
 
@@ -304,15 +310,17 @@ void attend_one_raw(const float* q, const torch::Tensor& k, const torch::Tensor&
   const int64_t K = k.size(1), D = k.size(2);
   if (k.scalar_type() == torch::kFloat32) {
     attend_one_raw(q, k.data_ptr<float>(), v.data_ptr<float>(), kp, S, K, D, H, q_pos, chunk, out);
-  } else {
+  } else if (k.scalar_type() == torch::kBFloat16) {
     attend_one_raw(q, k.data_ptr<at::BFloat16>(), v.data_ptr<at::BFloat16>(), kp, S, K, D, H, q_pos, chunk, out);
+  } else {
+    attend_one_raw(q, k.data_ptr<at::Half>(), v.data_ptr<at::Half>(), kp, S, K, D, H, q_pos, chunk, out);
   }
 }
 
 }  // namespace
 
-// One query (H*D fp32, position q_pos) over cached keys and values k, v (S, K, D) fp32 or bf16 with positions
-// k_pos (S,) int64 -> (H*D) fp32. Key j counts iff 0 <= k_pos[j] <= q_pos and, when chunk > 0, it lies in the
+// One query (H*D fp32, position q_pos) over cached keys and values k, v (S, K, D) fp32, bf16 or f16 with
+// positions k_pos (S,) int64 -> (H*D) fp32. Key j counts iff 0 <= k_pos[j] <= q_pos and, when chunk > 0, it lies in the
 // query's chunk (k_pos[j] >= q_pos - q_pos % chunk): model.attention_mask for one query. Query heads h*G .. h*G+G-1
 // share kv head h (G = H / K).
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_pos, int64_t q_pos,
@@ -411,9 +419,12 @@ void write_slot(const float* src, torch::Tensor& cache, int64_t slot) {
   const int64_t n = cache.size(1) * cache.size(2);
   if (cache.scalar_type() == torch::kFloat32) {
     std::memcpy(cache.data_ptr<float>() + slot * n, src, n * sizeof(float));
-  } else {
+  } else if (cache.scalar_type() == torch::kBFloat16) {
     at::BFloat16* dst = cache.data_ptr<at::BFloat16>() + slot * n;
     for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(src[i]);
+  } else {
+    at::Half* dst = cache.data_ptr<at::Half>() + slot * n;
+    for (int64_t i = 0; i < n; ++i) dst[i] = at::Half(src[i]);
   }
 }
 
@@ -428,7 +439,7 @@ void write_slot(const float* src, torch::Tensor& cache, int64_t slot) {
 //     (decode.HerdExperts' layout); the first of the largest router logits (as argmax; torch.topk's choice among
 //     exact ties is unspecified), its sigmoid scaling the expert's input
 // with this token's key, value and position written to slot `slot` of the layer's cache row (k_cache, v_cache
-// (S, K, D) fp32 or bf16, pos_cache (S,) int64) and attention over its first n_slots slots. x (1, dim) fp32.
+// (S, K, D) fp32, bf16 or f16, pos_cache (S,) int64) and attention over its first n_slots slots. x (1, dim) fp32.
 // Everything runs on raw pointers and scratch from the C++ heap: the ~40 torch ops per layer this took as composed
 // torch calls cost ~1 ms of a 30-layer SmolLM2 step in dispatch alone.
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,

@@ -35,6 +35,7 @@ from .model import MoE, Block, Experts, RMSNorm, apply_rope, attention_mask, rms
 from .quantize import _set_module
 
 _EMPTY = torch.empty(0)
+_CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)      # what attend_one reads
 # Up to this many rows fp32 products run kernels.cpp's fp32_mm, from here on torch's GEMM. Measured one row at a time
 # over 160 MB of matrices (cold caches) at the tiny MoE's and the 8192-row vocab head's shapes: at 2 threads 10-60 us
 # faster per matrix than x @ w_t (no OpenMP region per call), at 1 thread the same within noise.
@@ -60,7 +61,7 @@ class HerdAttention(FusedAttention):
         q, k, v = kernels._ext.decode_qkv(self.wqkv(x).reshape(-1), cos_sin, H, K, self.spec.qk_norm,
                                           self.norm_eps, q_scale)
         k, v, k_pos = kv_cache.update(self.layer_id, k.view(1, 1, K, D), v.view(1, 1, K, D), pos)
-        if type(k) is torch.Tensor and k.dtype in (torch.float32, torch.bfloat16) and k[0].is_contiguous():
+        if type(k) is torch.Tensor and k.dtype in _CACHE_DTYPES and k[0].is_contiguous():
             out = kernels._ext.attend_one(q, k[0], v[0], k_pos[0], p, self.chunk_size or 0)      # (H*D,)
             return self.wo(out.view(1, 1, H * D))
         return self.wo(self.attend(q.view(1, 1, H, D), k, v, pos, k_pos))

@@ -151,6 +151,8 @@ class KVCache:
         """Store this step's k, v (B, T, K, D) at positions pos (B, T); return every key the step may attend to,
         with their positions: (k_all, v_all, pos_all)."""
         kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
+        if not isinstance(kb, QuantizedKV):   # a cache in another dtype than the activations (Engine(cache_dtype=)):
+            k, v = k.to(kb.dtype), v.to(vb.dtype)          # rounded once, and attended as stored
         p = int(pos) if pos.numel() == 1 else -1
         one = self.decode_slot(layer, p) if p >= 0 else None
         if one is not None:         # batch-1 decode: three slot writes, no masks, index tensors or host checks

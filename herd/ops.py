@@ -138,7 +138,9 @@ def _attend_block_math(q, k, v, bias):
 
 
 def _dense(x, dtype):
-    return x.dequantize(dtype) if isinstance(x, QuantizedKV) else x
+    """Cached keys or values in the queries' dtype: int8 ones dequantized, a cache kept in another dtype than the
+    activations (Engine(cache_dtype=...)) cast."""
+    return x.dequantize(dtype) if isinstance(x, QuantizedKV) else x.to(dtype)
 
 
 # ---- mixture of experts ---------------------------------------------------------------------------------------

@@ -345,9 +345,9 @@ class ServedModel:
     """A model, its tokenizer and an Engine driven by one background thread."""
 
     def __init__(self, name: str, model, tok: Tokenizer, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_queue: int = DEFAULT_MAX_QUEUE):
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_queue: int = DEFAULT_MAX_QUEUE, cache_dtype=None):
         self.name, self.model, self.tok = name, model, tok
-        self.engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len)
+        self.engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, cache_dtype=cache_dtype)
         self.max_queue = max_queue
         self.stop_ids = sorted(set(stop_token_ids(tok)) | set(model.config.eos_token_ids))
         self.created = int(time.time())

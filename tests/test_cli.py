@@ -40,6 +40,17 @@ def test_run_and_generate_llama4_folder(tiny_llama4):
     assert again.stdout == r.stdout                       # seeded sampling is reproducible
 
 
+def test_kv_dtype(tiny_llama4):
+    """--kv-dtype f16: the cache is allocated in f16 (the verbose line says so) and a greedy completion runs; a bad
+    choice is refused by name."""
+    r = herd_cli("generate", str(tiny_llama4), "Once upon", "--max-tokens", "8", "--ignore-eos", "--temperature", "0",
+                 "--kv-dtype", "f16", "--verbose")
+    assert r.returncode == 0, r.stderr
+    assert "(float16)" in r.stderr and r.stdout.startswith("Once upon")
+    r = herd_cli("generate", str(tiny_llama4), "Once upon", "--kv-dtype", "int3")
+    assert r.returncode != 0 and "invalid choice: 'int3'" in r.stderr
+
+
 def test_info():
     r = herd_cli("info", "scout")
     assert r.returncode == 0
