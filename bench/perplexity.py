@@ -130,7 +130,8 @@ def main():
     }
     from herd import kernels
     if kernels.available():
-        schemes["packed GGUF Q4_1, decode kernels (every row)"] = lambda: ThroughKernels(herd.load(path, quant="packed"))
+        schemes["packed GGUF Q4_1, decode kernels (every row)"] = (
+            lambda: ThroughKernels(herd.load(path, quant="packed")))
     else:
         print(f"herd kernels {kernels.status()}: no decode-kernel row")
     for cache_name, cache_dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):

@@ -261,8 +261,7 @@ void check_cache(const torch::Tensor& k, const torch::Tensor& v) {
                   (k.scalar_type() == torch::kFloat32 || k.scalar_type() == torch::kBFloat16 ||
                    k.scalar_type() == torch::kHalf),
               "attend_one: k and v must be contiguous (S, K, D) fp32, bf16 or f16 tensors of one shape; got ",
-              k.sizes(),
-              " ", k.scalar_type(), " and ", v.sizes(), " ", v.scalar_type());
+              k.sizes(), " ", k.scalar_type(), " and ", v.sizes(), " ", v.scalar_type());
 }
 
 // attend_one on raw pointers: k, v (S, K, D) of T, k_pos (S,), out (H*D) written.
@@ -320,9 +319,9 @@ void attend_one_raw(const float* q, const torch::Tensor& k, const torch::Tensor&
 }  // namespace
 
 // One query (H*D fp32, position q_pos) over cached keys and values k, v (S, K, D) fp32, bf16 or f16 with
-// positions k_pos (S,) int64 -> (H*D) fp32. Key j counts iff 0 <= k_pos[j] <= q_pos and, when chunk > 0, it lies in the
-// query's chunk (k_pos[j] >= q_pos - q_pos % chunk): model.attention_mask for one query. Query heads h*G .. h*G+G-1
-// share kv head h (G = H / K).
+// positions k_pos (S,) int64 -> (H*D) fp32. Key j counts iff 0 <= k_pos[j] <= q_pos and, when chunk > 0, it lies in
+// the query's chunk (k_pos[j] >= q_pos - q_pos % chunk): model.attention_mask for one query. Query heads
+// h*G .. h*G+G-1 share kv head h (G = H / K).
 torch::Tensor attend_one(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_pos, int64_t q_pos,
                          int64_t chunk) {
   check_cache(k, v);

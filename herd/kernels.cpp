@@ -1,6 +1,7 @@
 // herd's CPU matmul kernels for few-row (decode) inputs: int4 and int8 weights against int16-quantized activations,
-// AVX512-VNNI (VPDPWSSD: int16 pairs multiplied and summed into int32 lanes). Built at first use by kernels.py (torch.utils.cpp_extension.load_inline); kernels.py documents the
-// layouts and holds the plain twins these are tested against.
+// AVX512-VNNI (VPDPWSSD: int16 pairs multiplied and summed into int32 lanes); one-row fp32 products; the int4 stream
+// dequantized to bf16 for prefill. Built at first use by kernels.py (torch.utils.cpp_extension.load_inline);
+// kernels.py documents the layouts and holds the plain twins these are tested against.
 //
 // Why: torch's packed kernels (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) read SmolLM2's weights at about
 // half this machine's memory bandwidth at batch 1. Here 16 output rows sit side by side in one 512-bit register
@@ -331,7 +332,8 @@ void fp32_mm_raw(const float* xp, int64_t M, int64_t K, const float* wp, int64_t
           int64_t j = 0;
           for (; j + 16 <= N; j += 16) {
             if (m == 0)
-              for (int i = 0; i < 4; ++i) _mm_prefetch(reinterpret_cast<const char*>(r[i] + j) + kPrefetch, _MM_HINT_T0);
+              for (int i = 0; i < 4; ++i)
+                _mm_prefetch(reinterpret_cast<const char*>(r[i] + j) + kPrefetch, _MM_HINT_T0);
             __m512 acc = _mm512_fmadd_ps(xk[0], _mm512_loadu_ps(r[0] + j), _mm512_loadu_ps(ym + j));
             acc = _mm512_fmadd_ps(xk[1], _mm512_loadu_ps(r[1] + j), acc);
             acc = _mm512_fmadd_ps(xk[2], _mm512_loadu_ps(r[2] + j), acc);
@@ -418,8 +420,9 @@ torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w_t) {
 // dense matmul x @ w^T (HerdInt4Linear.dequantize; its twin there runs the same steps as torch ops). Each 64-byte
 // chunk holds, in lane r, 8 inputs of row r: byte j = u[k0 + j] | u[k0 + 4 + j] << 4. One nibble of every lane is
 // the 16 consecutive outputs n = 16 rb .. 16 rb + 15 of one input k: one 32-byte bf16 store into row k.
-// w = (u - 8) * scale + zero in fp32, a multiply then an add (no FMA: the twin rounds twice), rounded once to bf16. Measured on SmolLM2's 66 MB of int4 matrices: the torch steps
-// took ~0.7 s of a 1.4 s 512-token prefill at 2 threads.
+// w = (u - 8) * scale + zero in fp32, a multiply then an add (no FMA: the twin rounds twice), rounded once to bf16.
+// Measured on SmolLM2's 66 MB of int4 matrices at 2 threads: 45 ms here, 326 ms as the torch steps (~0.3 s of a
+// 1.4 s 512-token prefill).
 namespace {
 
 // 16 finite floats -> bf16, rounded to nearest even as torch's .to(bfloat16) (without AVX512-BF16, which the
