@@ -548,7 +548,9 @@ def test_disconnect_frees_the_slot(one_slot_server):
                                   extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4
     used = s.metric("herd_generation_tokens_total") - before
-    assert used < 1500, f"{used} tokens generated: the abandoned requests kept decoding"
+    # Left running, either abandoned request alone would have produced its 4000 tokens. (A bound of 1500 counted on
+    # the decode speed: with the faster decode of the C++ layers the 2-second window alone produced ~1670.)
+    assert used < 4000, f"{used} tokens generated: the abandoned requests kept decoding"
     assert s.metric("herd_running_requests") == 0 and s.metric("herd_queue_depth") == 0
 
 
