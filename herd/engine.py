@@ -216,7 +216,8 @@ class KVCache:
     def _update_dense(self, layer: int, k, v, pos):
         """`update` when every new token is real (no padding) and the rows are a slice: a single prompt's prefill,
         batched decode. The slots are written in place through views with one scatter per buffer, instead of
-        nonzero + gathers + index_put (a dozen small ops per layer per decoded token)."""
+        nonzero + gathers + index_put (a dozen small ops per layer per decoded token). k and v arrive in the cache's
+        dtype (update casts them)."""
         kb, vb, pb = self.k[layer], self.v[layer], self.pos[layer]
         S = kb.shape[1]
         top = int(pos.max())
@@ -224,8 +225,8 @@ class KVCache:
             raise ContextLengthError(f"position {top} is past the cache's {S} slots")
         slots = pos % S                                                    # (B, T); T == 1 on rings (see update)
         index = slots[:, :, None, None].expand_as(k)                       # (B, T, K, D)
-        kb[self.rows].scatter_(1, index, k.to(kb.dtype))
-        vb[self.rows].scatter_(1, index, v.to(vb.dtype))
+        kb[self.rows].scatter_(1, index, k)
+        vb[self.rows].scatter_(1, index, v)
         pb[self.rows].scatter_(1, slots, pos)
         if self.ring[layer]:
             return kb[self.rows], vb[self.rows], pb[self.rows]
