@@ -3,6 +3,7 @@ of it): DDP (replicated weights, averaged gradients) or FSDP2 `fully_shard` (wei
 sharded across ranks). Launch with torchrun; gloo on CPU, nccl on GPU."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -37,6 +38,21 @@ def init_distributed(device: str | None = None) -> Dist:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+@contextlib.contextmanager
+def distributed(device: str | None = None):
+    """init_distributed for the length of a `with` block. A process group joined here is destroyed on leaving it,
+    error or not: gloo's worker threads still alive when the interpreter exits abort the process ("terminate called
+    without an active exception", SIGABRT), which failed a 2-process FSDP run that had finished its work. A group the
+    caller had already joined is left to the caller."""
+    joined_here = not (dist.is_available() and dist.is_initialized())
+    d = init_distributed(device)
+    try:
+        yield d
+    finally:
+        if joined_here:
+            cleanup()
 
 
 def apply_ddp(model, d: Dist):

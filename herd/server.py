@@ -302,6 +302,8 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("herd_prompt_tokens", "prompt tokens admitted", ["model"], registry=r)
         self.generation_tokens = Counter("herd_generation_tokens", "tokens generated", ["model"], registry=r)
+        self.finished = Counter("herd_finished_requests", "sequences ended, by why: stop, length, tool_calls, "
+                                "cancelled (the client went away), error", ["model", "reason"], registry=r)
         self.queue_depth = Gauge("herd_queue_depth", "requests waiting for a batch slot", ["model"], registry=r)
         self.running = Gauge("herd_running_requests", "requests in the running batch", ["model"], registry=r)
         self.batch_size = Histogram("herd_batch_size", "requests advanced together per engine step", ["model"],
@@ -417,10 +419,12 @@ class ServedModel:
         if self._thread is not None:
             self._thread.join(timeout=30)
 
-    def _finish(self, job: Job):
+    def _finish(self, job: Job, reason: str):
         if job.done:
             return
         job.done = True
+        if self.metrics is not None:
+            self.metrics.finished.labels(self.name, reason).inc()
         self._jobs.pop(job.request, None)
         with self._lock:
             self._outstanding -= 1
@@ -433,13 +437,13 @@ class ServedModel:
                     job.request = self.engine.add(job.prompt, job.params, constraint=job.constraint, images=job.images)
                 except ValueError as e:          # checked by the handler already; kept for safety
                     job.push(("error", job.choice, APIError(400, str(e))))
-                    self._finish(job)
+                    self._finish(job, "error")
                     continue
                 self._jobs[job.request] = job
             elif not job.done:                   # cancel
                 if job.request is not None:
                     self.engine.cancel(job.request, rest[0])
-                self._finish(job)
+                self._finish(job, rest[0])
 
     def _run(self):
         while not self._stopping:
@@ -466,7 +470,7 @@ class ServedModel:
                 lp = req.logprobs[-1] if req.params.logprobs is not None and req.logprobs else None
                 job.push(("token", job.choice, token, lp, req.finish_reason))
                 if req.finished:
-                    self._finish(job)
+                    self._finish(job, req.finish_reason)
         self._fail_all(APIError(503, "server shutting down", type="server_error"))
 
     def _fail_all(self, err: APIError):
@@ -474,7 +478,7 @@ class ServedModel:
             job.push(("error", job.choice, err))
             if job.request is not None:
                 self.engine.cancel(job.request)
-            self._finish(job)
+            self._finish(job, "error")
         self._running = 0
 
 

@@ -31,7 +31,7 @@ from .data import ByteTokenizer, TokenLoader, fingerprint, load_tokens, save_tok
 from .distill import TeacherCache, build_teacher_cache, check_same_tokenizer, kl_full, kl_topk
 from .model import MoE
 from .optim import build_optimizer, load_optimizer_state, lr_at, save_optimizer_state
-from .parallel import Dist, all_reduce, apply_ddp, apply_fsdp, barrier, init_distributed
+from .parallel import Dist, all_reduce, apply_ddp, apply_fsdp, barrier, distributed
 
 
 class TrainingError(RuntimeError):
@@ -267,7 +267,11 @@ def evaluate(model, loader: TokenLoader, n_batches: int, device, autocast) -> fl
 def train(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
-    d = init_distributed(args.device)
+    with distributed(args.device) as d:
+        return _train(args, d)
+
+
+def _train(args, d: Dist) -> dict:
     distill = hasattr(args, "teacher")
     if distill and args.teacher == "default":
         from .textgen import default_model_path

@@ -69,11 +69,13 @@ class LiveServer:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0,
                              timeout=kw.pop("timeout", 120), **kw)
 
-    def metric(self, name: str) -> float:
-        """Sum of a Prometheus series over its labels (first model's only, when labelled by model)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus series over the samples whose labels include `labels`."""
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             text = r.read().decode()
-        return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+        want = {f'{k}="{v}"' for k, v in labels.items()}
+        return sum(float(m.group(2)) for m in re.finditer(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M)
+                   if want <= set((m.group(1) or "").split(",")))
 
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
@@ -532,6 +534,8 @@ def test_disconnect_frees_the_slot(one_slot_server):
     s = one_slot_server
     c = s.client(timeout=120)
     before = s.metric("herd_generation_tokens_total")
+    cancelled = s.metric("herd_finished_requests_total", reason="cancelled")
+    by_length = s.metric("herd_finished_requests_total", reason="length")
     stream = _long_stream(c)                   # alone, it would decode 4000 tokens on the only slot
     for _, _ in zip(range(3), stream):
         pass
@@ -542,14 +546,17 @@ def test_disconnect_frees_the_slot(one_slot_server):
     assert r.usage.completion_tokens == 4 and time.monotonic() - t0 < 60
     # a non-streaming client that gives up is cancelled too
     with pytest.raises(openai.APITimeoutError):
-        s.client(timeout=2).chat.completions.create(model="tiny", messages=user("go on"), max_tokens=4000,
+        s.client(timeout=1).chat.completions.create(model="tiny", messages=user("go on"), max_tokens=4000,
                                                      temperature=0, extra_body={"ignore_eos": True})
     r = c.chat.completions.create(model="tiny", messages=user("next"), max_tokens=4, temperature=0,
                                   extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4
+    # Both abandoned requests ended as cancelled. With one slot, each 4-token request got it only once the abandoned
+    # one before it had left the engine, so had the engine kept decoding it, its 4000 tokens would all be counted:
+    # neither bound assumes the machine's decode speed (only that 4000 tokens take more than the 1-second timeout).
+    assert s.metric("herd_finished_requests_total", reason="cancelled") - cancelled == 2
+    assert s.metric("herd_finished_requests_total", reason="length") - by_length == 2     # the two 4-token ones
     used = s.metric("herd_generation_tokens_total") - before
-    # Left running, either abandoned request alone would have produced its 4000 tokens. (A bound of 1500 counted on
-    # the decode speed: with the faster decode of the C++ layers the 2-second window alone produced ~1670.)
     assert used < 4000, f"{used} tokens generated: the abandoned requests kept decoding"
     assert s.metric("herd_running_requests") == 0 and s.metric("herd_queue_depth") == 0
 

@@ -141,6 +141,38 @@ def test_torchrun_two_processes_match_one(tmp_path, mode):
     assert one[-1] < one[0]
 
 
+DIST_SCRIPT = """
+import torch, torch.distributed as dist
+from herd.parallel import all_reduce, distributed
+with distributed("cpu") as d:                  # joins the group here: leaves it destroyed
+    t = all_reduce(torch.ones(1))
+print(f"rank {d.rank}: sum {t.item():.0f}, group destroyed: {not dist.is_initialized()}")
+"""
+
+
+def test_distributed_destroys_only_the_group_it_joined(tmp_path):
+    # Exiting with a live gloo group can abort the process (SIGABRT, "terminate called without an active
+    # exception"): that failed a 2-process FSDP run above after its training had finished.
+    script = tmp_path / "dist.py"
+    script.write_text(DIST_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        str(script)], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: sum 2, group destroyed: True" in p.stdout, p.stdout
+    # a group the caller joined (here a 1-process one) is the caller's to destroy
+    import torch.distributed as dist
+    from herd.parallel import distributed
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        with distributed("cpu"):
+            pass
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------------
 def test_empty_and_non_utf8_data(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
