@@ -1,6 +1,7 @@
 """Batch-1 CPU speed, in one run on one machine and one thread count: herd vs llama.cpp (llama-cpp-python on the same
 GGUF file) vs transformers (the same GGUF loaded in fp32), and a tiny Llama 4 MoE, herd vs transformers (which runs
-every expert for every token). Not a test. Prints a markdown table of medians over --repeats runs and the ratios.
+every expert for every token); herd runs the MoE in fp32 and with its routed experts quantized to int8 and to int4
+(`herd quantize`'s default selection). Not a test. Prints a markdown table of medians over --repeats runs and the ratios.
 
     python bench/speed.py [--threads 2] [--repeats 3] [--decode 32] [--skip-llamacpp] [--skip-transformers]
                           [--skip-moe | --moe-only]
@@ -187,6 +188,8 @@ def tiny_moe(args, results: dict):
     import transformers
     from herd.decode import use_decode_kernels
     from herd.fuse import fuse_model
+    from herd.kernels import use_herd_kernels
+    from herd.quantize import quantize_model
 
     cfg = transformers.Llama4TextConfig(
         vocab_size=8192, hidden_size=512, intermediate_size=1024, intermediate_size_mlp=2048, num_hidden_layers=4,
@@ -199,11 +202,18 @@ def tiny_moe(args, results: dict):
         for p in hf.parameters():
             p.normal_(0, 0.02) if p.dim() > 1 else p.fill_(1.0)
     prompt = torch.randint(3, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+    runs = []
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        model = fuse_model(herd.load(d))        # as `herd run` loads a checkpoint (cli._load)
-        use_decode_kernels(model)
-    for name, fn, m in (("herd tiny MoE (fp32)", herd_run, model), ("transformers tiny MoE (fp32)", hf_run, hf)):
+        for scheme in (None, "int8", "int4"):   # routed experts as `herd quantize SRC DST --scheme S` leaves them
+            model = herd.load(d)
+            if scheme:
+                quantize_model(model, scheme)
+            fuse_model(model)                   # as `herd run` loads a checkpoint (cli._load)
+            use_herd_kernels(model)
+            use_decode_kernels(model)
+            runs.append((f"herd tiny MoE ({scheme + ' experts' if scheme else 'fp32'})", herd_run, model))
+    for name, fn, m in (*runs, ("transformers tiny MoE (fp32)", hf_run, hf)):
         with torch.inference_mode():
             fn(m, prompt, 4)
             _, dec = median_runs(fn, args.repeats, m, prompt, args.decode)
@@ -249,9 +259,11 @@ def main():
                       f"decode after 512 {herd_r['decode after 512'] / o['decode after 512']:.2f}x, "
                       f"prefill 512 {herd_r['prefill 512'] / o['prefill 512']:.2f}x")
     if "herd tiny MoE (fp32)" in results:
-        h, t = results["herd tiny MoE (fp32)"]["decode after 16"], results["transformers tiny MoE (fp32)"]["decode after 16"]
-        print(f"tiny Llama 4 MoE decode: herd {h:.1f} tok/s, transformers {t:.1f} tok/s, herd / transformers "
-              f"{h / t:.2f}x")
+        t = results["transformers tiny MoE (fp32)"]["decode after 16"]
+        for label in ("fp32", "int8 experts", "int4 experts"):
+            h = results[f"herd tiny MoE ({label})"]["decode after 16"]
+            print(f"tiny Llama 4 MoE decode: herd ({label}) {h:.1f} tok/s, transformers (fp32) {t:.1f} tok/s, "
+                  f"herd / transformers {h / t:.2f}x")
 
 
 if __name__ == "__main__":

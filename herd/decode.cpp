@@ -374,38 +374,72 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 
 namespace {
 
-// One of a decode layer's matrices (decode.HerdBlock passes each as data, row scale or empty, out dim, group size),
-// by how it is stored (kernels.cpp): fp32 (K, N) transposed (decode.HerdLinear), int8 when a row scale is given, else
-// int4 (herd's packed streams). Checked once per call; `apply` is one row's product.
+// One of a decode layer's matrices, by how it is stored (kernels.cpp): fp32 (K, N) transposed (decode.HerdLinear), an
+// int8 stream with row scales, or an int4 stream; as raw pointers, checked when built (layer_matrix, expert_matrices).
+// `apply` is one row's product.
 struct LayerMatrix {
-  const torch::Tensor &data, &row_scale;
-  int64_t K, N, G;
-
-  LayerMatrix(const torch::Tensor& data, const torch::Tensor& row_scale, int64_t K, int64_t N, int64_t G,
-              const char* name)
-      : data(data), row_scale(row_scale), K(K), N(N), G(G) {
-    if (data.scalar_type() == torch::kFloat32) {
-      check_fp32(data, K);
-      TORCH_CHECK(data.size(1) == N, "decode_layer: ", name, " has ", data.size(1), " outputs, expected ", N);
-    } else if (row_scale.numel() > 0) {
-      TORCH_CHECK(row_scale.numel() == N, "decode_layer: ", name, " has ", row_scale.numel(), " row scales, expected ",
-                  N);
-      check_int8(data, row_scale, K);
-    } else {
-      check_int4(data, K, N, G);
-    }
-  }
+  enum Kind { kFp32, kInt8, kInt4 } kind;
+  const void* data;
+  const float* row_scale;     // int8 only
+  int64_t K, N, G;            // G: int4 only
 
   void apply(const float* x, float* y) const {
-    if (data.scalar_type() == torch::kFloat32) {
-      fp32_mm_raw(x, 1, K, data.data_ptr<float>(), N, y);
-    } else if (row_scale.numel() > 0) {
-      int8_mm_raw(x, 1, K, data.data_ptr<int8_t>(), row_scale.data_ptr<float>(), N, y);
+    if (kind == kFp32) {
+      fp32_mm_raw(x, 1, K, static_cast<const float*>(data), N, y);
+    } else if (kind == kInt8) {
+      int8_mm_raw(x, 1, K, static_cast<const int8_t*>(data), row_scale, N, y);
     } else {
-      int4_mm_raw(x, 1, K, data.data_ptr<uint8_t>(), N, G, y);
+      int4_mm_raw(x, 1, K, static_cast<const uint8_t*>(data), N, G, y);
     }
   }
 };
+
+// decode.HerdBlock passes each matrix as (data, row scale or empty, out dim, group size): fp32 data is HerdLinear's,
+// a row scale makes it int8, else it is int4.
+LayerMatrix layer_matrix(const torch::Tensor& data, const torch::Tensor& row_scale, int64_t K, int64_t N, int64_t G,
+                         const char* name) {
+  if (data.scalar_type() == torch::kFloat32) {
+    check_fp32(data, K);
+    TORCH_CHECK(data.size(1) == N, "decode_layer: ", name, " has ", data.size(1), " outputs, expected ", N);
+    return {LayerMatrix::kFp32, data.data_ptr<float>(), nullptr, K, N, G};
+  }
+  if (row_scale.numel() > 0) {
+    TORCH_CHECK(row_scale.numel() == N, "decode_layer: ", name, " has ", row_scale.numel(), " row scales, expected ",
+                N);
+    check_int8(data, row_scale, K);
+    return {LayerMatrix::kInt8, data.data_ptr<int8_t>(), row_scale.data_ptr<float>(), K, N, G};
+  }
+  check_int4(data, K, N, G);
+  return {LayerMatrix::kInt4, data.data_ptr<uint8_t>(), nullptr, K, N, G};
+}
+
+// E matrices of one shape stacked along a first dim (a MoE's routed experts: decode.HerdExperts' fp32 (E, K, N),
+// kernels.HerdInt8Experts' (E, N * K) streams with (E, N) row scales, HerdInt4Experts' (E, bytes) streams). Expert
+// 0's matrix is checked as layer_matrix checks one, the others have its shape; expert(e) points at row e.
+struct ExpertMatrices {
+  LayerMatrix first;
+  int64_t data_stride, scale_stride;      // bytes, floats
+
+  LayerMatrix expert(int64_t e) const {
+    LayerMatrix m = first;
+    m.data = static_cast<const char*>(first.data) + e * data_stride;
+    if (m.row_scale != nullptr) m.row_scale += e * scale_stride;
+    return m;
+  }
+};
+
+ExpertMatrices expert_matrices(const torch::Tensor& data, const torch::Tensor& row_scale, int64_t E, int64_t K,
+                               int64_t N, int64_t G, const char* name) {
+  const bool int8 = row_scale.numel() > 0;
+  TORCH_CHECK(data.dim() >= 2 && data.size(0) == E && data.is_contiguous() &&
+                  (!int8 || (row_scale.dim() == 2 && row_scale.size(0) == E && row_scale.is_contiguous())),
+              "decode_layer: ", name, " must stack one expert per router output (the router's ", E, " outputs) "
+              "along a contiguous first dim, int8 row scales as (E, N); got ", data.sizes(), ", row scales ",
+              row_scale.sizes());
+  const torch::Tensor scale0 = int8 ? row_scale[0] : row_scale;
+  return {layer_matrix(data[0], scale0, K, N, G, name), data.stride(0) * data.element_size(),
+          int8 ? row_scale.stride(0) : 0};
+}
 
 void check_norm(const torch::Tensor& w, int64_t n, const char* name) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == n, "decode_layer: ", name,
@@ -430,13 +464,13 @@ void write_slot(const float* src, torch::Tensor& cache, int64_t slot) {
 }  // namespace
 
 // One whole decoder layer for one token (decode.HerdBlock; twin: model.Block.forward through the engine's cache),
-// every matrix (data, row scale or empty, out dim, group size) one of LayerMatrix's:
+// every matrix (data, row scale or empty, out dim, group size) as layer_matrix takes it:
 //   h = x + wo(attention(decode_qkv(wqkv(rms_norm(x)))))
 //   dense: out = h + w2(silu_mul(w13(rms_norm(h))))
 //   MoE (router_t given): out = h + (shared + routed), shared the dense formula's w2(...) of the shared expert and
-//     routed the top-1 expert: router_t (dim, E), experts_w13 (E, dim, 2F'), experts_w2 (E, F', dim), fp32
-//     (decode.HerdExperts' layout); the first of the largest router logits (as argmax; torch.topk's choice among
-//     exact ties is unspecified), its sigmoid scaling the expert's input
+//     routed the top-1 expert's: router_t (dim, E) fp32; experts_w13 (2 * expert_hidden outputs) and experts_w2
+//     (dim outputs) the E experts' matrices stacked (expert_matrices); the first of the largest router logits (as
+//     argmax; torch.topk's choice among exact ties is unspecified), its sigmoid scaling the expert's input
 // with this token's key, value and position written to slot `slot` of the layer's cache row (k_cache, v_cache
 // (S, K, D) fp32, bf16 or f16, pos_cache (S,) int64) and attention over its first n_slots slots. x (1, dim) fp32.
 // Everything runs on raw pointers and scratch from the C++ heap: the ~40 torch ops per layer this took as composed
@@ -446,10 +480,11 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
                            torch::Tensor wo, torch::Tensor wo_scale, int64_t wo_n, int64_t wo_g,
                            torch::Tensor w13, torch::Tensor w13_scale, int64_t w13_n, int64_t w13_g,
                            torch::Tensor w2, torch::Tensor w2_scale, int64_t w2_n, int64_t w2_g,
-                           torch::Tensor router_t, torch::Tensor experts_w13, torch::Tensor experts_w2,
-                           torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm, double q_scale,
-                           torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pos_cache, int64_t slot,
-                           int64_t n_slots, int64_t pos, int64_t chunk) {
+                           torch::Tensor router_t, torch::Tensor experts_w13, torch::Tensor experts_w13_scale,
+                           torch::Tensor experts_w2, torch::Tensor experts_w2_scale, int64_t expert_hidden,
+                           int64_t experts_g, torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm,
+                           double q_scale, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pos_cache,
+                           int64_t slot, int64_t n_slots, int64_t pos, int64_t chunk) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "decode_layer: x must be one contiguous fp32 (1, dim) row; got ", x.scalar_type(), " of shape ",
               x.sizes());
@@ -465,23 +500,20 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
   check_norm(attn_norm, dim, "attn_norm");
   check_norm(ffn_norm, dim, "ffn_norm");
   check_cos_sin(cos_sin, D);
-  const LayerMatrix m_qkv(wqkv, wqkv_scale, dim, wqkv_n, wqkv_g, "wqkv"), m_o(wo, wo_scale, H * D, wo_n, wo_g, "wo"),
-      m_13(w13, w13_scale, dim, w13_n, w13_g, "w13"), m_2(w2, w2_scale, F, w2_n, w2_g, "w2");
+  const LayerMatrix m_qkv = layer_matrix(wqkv, wqkv_scale, dim, wqkv_n, wqkv_g, "wqkv"),
+                    m_o = layer_matrix(wo, wo_scale, H * D, wo_n, wo_g, "wo"),
+                    m_13 = layer_matrix(w13, w13_scale, dim, w13_n, w13_g, "w13"),
+                    m_2 = layer_matrix(w2, w2_scale, F, w2_n, w2_g, "w2");
   TORCH_CHECK(wo_n == dim && w2_n == dim, "decode_layer: wo and w2 must have ", dim, " outputs; got ", wo_n, " and ",
               w2_n);
   const bool moe = router_t.numel() > 0;
-  int64_t E = 0, Fe = 0;
+  const int64_t E = moe ? router_t.size(-1) : 0, Fe = expert_hidden;
+  ExpertMatrices e_13{}, e_2{};
   if (moe) {
     check_fp32(router_t, dim);
-    E = router_t.size(1);
-    TORCH_CHECK(experts_w13.dim() == 3 && experts_w2.dim() == 3 && experts_w13.size(0) == E &&
-                    experts_w2.size(0) == E && experts_w13.scalar_type() == torch::kFloat32 &&
-                    experts_w2.scalar_type() == torch::kFloat32 && experts_w13.is_contiguous() &&
-                    experts_w2.is_contiguous() && experts_w13.size(1) == dim && experts_w13.size(2) % 2 == 0 &&
-                    experts_w2.size(1) == experts_w13.size(2) / 2 && experts_w2.size(2) == dim,
-                "decode_layer: experts must be contiguous fp32 (E, ", dim, ", 2F) and (E, F, ", dim,
-                ") with E = the router's ", E, " outputs; got ", experts_w13.sizes(), " and ", experts_w2.sizes());
-    Fe = experts_w2.size(1);
+    TORCH_CHECK(Fe > 0, "decode_layer: expert_hidden must be > 0; got ", Fe);
+    e_13 = expert_matrices(experts_w13, experts_w13_scale, E, dim, 2 * Fe, experts_g, "experts_w13");
+    e_2 = expert_matrices(experts_w2, experts_w2_scale, E, Fe, dim, experts_g, "experts_w2");
   }
   const float e = static_cast<float>(eps);
   const float* xp = x.data_ptr<float>();
@@ -506,10 +538,9 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
     const int64_t chosen = std::max_element(logits.begin(), logits.end()) - logits.begin();   // the first largest
     const float gate = 1.0f / (1.0f + std::exp(-logits[chosen]));
     for (int64_t i = 0; i < dim; ++i) gated[i] = normed[i] * gate;
-    fp32_mm_raw(gated.data(), 1, dim, experts_w13.data_ptr<float>() + chosen * dim * 2 * Fe, 2 * Fe,
-                e_gate_up.data());
+    e_13.expert(chosen).apply(gated.data(), e_gate_up.data());
     silu_mul_row(e_gate_up.data(), e_gate_up.data() + Fe, Fe, e_act.data());
-    fp32_mm_raw(e_act.data(), 1, Fe, experts_w2.data_ptr<float>() + chosen * Fe * dim, dim, routed.data());
+    e_2.expert(chosen).apply(e_act.data(), routed.data());
     for (int64_t i = 0; i < dim; ++i) ffn[i] += routed[i];          // shared + routed
   }
   auto out = torch::empty({1, dim}, torch::kFloat32);

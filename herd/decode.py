@@ -17,8 +17,9 @@ Modules (swapped in by `use_decode_kernels` after fusing, in place):
 - HerdLinear (fp32 nn.Linear) and HerdExperts (fp32 model.Experts): the same weights transposed (see the classes),
   few-row products through kernels.cpp's `fp32_mm`.
 - HerdBlock (model.Block): a layer whose matrices are all herd's (packed int4 / int8, or HerdLinear's fp32), dense or
-  a top-1 MoE of HerdExperts, runs a decode step as one C++ call (`decode_layer`: the steps above plus the matmuls,
-  the routing, the cache slot write and the residuals); Block.forward, its twin, everywhere else.
+  a top-1 MoE of HerdExperts or kernels.py's HerdInt4Experts / HerdInt8Experts, runs a decode step as one C++ call
+  (`decode_layer`: the steps above plus the matmuls, the routing, the cache slot write and the residuals);
+  Block.forward, its twin, everywhere else.
 Where the extension cannot run (kernels.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
 C++ step against its torch twin and whole decode steps against the unswapped model.
 """
@@ -134,11 +135,12 @@ class HerdExperts(nn.Module):
 
 class HerdBlock(Block):
     """A decoder layer whose matrices are all herd's (packed int4 / int8 from kernels.py, or HerdLinear's fp32), norms
-    HerdRMSNorm, attention HerdAttention and feed-forward HerdFeedForward or a top-1 MoE of HerdExperts with a
-    HerdLinear router and a HerdFeedForward shared expert: a batch-1 decode step runs the whole layer in one C++ call
-    (`decode_layer`), which writes this token's key and value to the slot the cache names (KVCache.decode_slot) and
-    attends over it. Anything else (prefill, batches, int8 keys, other modules) runs Block.forward, its twin. Why: the
-    ~15 Python-level calls per layer cost ~5 ms of a SmolLM2 decode step (30 layers)."""
+    HerdRMSNorm, attention HerdAttention and feed-forward HerdFeedForward or a top-1 MoE of HerdExperts (or
+    kernels.py's HerdInt4Experts / HerdInt8Experts) with a HerdLinear router and a HerdFeedForward shared expert: a
+    batch-1 decode step runs the whole layer in one C++ call (`decode_layer`), which writes this token's key and
+    value to the slot the cache names (KVCache.decode_slot) and attends over it. Anything else (prefill, batches,
+    int8 keys, other modules) runs Block.forward, its twin. Why: the ~15 Python-level calls per layer cost ~5 ms of a
+    SmolLM2 decode step (30 layers)."""
 
     _layer_args = None      # (the modules they were read from, decode_layer's per-layer arguments or None)
 
@@ -195,12 +197,12 @@ def _layer_args(attn_norm, ffn_norm, attn, wqkv, wo, ffn, mlp, w13, w2, router, 
             or not _fp32_cpu(attn_norm.weight, ffn_norm.weight)):
         return None
     if type(ffn) is MoE:
-        if (ffn.top_k != 1 or type(router) is not HerdLinear or type(experts) is not HerdExperts
-                or not _fp32_cpu(router.weight_t, experts.w13_t, experts.w2_t)):
+        routed = _experts_args(experts)
+        if ffn.top_k != 1 or type(router) is not HerdLinear or not _fp32_cpu(router.weight_t) or routed is None:
             return None
-        routed = (router.weight_t, experts.w13_t, experts.w2_t)
+        routed = (router.weight_t, *routed)
     else:
-        routed = (_EMPTY, _EMPTY, _EMPTY)
+        routed = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, _EMPTY, 0, 0)
     return (attn_norm.weight, ffn_norm.weight, attn.norm_eps, *_matrix_args(wqkv), *_matrix_args(wo),
             *_matrix_args(w13), *_matrix_args(w2), *routed)
 
@@ -218,6 +220,19 @@ def _matrix_args(mod) -> tuple:
     if type(mod) is HerdLinear:
         return mod.weight_t, _EMPTY, mod.out_features, 0
     return mod.stream, _EMPTY, mod.out_features, mod.group_size
+
+
+def _experts_args(experts) -> tuple | None:
+    """(w13, its row scales or empty, w2, its row scales or empty, hidden dim, group size) of routed experts for
+    decode_layer, each matrix stacked per expert: HerdExperts' fp32, kernels.py's int8 / int4 streams; None for
+    experts it does not take."""
+    if type(experts) is HerdExperts and _fp32_cpu(experts.w13_t, experts.w2_t):
+        return experts.w13_t, _EMPTY, experts.w2_t, _EMPTY, experts.w2_t.shape[1], 0
+    if type(experts) is kernels.HerdInt8Experts:
+        return experts.w13, experts.w13_scale, experts.w2, experts.w2_scale, experts.hidden_dim, 0
+    if type(experts) is kernels.HerdInt4Experts:
+        return experts.w13, _EMPTY, experts.w2, _EMPTY, experts.hidden_dim, experts.group_size
+    return None
 
 
 _PACKED = (kernels.HerdInt4Linear, kernels.HerdInt8Linear)

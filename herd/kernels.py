@@ -27,9 +27,10 @@ Layouts ("streams": one flat buffer per matrix, read front to back by one thread
   packed layout (K/2 per row plus the bf16 scales and zeros).
 - int8, per block of 16 rows: K/4 chunks of 64 bytes, bytes 4r..4r+3 = w[r, 4c .. 4c + 3].
 
-Modules: `HerdInt4Linear` / `HerdInt8Linear` replace quantize.Int4Linear / Int8Linear holding the same weights
-(`use_herd_kernels` swaps them in after loading and fusing). Few rows run the kernels; from DEQUANT_ROWS rows on
-(prefill) they dequantize the matrix to bf16 and run a dense matmul, as quantize.py's modules do.
+Modules: `HerdInt4Linear` / `HerdInt8Linear` and `HerdInt4Experts` / `HerdInt8Experts` replace quantize.py's
+Int4Linear / Int8Linear / Int4Experts / Int8Experts holding the same weights (`use_herd_kernels` swaps them in after
+loading and fusing). Few rows run the kernels; from DEQUANT_ROWS rows on (prefill) they dequantize the matrix to
+bf16 and run a dense matmul, as quantize.py's modules do.
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Linear, _cpu_int4_block, _int4_unpack_cpu, _set_module
+from . import ops
+from .quantize import (COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Experts, Int8Linear, _cpu_int4_block,
+                       _int4_unpack_cpu, _set_module)
 
 ROWS = 16            # output rows per block (one 512-bit register of 32-bit lanes)
 X_BLOCK = 32         # inputs per activation scale
@@ -173,6 +176,24 @@ def int8_mm_reference(x, w, row_scale) -> torch.Tensor:
     return (xd @ w.double().t() * row_scale.double()).float()
 
 
+# ---- one matrix, any number of rows (the modules below and their experts) ------------------------------------------
+def int4_linear(x2: torch.Tensor, stream: torch.Tensor, N: int, K: int, group_size: int) -> torch.Tensor:
+    """x2 (M, K) -> (M, N): the int4 kernel for few rows; from DEQUANT_ROWS rows on the matrix dequantized to bf16
+    (kernels.cpp's int4_dequantize gives it as a contiguous (K, N) buffer) and a dense bf16 matmul. fp32 or bf16."""
+    if x2.shape[0] >= DEQUANT_ROWS:
+        return x2.to(COMPUTE_DTYPE) @ _ext.int4_dequantize(stream, N, K, group_size)
+    return _ext.int4_mm(x2.float().contiguous(), stream, N, group_size)     # the extension directly: ~120 calls a step
+
+
+def int8_linear(x2: torch.Tensor, stream: torch.Tensor, row_scale: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """x2 (M, K) -> (M, N), as int4_linear: the int8 kernel for few rows, a dequantized bf16 matmul from
+    DEQUANT_ROWS on."""
+    if x2.shape[0] >= DEQUANT_ROWS:
+        w = int8_unstream(stream, N, K)
+        return x2.to(COMPUTE_DTYPE) @ (w.to(COMPUTE_DTYPE) * row_scale.to(COMPUTE_DTYPE)[:, None]).t()
+    return _ext.int8_mm(x2.float().contiguous(), stream, row_scale)
+
+
 # ---- modules --------------------------------------------------------------------------------------------------------
 class HerdInt4Linear(nn.Module):
     """quantize.Int4Linear's weights in the int4 stream layout. Buffer: stream uint8 (bytes,)."""
@@ -213,11 +234,8 @@ class HerdInt4Linear(nn.Module):
         return ut.to(COMPUTE_DTYPE).t()
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= DEQUANT_ROWS:
-            y = x2.to(COMPUTE_DTYPE) @ self.dequantize().t()
-        else:       # the extension directly (not int4_mm): this runs ~120 times per decode step
-            y = _ext.int4_mm(x2.float().contiguous(), self.stream, self.out_features, self.group_size)
+        y = int4_linear(x.reshape(-1, self.in_features), self.stream, self.out_features, self.in_features,
+                        self.group_size)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -235,12 +253,7 @@ class HerdInt8Linear(nn.Module):
         return cls(mod.in_features, mod.out_features, int8_stream(mod.weight), mod.scale.float().contiguous())
 
     def forward(self, x):
-        x2 = x.reshape(-1, self.in_features)
-        if x2.shape[0] >= DEQUANT_ROWS:
-            w = int8_unstream(self.stream, self.out_features, self.in_features)
-            y = x2.to(COMPUTE_DTYPE) @ (w.to(COMPUTE_DTYPE) * self.scale.to(COMPUTE_DTYPE)[:, None]).t()
-        else:
-            y = _ext.int8_mm(x2.float().contiguous(), self.stream, self.scale)
+        y = int8_linear(x.reshape(-1, self.in_features), self.stream, self.scale, self.out_features, self.in_features)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
@@ -260,26 +273,121 @@ class HerdInt8Embedding(nn.Module):
         return rows.flatten(-2).to(self.dtype) * head.scale[tokens, None].to(self.dtype)
 
 
+def _stacked(n: int, make) -> torch.Tensor:
+    """torch.stack([make(0), ..., make(n - 1)]) with one expert's temporaries alive at a time, not all n."""
+    first = make(0)
+    out = torch.empty((n, *first.shape), dtype=first.dtype, device=first.device)
+    out[0] = first
+    for e in range(1, n):
+        out[e] = make(e)
+    return out
+
+
+class _HerdExperts(nn.Module):
+    """E SwiGLU experts, gate and up fused (w13: 2F outputs, rows 0..F-1 the gate), each matrix in a kernel stream;
+    expert e's streams are row e of the stacked buffers w13 (E, ...) and w2 (E, ...). Sparse dispatch as
+    quantize.py's experts (its twins): only routed experts run, each two products and one SiLU gating. A batch-1
+    decode step of a top-1 MoE takes them inside decode.cpp's one call per layer (decode.HerdBlock) instead."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.n_experts, self.dim, self.hidden_dim = n_experts, dim, hidden_dim
+
+    def expert(self, e: int, seg):                                    # seg (n, D) gated inputs -> (n, D)
+        h = self.gate_up(e, seg.reshape(-1, self.dim)).float().contiguous()             # (n, 2F)
+        return self.down(e, _ext.silu_mul(h)).to(seg.dtype)
+
+    def forward(self, x, expert_idx, gate):
+        return ops.dispatch_experts(x, expert_idx, gate, self.n_experts, self.expert)
+
+
+class HerdInt4Experts(_HerdExperts):
+    """quantize.Int4Experts' weights in int4 streams. Buffers: w13 uint8 (E, stream bytes of (2F, D)), w2 uint8
+    (E, stream bytes of (D, F))."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, group_size: int, w13: torch.Tensor,
+                 w2: torch.Tensor):
+        super().__init__(n_experts, dim, hidden_dim)
+        self.group_size = group_size
+        self.register_buffer("w13", w13)
+        self.register_buffer("w2", w2)
+
+    @classmethod
+    def from_int4(cls, mod: Int4Experts) -> "HerdInt4Experts":
+        block, G = _cpu_int4_block(), mod.group_size
+        w13 = _stacked(mod.n_experts, lambda e: int4_stream(_int4_unpack_cpu(mod.w13[e], block, torch.uint8),
+                                                             mod.w13_sz[e], G))
+        w2 = _stacked(mod.n_experts, lambda e: int4_stream(_int4_unpack_cpu(mod.w2[e], block, torch.uint8),
+                                                            mod.w2_sz[e], G))
+        return cls(mod.n_experts, mod.dim, mod.hidden_dim, G, w13, w2)
+
+    def gate_up(self, e: int, x2):
+        return int4_linear(x2, self.w13[e], 2 * self.hidden_dim, self.dim, self.group_size)
+
+    def down(self, e: int, h):
+        return int4_linear(h, self.w2[e], self.dim, self.hidden_dim, self.group_size)
+
+
+class HerdInt8Experts(_HerdExperts):
+    """quantize.Int8Experts' weights in int8 streams. Buffers: w13 int8 (E, 2F * D) with w13_scale (E, 2F) fp32,
+    w2 int8 (E, D * F) with w2_scale (E, D) fp32."""
+
+    def __init__(self, n_experts: int, dim: int, hidden_dim: int, w13, w13_scale, w2, w2_scale):
+        super().__init__(n_experts, dim, hidden_dim)
+        self.register_buffer("w13", w13)
+        self.register_buffer("w13_scale", w13_scale)
+        self.register_buffer("w2", w2)
+        self.register_buffer("w2_scale", w2_scale)
+
+    @classmethod
+    def from_int8(cls, mod: Int8Experts) -> "HerdInt8Experts":
+        E = mod.n_experts
+        return cls(E, mod.dim, mod.hidden_dim, _stacked(E, lambda e: int8_stream(mod.w13[e])),
+                   mod.w13_scale.float().contiguous(), _stacked(E, lambda e: int8_stream(mod.w2[e])),
+                   mod.w2_scale.float().contiguous())
+
+    def gate_up(self, e: int, x2):
+        return int8_linear(x2, self.w13[e], self.w13_scale[e], 2 * self.hidden_dim, self.dim)
+
+    def down(self, e: int, h):
+        return int8_linear(h, self.w2[e], self.w2_scale[e], self.dim, self.hidden_dim)
+
+
 def can_convert(mod: nn.Module) -> bool:
-    """Shapes the kernels take: 16 | out_features, 32 | in_features, 32 | group size (int4)."""
+    """Shapes the kernels take: 16 | out_features, 32 | in_features, 32 | group size (int4); for experts, of both
+    their matrices (2F x D and D x F)."""
+    if type(mod) in (Int4Linear, Int4Experts) and _cpu_int4_block() is None:
+        return False
+    if type(mod) in (Int4Experts, Int8Experts):
+        shapes = ((2 * mod.hidden_dim, mod.dim), (mod.dim, mod.hidden_dim))
+    elif type(mod) in (Int4Linear, Int8Linear):
+        shapes = ((mod.out_features, mod.in_features),)
+    else:
+        return False
+    group = getattr(mod, "group_size", X_BLOCK)
+    return group % X_BLOCK == 0 and all(n % ROWS == 0 and k % X_BLOCK == 0 for n, k in shapes)
+
+
+def _herd_version(mod: nn.Module) -> nn.Module:
     if type(mod) is Int4Linear:
-        return (mod.out_features % ROWS == 0 and mod.in_features % X_BLOCK == 0 and mod.group_size % X_BLOCK == 0
-                and _cpu_int4_block() is not None)
-    return type(mod) is Int8Linear and mod.out_features % ROWS == 0 and mod.in_features % X_BLOCK == 0
+        return HerdInt4Linear.from_int4(mod)
+    if type(mod) is Int8Linear:
+        return HerdInt8Linear.from_int8(mod)
+    return HerdInt4Experts.from_int4(mod) if type(mod) is Int4Experts else HerdInt8Experts.from_int8(mod)
 
 
 @torch.no_grad()
 def use_herd_kernels(model: nn.Module) -> int:
-    """Swap, in place, every Int4Linear / Int8Linear the kernels can run for its Herd* twin, one module at a time
-    (the old buffers are freed as each is replaced). Returns how many were swapped; 0 when the kernels are off here
-    (see status()). Routed experts (Int4Experts / Int8Experts) keep torch's kernels."""
+    """Swap, in place, every Int4Linear / Int8Linear / Int4Experts / Int8Experts the kernels can run for its Herd*
+    version, one module at a time (the old buffers are freed as each is replaced). Returns how many were swapped; 0
+    when the kernels are off here (see status())."""
     if not available():
         return 0
     swaps = [(name, mod) for name, mod in model.named_modules() if can_convert(mod)]
     emb, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
     tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", False)
     for name, mod in swaps:
-        new = HerdInt4Linear.from_int4(mod) if type(mod) is Int4Linear else HerdInt8Linear.from_int8(mod)
+        new = _herd_version(mod)
         _set_module(model, name, new)
         if tied and mod is head:        # an int8 embedding sharing the head's matrix: it reads the new stream
             model.tok_embeddings = HerdInt8Embedding(new, getattr(emb, "dtype", torch.float32))

@@ -162,8 +162,8 @@ def packed_tiny(kind: str, scheme: str) -> Transformer:
 def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
     """HerdBlock's one C++ call per layer against Block.forward (the same Herd* modules, layer by layer), through
     the engine: 70 tokens past a 20-token prompt (chunk rings wrapping, QK-norm, the NoPE layer's temperature).
-    fp32 (HerdLinear, HerdExperts): every layer takes the C++ layer, llama4's MoE ones included; int4 / int8 (their
-    routed experts quantized, which decode_layer does not take): the dense layers."""
+    Every layer takes the C++ layer, llama4's MoE ones included: fp32 (HerdLinear, HerdExperts), int4 / int8 (every
+    trunk matrix and the routed experts quantized: HerdInt4Experts / HerdInt8Experts)."""
     model = packed_tiny(kind, scheme)
     assert decode.use_decode_kernels(model) > 0
     assert type(model.layers[0]) is decode.HerdBlock
@@ -181,8 +181,10 @@ def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
 
     monkeypatch.setattr(kernels._ext, "decode_layer", lambda *a: calls.append(1) or one_call(*a))
     tokens, lp = run()
-    n_layers = sum(scheme == "fp32" or not spec.is_moe for spec in model.config.layers)
-    assert len(calls) == 69 * n_layers, "every decode step of every layer it can take in one call"
+    if kind == "llama4":
+        experts = {"int4": kernels.HerdInt4Experts, "int8": kernels.HerdInt8Experts, "fp32": decode.HerdExperts}
+        assert type(model.layers[1].feed_forward.experts) is experts[scheme]
+    assert len(calls) == 69 * model.config.n_layers, "every decode step of every layer in one call"
     monkeypatch.setattr(decode.HerdBlock, "forward", decode.Block.forward)
     ref_tokens, ref_lp = run()
     assert tokens == ref_tokens
@@ -242,7 +244,11 @@ def test_whole_layer_decode_refuses_mismatched_shapes():
     with pytest.raises(RuntimeError, match="router's 4 outputs"):
         kernels._ext.decode_layer(*bad)
     bad = list(args)
-    bad[24] = args[24] + args[25]                       # more query heads than wqkv has outputs for
+    bad[25] = args[25] * 2                              # an expert hidden dim the matrices do not have
+    with pytest.raises(RuntimeError, match="experts_w13 has 128 outputs, expected 256"):
+        kernels._ext.decode_layer(*bad)
+    bad = list(args)
+    bad[28] = args[28] + args[29]                       # more query heads than wqkv has outputs for
     with pytest.raises(RuntimeError, match="do not match wqkv's"):
         kernels._ext.decode_layer(*bad)
     bad = list(args)
@@ -250,6 +256,27 @@ def test_whole_layer_decode_refuses_mismatched_shapes():
     with pytest.raises(RuntimeError, match=r"attn_norm must be a contiguous fp32 \(64,\)"):
         kernels._ext.decode_layer(*bad)
     kernels._ext.decode_layer(*args)                    # the untouched arguments run
+
+
+@needs_kernels
+def test_whole_layer_decode_refuses_mismatched_quantized_experts():
+    model = packed_tiny("llama4", "int8")
+    decode.use_decode_kernels(model)
+    block = model.layers[1]
+    cache = Engine(model, max_batch=1, max_seq_len=64).cache
+    cache.rows = slice(0, 1)
+    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
+    args = list(block._one_call_args(torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache))
+    assert args[21] is block.feed_forward.experts.w13
+    bad = list(args)
+    bad[24] = args[24][:3]                              # row scales of 3 of the 4 experts
+    with pytest.raises(RuntimeError, match=r"experts_w2 must stack one expert per router output \(the router's 4"):
+        kernels._ext.decode_layer(*bad)
+    bad = list(args)
+    bad[22] = args[22][:, :-16].contiguous()            # each expert's gate/up row scales 16 short
+    with pytest.raises(RuntimeError, match="experts_w13 has 112 row scales, expected 128"):
+        kernels._ext.decode_layer(*bad)
+    kernels._ext.decode_layer(*args)
 
 
 @needs_kernels
