@@ -10,7 +10,7 @@ Measured (SmolLM2-135M-Instruct Q4_1, the default model):
 - decode tok/s after a 5-token and after a 512-token prompt (greedy, --decode tokens, first token excluded);
 - prefill tok/s of the 512-token prompt (time to the first token's logits).
 herd runs the GGUF repacked (herd.load(path, quant="packed"): herd's own int4 / int8 kernels where the CPU has
-AVX512-VNNI, else torch's; fused q/k/v and gate/up) through its Engine, as `herd run --packed` does, once with its
+AVX512-VNNI, else torch's; fused q/k/v and gate/up) through its Engine, as `herd run` loads a GGUF file, once with its
 default fp32 KV cache and once with an f16 one (`--kv-dtype f16`; llama.cpp's default cache is f16); llama.cpp
 through Llama.eval; transformers through forward calls with its KV cache. The prompt is English prose (Python's
 pydoc topics), identical token ids for all three.

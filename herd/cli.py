@@ -43,10 +43,11 @@ def cmd_info(args):
         print(f"weights {scheme:5s}{human(weight_bytes(c, scheme), 'B'):>9s}")
 
 
-def _load(model_arg, verbose=False, packed=False):
-    """(model path, model, tokenizer) for a CLI model argument; None means the default model. packed: a GGUF file's
-    Q4_0 / Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf_packed.py; measured ~2x the
-    fp32 decode speed on SmolLM2 at 0.3% perplexity cost, bench/speed.py and bench/perplexity.py)."""
+def _load(model_arg, verbose=False, dequantize=False):
+    """(model path, model, tokenizer) for a CLI model argument; None means the default model. A GGUF file's Q4_0 /
+    Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf_packed.py: ~2x the fp32 decode speed
+    on SmolLM2 in ~1/5 of the memory, +0.06% perplexity, bench/speed.py and bench/perplexity.py) unless
+    `dequantize`, which loads every weight as fp32."""
     import time
     import herd
     from .textgen import default_model_path
@@ -58,14 +59,19 @@ def _load(model_arg, verbose=False, packed=False):
     from .fuse import fuse_model
     from .gguf_loader import is_gguf
     from .kernels import status, use_herd_kernels
-    model = herd.load(path, progress=True, quant="packed" if packed and is_gguf(path) else None)
-    if not (packed and is_gguf(path)):      # (load_gguf_packed does all three itself)
+    packed = is_gguf(path) and not dequantize
+    model = herd.load(path, progress=True, quant="packed" if packed else None)
+    if not packed:                          # (load_gguf_packed does all three itself)
         fuse_model(model)                   # one q/k/v and one gate/up matmul per layer (fuse.py)
         use_herd_kernels(model)             # `herd quantize` int4/int8 linears on herd's kernels (kernels.py)
         use_decode_kernels(model)           # decode steps in C++ where the extension runs (decode.py)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     if verbose:
-        print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s]", file=sys.stderr)
+        from .gguf_packed import weight_bytes
+        how = ("GGUF Q4_0/Q4_1/Q8_0 kept packed" if packed else
+               "GGUF dequantized to fp32 (--dequantize)" if is_gguf(path) else "as stored")
+        print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s: weights {weight_bytes(model) / 2**20:,.1f} MiB, "
+              f"{how}]", file=sys.stderr)
         print(f"[herd decode kernels {status()}]", file=sys.stderr)
     return path, model, tok
 
@@ -120,7 +126,7 @@ def cmd_run(args):
     elif words and words[0] in PRESETS:
         raise SystemExit(f"herd: error: {words[0]!r} is a shape preset without weights; give a checkpoint path")
     prompt = " ".join(words) if words else None
-    _, model, tok = _load(model_arg, args.verbose, packed=args.packed)
+    _, model, tok = _load(model_arg, args.verbose, args.dequantize)
     engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8,
                     cache_dtype=_cache_dtype(args))
     if args.verbose:
@@ -182,7 +188,7 @@ def cmd_generate(args):
     from .engine import Engine
     from .textgen import Timing, stream_completion
 
-    _, model, tok = _load(args.model, args.verbose)
+    _, model, tok = _load(args.model, args.verbose, args.dequantize)
     ids = tok.encode(args.prompt, bos=tok.add_bos)
     params = _sampling(args, tok, ignore_eos=args.ignore_eos)
     if args.ignore_eos:
@@ -237,7 +243,8 @@ def cmd_serve(args):
     for spec in args.models or ["default"]:
         # NAME=PATH sets the id; otherwise it is the file's or folder's short name
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path_used, model, tok = _load(None if path == "default" else path, verbose=True, packed=args.packed)
+        path_used, model, tok = _load(None if path == "default" else path, verbose=True,
+                                           dequantize=args.dequantize)
         name = name or short_name(path_used)
         if any(m.name == name for m in served):
             raise ValueError(f"two models are both named {name!r}: give one an id with NAME=PATH")
@@ -318,7 +325,7 @@ def cmd_eval_niah(args):
 
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     depths = parse_depths(args.depths)
-    path, model, tok = _load(args.model, args.verbose)
+    path, model, tok = _load(args.model, args.verbose, args.dequantize)
     chat = not args.no_chat and (tok.is_llama4 or bool(tok.chat_template))
     print(f"needle in a haystack: {Path(str(path)).name}, context {model.config.max_seq_len:,} tokens, "
           f"{'chat' if chat else 'raw'} prompts, {args.samples} needle(s) per cell", file=sys.stderr)
@@ -347,6 +354,12 @@ def _add_sampling_flags(p, temperature):
 KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
 
+def _dequantize_arg(p):
+    p.add_argument("--dequantize", action="store_true",
+                   help="load GGUF files' weights as fp32 (default: Q4_0/Q4_1/Q8_0 stay packed for herd's int4/int8 "
+                        "CPU kernels, ~2x faster decode in ~1/5 of the memory)")
+
+
 def _kv_dtype_arg(p):
     p.add_argument("--kv-dtype", choices=sorted(KV_DTYPES), default=None,
                    help="the KV cache's dtype (default: the activations'; f16 halves the cache and its reads, as "
@@ -372,8 +385,7 @@ def main(argv=None):
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the first message (repeat for several; Llama 4 vision models)")
-    p.add_argument("--packed", action="store_true",
-                   help="keep a GGUF file's Q4/Q8 weights packed for the int4/int8 CPU kernels (default: fp32)")
+    _dequantize_arg(p)
     _add_sampling_flags(p, temperature=0.0)
     p.set_defaults(func=cmd_run)
 
@@ -381,6 +393,7 @@ def main(argv=None):
     p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
     p.add_argument("prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
+    _dequantize_arg(p)
     _add_sampling_flags(p, temperature=0.0)
     p.set_defaults(func=cmd_generate)
 
@@ -421,8 +434,7 @@ def main(argv=None):
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before HTTP 429")
     p.add_argument("--max-seq-len", type=int, default=4096, help="context per request (prompt + output)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--packed", action="store_true",
-                   help="keep GGUF files' Q4/Q8 weights packed for the int4/int8 CPU kernels (default: fp32)")
+    _dequantize_arg(p)
     _kv_dtype_arg(p)
     p.set_defaults(func=cmd_serve)
 
@@ -472,6 +484,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=1, help="needles per cell (each a new city and number)")
     p.add_argument("--seed", type=int, default=0, help="picks the needles")
     p.add_argument("--no-chat", action="store_true", help="raw prompt even if the model has a chat format")
+    _dequantize_arg(p)
     p.add_argument("--out", default="niah.png", help="heatmap PNG to write")
     p.add_argument("--verbose", action="store_true", help="print load time")
     p.set_defaults(func=cmd_eval_niah)

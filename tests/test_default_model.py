@@ -1,6 +1,7 @@
 """The real default model (SmolLM2-135M-Instruct Q4_1 GGUF): logits and tokens against transformers, chat, CLI."""
 import os
 import signal
+import re
 import subprocess
 import sys
 import threading
@@ -94,6 +95,20 @@ def test_cli_run_answers_paris():
     r = run_cli("run", "What is the capital of France?")
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_cli_loads_gguf_packed_unless_asked_to_dequantize():
+    packed = run_cli("generate", "default", "The capital of France is", "--max-tokens", "4", "--verbose")
+    fp32 = run_cli("generate", "default", "The capital of France is", "--max-tokens", "4", "--verbose",
+                   "--dequantize")
+    assert packed.returncode == 0 and fp32.returncode == 0, packed.stderr + fp32.stderr
+    sizes = []
+    for r, how in ((packed, "GGUF Q4_0/Q4_1/Q8_0 kept packed"), (fp32, "GGUF dequantized to fp32")):
+        m = re.search(r"weights ([\d,.]+) MiB, (.*?)\]", r.stderr)
+        assert m and m.group(2).startswith(how), r.stderr
+        sizes.append(float(m.group(1).replace(",", "")))
+    # SmolLM2's 98.4 MB file: packed ~95 MB (tests/test_gguf_packed.py); fp32 ~135M parameters x 4 bytes
+    assert sizes[0] < 100 and sizes[1] > 400, sizes
 
 
 def test_cli_generate_and_bad_input(tmp_path):
