@@ -101,7 +101,7 @@ def main():
     import herd
     from herd.decode import use_decode_kernels
     from herd.fuse import fuse_model
-    from herd.gguf_packed import load_gguf_packed, weight_bytes
+    from herd.gguf_packed import load_gguf_packed
     from herd.quantize import quantize_model
     from herd.textgen import default_model_path
     from herd.tokenizer import load_tokenizer
@@ -137,26 +137,38 @@ def main():
     for cache_name, cache_dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
         schemes[f"packed GGUF Q4_1, {cache_name} KV cache"] = (
             lambda d=cache_dtype: ThroughCache(herd.load(path, quant="packed"), d))
-    targets = {"fp32,": 0.1, "int8": 1.0, "int4": 5.0, "packed": 5.0}
+    rows = score(schemes, ids, args.window, {"fp32,": 0.1, "int8": 1.0, "int4": 5.0, "packed": 5.0})
+    print(f"\nSmolLM2-135M-Instruct ({path.name}), {len(ids)} tokens of Python's pydoc reference prose, windows of "
+          f"{args.window}; {machine()}, {args.threads} threads, torch {torch.__version__}\n")
+    print("| scheme | weight MB | perplexity | vs fp32 | target |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+def score(schemes: dict, ids: torch.Tensor, window: int, targets: dict, digits: int = 3) -> list[str]:
+    """The table's rows: each scheme's model built (`schemes`: name -> a function returning it), its perplexity on
+    ids and the change vs the first scheme's, judged against the target (percent) of the first prefix of `targets`
+    its name starts with."""
+    from herd.gguf_packed import weight_bytes
     rows, base = [], None
     for name, make in schemes.items():
         t0 = time.perf_counter()
         model = make()
-        ppl = perplexity(model, ids, args.window)
+        ppl = perplexity(model, ids, window)
         base = ppl if base is None else base
         delta = 100 * (ppl / base - 1)
         target = next((v for k, v in targets.items() if name.startswith(k)), None)
         verdict = "baseline" if target is None else f"{'met' if abs(delta) <= target else 'MISSED'} (<= {target:g}%)"
-        rows.append(f"| {name} | {weight_bytes(model) / 1e6:.1f} | {ppl:.3f} | {delta:+.2f}% | {verdict} |")
-        print(f"  {name}: ppl {ppl:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        rows.append(f"| {name} | {weight_bytes(model) / 1e6:.2f} | {ppl:.{digits}f} | {delta:+.2f}% | {verdict} |")
+        print(f"  {name}: ppl {ppl:.{digits}f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         del model
+    return rows
+
+
+def machine() -> str:
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     cpu = next((l.split(":", 1)[1].strip() for l in lscpu.splitlines() if l.startswith("Model name")), "?")
-    print(f"\nSmolLM2-135M-Instruct ({path.name}), {len(ids)} tokens of Python's pydoc reference prose, windows of "
-          f"{args.window}; {cpu}, {os.cpu_count()} cores, {args.threads} threads, torch {torch.__version__}\n")
-    print("| scheme | weight MB | perplexity | vs fp32 | target |")
-    print("|---|---|---|---|---|")
-    print("\n".join(rows))
+    return f"{cpu}, {os.cpu_count()} cores"
 
 
 if __name__ == "__main__":

@@ -192,15 +192,20 @@ def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
     torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4)
 
 
+def one_call_step(model, layer: int):
+    """(the layer's HerdBlock, a batch-1 decode step's arguments for it at position 3: x, pos, rope, a cache whose
+    rows are set as Engine._decode sets them) for a model swapped by use_decode_kernels here."""
+    decode.use_decode_kernels(model)
+    cache = Engine(model, max_batch=1, max_seq_len=64).cache
+    cache.rows = slice(0, 1)
+    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
+    return model.layers[layer], (torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache)
+
+
 @needs_kernels
 def test_whole_layer_decode_refuses_a_slot_outside_the_cache():
-    model = packed_tiny("llama3", "int4")
-    decode.use_decode_kernels(model)
-    block = model.layers[0]
-    cache = Engine(model, max_batch=1, max_seq_len=64).cache
-    cache.rows = slice(0, 1)                            # as Engine._decode sets it
-    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
-    args = list(block._one_call_args(torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache))
+    block, step = one_call_step(packed_tiny("llama3", "int4"), 0)
+    args = list(block._one_call_args(*step))
     args[-4] = 64                                       # slot
     with pytest.raises(RuntimeError, match="do not fit a cache"):
         kernels._ext.decode_layer(*args)
@@ -210,13 +215,7 @@ def test_whole_layer_decode_refuses_a_slot_outside_the_cache():
 def test_whole_layer_arguments_follow_replaced_modules():
     """HerdBlock keeps decode_layer's per-layer arguments between steps: replacing a matrix, or moving the model to
     another dtype, must not leave the old tensors in them."""
-    model = packed_tiny("llama3", "int4")
-    decode.use_decode_kernels(model)
-    block = model.layers[0]
-    cache = Engine(model, max_batch=1, max_seq_len=64).cache
-    cache.rows = slice(0, 1)
-    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
-    step = (torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache)
+    block, step = one_call_step(packed_tiny("llama3", "int4"), 0)
     assert block._one_call_args(*step)[8] is block.attention.wo.stream
     block.attention.wo = copy.deepcopy(block.attention.wo)
     assert block._one_call_args(*step)[8] is block.attention.wo.stream
@@ -231,14 +230,9 @@ def test_whole_layer_arguments_follow_replaced_modules():
 
 @needs_kernels
 def test_whole_layer_decode_refuses_mismatched_shapes():
-    model = packed_tiny("llama4", "fp32")
-    decode.use_decode_kernels(model)
-    block = model.layers[1]
+    block, step = one_call_step(packed_tiny("llama4", "fp32"), 1)
     assert type(block.feed_forward.experts) is decode.HerdExperts
-    cache = Engine(model, max_batch=1, max_seq_len=64).cache
-    cache.rows = slice(0, 1)
-    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
-    args = list(block._one_call_args(torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache))
+    args = list(block._one_call_args(*step))
     bad = list(args)
     bad[21] = args[21][:2]                              # experts_w13 with 2 of the router's 4 experts
     with pytest.raises(RuntimeError, match="router's 4 outputs"):
@@ -260,13 +254,8 @@ def test_whole_layer_decode_refuses_mismatched_shapes():
 
 @needs_kernels
 def test_whole_layer_decode_refuses_mismatched_quantized_experts():
-    model = packed_tiny("llama4", "int8")
-    decode.use_decode_kernels(model)
-    block = model.layers[1]
-    cache = Engine(model, max_batch=1, max_seq_len=64).cache
-    cache.rows = slice(0, 1)
-    rope = rope_angles(torch.tensor([[3]]), torch.ones(8))
-    args = list(block._one_call_args(torch.randn(1, 1, 64), torch.tensor([[3]]), rope, cache))
+    block, step = one_call_step(packed_tiny("llama4", "int8"), 1)
+    args = list(block._one_call_args(*step))
     assert args[21] is block.feed_forward.experts.w13
     bad = list(args)
     bad[24] = args[24][:3]                              # row scales of 3 of the 4 experts
