@@ -1,7 +1,8 @@
 """Batch-1 CPU speed, in one run on one machine and one thread count: herd vs llama.cpp (llama-cpp-python on the same
 GGUF file) vs transformers (the same GGUF loaded in fp32), and a tiny Llama 4 MoE, herd vs transformers (which runs
 every expert for every token); herd runs the MoE in fp32 and with its routed experts quantized to int8 and to int4
-(`herd quantize`'s default selection). Not a test. Prints a markdown table of medians over --repeats runs and the ratios.
+(`herd quantize`'s default selection). Not a test. Prints a markdown table of medians over --repeats runs and the
+ratios.
 
     python bench/speed.py [--threads 2] [--repeats 3] [--decode 32] [--skip-llamacpp] [--skip-transformers]
                           [--skip-moe | --moe-only]
