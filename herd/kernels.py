@@ -115,6 +115,12 @@ def int4_stream(u: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
     return torch.cat((sz, chunks), dim=-1).reshape(-1)
 
 
+def int4_stream_from_torch(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A matrix in torch's packed CPU int4 layout (quantize.Int4Linear's weight, an Int4Experts expert's w13 / w2)
+    with its scales_and_zeros -> the int4 stream."""
+    return int4_stream(_int4_unpack_cpu(packed, _cpu_int4_block(), torch.uint8), scales_and_zeros, group_size)
+
+
 def int4_unstream(stream: torch.Tensor, N: int, K: int, group_size: int):
     """Inverse of int4_stream: -> (u (N, K) uint8, scales_and_zeros (K/G, N, 2) bf16)."""
     NB, NG = N // ROWS, K // group_size
@@ -205,9 +211,8 @@ class HerdInt4Linear(nn.Module):
 
     @classmethod
     def from_int4(cls, mod: Int4Linear) -> "HerdInt4Linear":
-        u = _int4_unpack_cpu(mod.weight, _cpu_int4_block(), torch.uint8)                    # (N, K)
         return cls(mod.in_features, mod.out_features, mod.group_size,
-                   int4_stream(u, mod.scales_and_zeros, mod.group_size))
+                   int4_stream_from_torch(mod.weight, mod.scales_and_zeros, mod.group_size))
 
     def dequantize(self) -> torch.Tensor:
         """The weight (N, K) in bf16, (u - 8) * scale + zero, as the transposed view of a contiguous (K, N) buffer,
@@ -314,11 +319,9 @@ class HerdInt4Experts(_HerdExperts):
 
     @classmethod
     def from_int4(cls, mod: Int4Experts) -> "HerdInt4Experts":
-        block, G = _cpu_int4_block(), mod.group_size
-        w13 = _stacked(mod.n_experts, lambda e: int4_stream(_int4_unpack_cpu(mod.w13[e], block, torch.uint8),
-                                                             mod.w13_sz[e], G))
-        w2 = _stacked(mod.n_experts, lambda e: int4_stream(_int4_unpack_cpu(mod.w2[e], block, torch.uint8),
-                                                            mod.w2_sz[e], G))
+        G = mod.group_size
+        w13 = _stacked(mod.n_experts, lambda e: int4_stream_from_torch(mod.w13[e], mod.w13_sz[e], G))
+        w2 = _stacked(mod.n_experts, lambda e: int4_stream_from_torch(mod.w2[e], mod.w2_sz[e], G))
         return cls(mod.n_experts, mod.dim, mod.hidden_dim, G, w13, w2)
 
     def gate_up(self, e: int, x2):
