@@ -9,7 +9,8 @@ Every layer is Scout's (spec sections 1-3): dim 5120, 40 query / 8 KV heads of 1
 8192 hidden units (top-1, sigmoid gate on the input) plus a shared expert, iRoPE (RoPE on 3 layers of 4, chunked
 8192-token attention there, NoPE and global attention with temperature tuning on every 4th), QK-norm, llama3 RoPE
 scaling (factor 16, low/high 1, original 8192) written as the `rope_freqs` tensor llama.cpp's converter writes. Only
-the depth (--layers) and the vocabulary (--vocab) are smaller; the width flags exist for small CI variants.
+the depth (--layers) and the vocabulary (--vocab) are smaller; the width flags exist for small CI variants. Keep
+--layers >= 4 for llama.cpp: with no NoPE layer it aborts on the file (llama-cpp-python 0.3.36).
 
 Weights: fp32 N(0, 1/fan_in) (token embedding N(0, 1), norms 1 + N(0, 0.1^2)), quantized with gguf-py's own numpy
 quantizers to --qtype for every matrix (embedding and output head included); router, norms and rope_freqs stay F32,
@@ -278,6 +279,10 @@ def main():
     args = ap.parse_args()
     cfg = scout_config(args.layers, args.vocab, args.dim, args.n_heads, args.n_kv_heads, args.head_dim,
                        args.experts, args.expert_dim, args.ffn_dim)
+    if args.layers < 4:
+        print(f"note: with {args.layers} layers there is no NoPE layer, and llama.cpp (llama-cpp-python 0.3.36) aborts "
+              "on such llama4 files ('tensor buffer not set' for its unused attention-temperature input); herd and "
+              "transformers run them")
     t0 = time.perf_counter()
     write_scout_gguf(args.out, cfg, args.qtype, args.seed, args.hf)
     print(f"wrote {args.out} ({args.out.stat().st_size / 2**30:.2f} GiB)"

@@ -203,7 +203,8 @@ def child_llamacpp(args) -> dict:
     settings = llamacpp_settings(args)
     llm = llama_cpp.Llama(model_path=str(args.model), verbose=False, **settings)
     r = measure(llamacpp_run, llm, args)
-    features = " ".join(f for f in llama_cpp.llama_print_system_info().decode().split(" | ") if f.endswith("= 1"))
+    info = llama_cpp.llama_print_system_info().decode().replace("CPU : ", "")
+    features = " ".join(f.removesuffix(" = 1") for f in info.split(" | ") if f.strip().endswith("= 1"))
     r["settings"] = (f"llama-cpp-python {llama_cpp.__version__}, Llama.eval, "
                      + ", ".join(f"{k}={v}" for k, v in settings.items()) + f", f16 KV cache, mmap; CPU: {features}")
     return r

@@ -29,7 +29,7 @@ from . import gguf_loader as gl
 from .decode import use_decode_kernels
 from .fuse import fuse_model
 from .kernels import use_herd_kernels
-from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Linear, _aligned, _bf16, pack_int4
+from .quantize import COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Experts, Int8Linear, _aligned, _bf16, pack_int4
 
 BLOCK = 32
 Q4_BYTES = {"Q4_0": 18, "Q4_1": 20}
@@ -99,6 +99,31 @@ def packed_linear(qtype: str, raw: np.ndarray) -> nn.Module:
     return mod
 
 
+def packed_experts(qtype: str, gate, up, down) -> nn.Module:
+    """One layer's GGUF routed experts (ffn_gate_exps, ffn_up_exps, ffn_down_exps: raw uint8 (E, N, K/32 * bytes),
+    one PACKED_TYPES type) -> quantize.Int4Experts (group 32, as packed_linear maps Q4_0 / Q4_1) or a row-scaled
+    Int8Experts (Q8_0), unpacked one expert at a time: no fp32 copy of the experts (8 GB per Scout layer)."""
+    E = gate.shape[0]
+    if qtype == "Q8_0":
+        w = [[int8_rows(q8_0_values(raw[e])) for e in range(E)] for raw in (gate, up, down)]
+        q, scale = ([torch.stack([p[i] for p in m]) for m in w] for i in (0, 1))    # (E, N, K), (E, N) per matrix
+        F, D = q[0].shape[1], q[0].shape[2]
+        mod = Int8Experts(E, D, F, device="meta")
+        mod.load_state_dict(Int8Experts.pack(q[0], scale[0][..., None], q[1], scale[1][..., None], q[2],
+                                             scale[2][..., None]), assign=True)
+        return mod
+    parts = []                                         # per matrix: nibbles (E, N, K/2), scale (E, N, K/32), zero
+    for raw in (gate, up, down):
+        per_expert = [q4_values(raw[e], qtype) for e in range(E)]
+        parts += [torch.stack([pack_int4(q) for q, _, _ in per_expert]), torch.stack([d for _, d, _ in per_expert]),
+                  None if qtype == "Q4_0" else torch.stack([z for _, _, z in per_expert])]
+    (w1, s1, z1), (w3, s3, z3), (w2, s2, z2) = parts[0:3], parts[3:6], parts[6:9]
+    F, D = w1.shape[1], w1.shape[2] * 2
+    mod = Int4Experts(E, D, F, BLOCK, device="meta")
+    mod.load_state_dict(Int4Experts.pack(w1, s1, w3, s3, w2, s2, z1, z3, z2), assign=True)
+    return mod
+
+
 def _set(model: nn.Module, name: str, mod: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, mod)
@@ -127,7 +152,7 @@ def load_gguf_packed(path: str | Path, fuse: bool = True, int8_embeddings: bool 
     model = build_meta(cfg)
     expected = {k: v.shape for k, v in model.state_dict().items()}
     linears = {n + ".weight" for n, m in model.named_modules() if type(m) is nn.Linear}
-    sd = {}
+    sd, experts = {}, {}       # experts: layer's "experts" module name -> {w1|w3|w2: reader tensor}, until all three
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress, leave=False):
         if t.name == "rope_freqs.weight" or t.name.endswith("attn_rot_embd"):
             continue
@@ -142,6 +167,14 @@ def load_gguf_packed(path: str | Path, fuse: bool = True, int8_embeddings: bool 
         raw = np.asarray(t.data)
         if qtype in PACKED_TYPES and native in linears and shape[1] % 16 == 0 and shape[0] % 16 == 0:
             _set(model, native.removesuffix(".weight"), packed_linear(qtype, raw))
+        elif qtype in PACKED_TYPES and native.rsplit(".", 1)[-1] in ("w1", "w2", "w3") and ".experts." in native:
+            group = experts.setdefault(native.rsplit(".", 1)[0], {})
+            group[native.rsplit(".", 1)[1]] = t
+            if len(group) == 3 and len({g.tensor_type for g in group.values()}) == 1 and \
+                    all(n % 16 == 0 for g in group.values() for n in g.shape[:2]):
+                raws = [np.asarray(group[w].data) for w in ("w1", "w3", "w2")]
+                _set(model, native.rsplit(".", 1)[0], packed_experts(qtype, *raws))
+                del experts[native.rsplit(".", 1)[0]]
         elif qtype == "Q8_0" and native == "tok_embeddings.weight" and shape[1] % 16 == 0 and int8_embeddings:
             q, scale = int8_rows(q8_0_values(raw))
             emb = Int8Embedding(*shape, device="meta")
@@ -149,6 +182,8 @@ def load_gguf_packed(path: str | Path, fuse: bool = True, int8_embeddings: bool 
             model.tok_embeddings = emb
         else:
             sd[native] = gl.tensor_to_torch(t, path)
+    for name, group in experts.items():       # mixed types or odd shapes: dequantized to fp32 like any other tensor
+        sd.update({f"{name}.{w}": gl.tensor_to_torch(t, path) for w, t in group.items()})
     if cfg.tie_embeddings:
         emb = model.tok_embeddings
         if isinstance(emb, Int8Embedding):        # one int8 matrix for the lookup and the output head

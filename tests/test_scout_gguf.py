@@ -97,10 +97,20 @@ PACKED_TOL = {"Q4_0": 0.015, "Q4_1": 0.015, "Q8_0": 0.035}
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_packed_close_to_dequantized(files, qtype):
+    """The routed experts stay packed (Int4Experts / Int8Experts, as herd quantize leaves them; a Scout layer's
+    experts would be 8 GB in fp32) and the model computes what the dequantized one does."""
+    from herd.gguf_packed import weight_bytes
+    from herd.quantize import Int4Experts, Int8Experts
+
     gguf, _ = files[qtype]
+    packed = herd.load(gguf, quant="packed")
+    kind = Int8Experts if qtype == "Q8_0" else Int4Experts
+    assert all(type(layer.feed_forward.experts) is kind for layer in packed.layers)
+    # resident weights vs the file: bf16 scale (+ zero) per 32 weights instead of f16, an fp32 Q4 embedding
+    assert weight_bytes(packed) <= 1.3 * gguf.stat().st_size
     with torch.inference_mode():
         ref = herd.load(gguf)(IDS)[0]
-        got = herd.load(gguf, quant="packed")(IDS)[0]
+        got = packed(IDS)[0]
     assert_close_but_for_router_flips(position_errors(got, ref), PACKED_TOL[qtype], f"{qtype} packed vs dequantized")
 
 
@@ -172,3 +182,18 @@ def test_bytes_per_token(files):
     # keys + values: chunked layers see the positions of the current 8192-token chunk, the NoPE layer all of them
     per_pos = 2 * cfg.n_kv_heads * cfg.head_dim * 2
     assert kv_read_bytes(cfg, 9000, 2) == 3 * per_pos * (9000 - 8192 + 1) + per_pos * 9001
+
+
+def test_mixed_type_experts_fall_back_to_fp32(tmp_path, monkeypatch):
+    """A layer whose three expert tensors do not share one packable type (here down_exps F32, as K-quant mixes
+    leave some) keeps its experts dequantized, and still computes the same function."""
+    import bench.scout_gguf as sg
+    from herd.model import Experts
+
+    monkeypatch.setattr(sg, "F32_GGUF_NAMES", sg.F32_GGUF_NAMES + ("ffn_down_exps.weight",))
+    gguf = write_scout_gguf(tmp_path / "mixed.gguf", scout_config(**SMALL), "Q8_0", log=lambda _: None)
+    packed = herd.load(gguf, quant="packed")
+    assert all(type(layer.feed_forward.experts) is Experts for layer in packed.layers)
+    with torch.inference_mode():
+        err = position_errors(packed(IDS)[0], herd.load(gguf)(IDS)[0])
+    assert_close_but_for_router_flips(err, PACKED_TOL["Q8_0"], "mixed-type experts")
