@@ -335,7 +335,8 @@ def main_model(args, results: dict):
             r["bytes_long"] = w + kv_read_bytes(cfg, args.long, 2)
             results[f"llama.cpp ({name})"] = r
     from herd.gguf_loader import metadata, open_gguf
-    if not args.skip_transformers and not args.hf and metadata(open_gguf(args.model))["general.architecture"] != "llama":
+    arch = metadata(open_gguf(args.model))["general.architecture"]
+    if not args.skip_transformers and not args.hf and arch != "llama":
         print("  transformers: skipped (its GGUF reader reads llama files; give the same weights as --hf DIR)")
     elif not args.skip_transformers:
         r = run_child("transformers", args)
@@ -350,7 +351,7 @@ def tiny_moe(args, results: dict):
             r = run_child("transformers-moe" if scheme == "transformers" else "herd-moe", args, scheme=scheme,
                           checkpoint=d)
             if r:
-                results[f"{'transformers' if scheme == 'transformers' else 'herd'} tiny MoE ({scheme})"] = r
+                results["transformers tiny MoE (fp32)" if scheme == "transformers" else f"herd tiny MoE ({scheme})"] = r
 
 
 def print_report(args, results: dict, bandwidth: dict | None):
@@ -371,7 +372,8 @@ def print_report(args, results: dict, bandwidth: dict | None):
               f"{r['bytes_short'] / 1e6:.1f} / {r['bytes_long'] / 1e6:.1f} | {frac} |")
     moe = {k: r for k, r in results.items() if "tiny MoE" in k}
     if moe:
-        print("\n| tiny Llama 4 MoE | decode tok/s after 16 | MB read per token | % of read ceiling |\n|---|---|---|---|")
+        print("\n| tiny Llama 4 MoE | decode tok/s after 16 | MB read per token | % of read ceiling |")
+        print("|---|---|---|---|")
         for name, r in moe.items():
             frac = f"{100 * r['bytes_short'] * r['decode_short'] / ceiling:.0f}%" if ceiling else "-"
             print(f"| {name} | {r['decode_short']:.1f} | {r['bytes_short'] / 1e6:.2f} | {frac} |")
@@ -384,7 +386,7 @@ def print_report(args, results: dict, bandwidth: dict | None):
             print(f"{h} / {o}: decode after {S} {a['decode_short'] / b['decode_short']:.2f}x, "
                   f"after {L} {a['decode_long'] / b['decode_long']:.2f}x, "
                   f"prefill {L} {a['prefill_long'] / b['prefill_long']:.2f}x")
-    t = results.get("transformers tiny MoE (transformers)")
+    t = results.get("transformers tiny MoE (fp32)")
     for scheme in ("fp32", "int8", "int4"):
         h = results.get(f"herd tiny MoE ({scheme})")
         if h and t:

@@ -102,25 +102,22 @@ def packed_linear(qtype: str, raw: np.ndarray) -> nn.Module:
 def packed_experts(qtype: str, gate, up, down) -> nn.Module:
     """One layer's GGUF routed experts (ffn_gate_exps, ffn_up_exps, ffn_down_exps: raw uint8 (E, N, K/32 * bytes),
     one PACKED_TYPES type) -> quantize.Int4Experts (group 32, as packed_linear maps Q4_0 / Q4_1) or a row-scaled
-    Int8Experts (Q8_0), unpacked one expert at a time: no fp32 copy of the experts (8 GB per Scout layer)."""
-    E = gate.shape[0]
-    if qtype == "Q8_0":
-        w = [[int8_rows(q8_0_values(raw[e])) for e in range(E)] for raw in (gate, up, down)]
-        q, scale = ([torch.stack([p[i] for p in m]) for m in w] for i in (0, 1))    # (E, N, K), (E, N) per matrix
-        F, D = q[0].shape[1], q[0].shape[2]
-        mod = Int8Experts(E, D, F, device="meta")
-        mod.load_state_dict(Int8Experts.pack(q[0], scale[0][..., None], q[1], scale[1][..., None], q[2],
-                                             scale[2][..., None]), assign=True)
-        return mod
-    parts = []                                         # per matrix: nibbles (E, N, K/2), scale (E, N, K/32), zero
-    for raw in (gate, up, down):
-        per_expert = [q4_values(raw[e], qtype) for e in range(E)]
-        parts += [torch.stack([pack_int4(q) for q, _, _ in per_expert]), torch.stack([d for _, d, _ in per_expert]),
-                  None if qtype == "Q4_0" else torch.stack([z for _, _, z in per_expert])]
-    (w1, s1, z1), (w3, s3, z3), (w2, s2, z2) = parts[0:3], parts[3:6], parts[6:9]
-    F, D = w1.shape[1], w1.shape[2] * 2
-    mod = Int4Experts(E, D, F, BLOCK, device="meta")
-    mod.load_state_dict(Int4Experts.pack(w1, s1, w3, s3, w2, s2, z1, z3, z2), assign=True)
+    Int8Experts (Q8_0). Each expert goes through the module's own pack() alone and into its slot of the buffers:
+    the transient is one expert (~0.5 GB at Scout's width), never a float copy of the experts (8 GB per layer)."""
+    E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
+    mod = Int8Experts(E, D, F) if qtype == "Q8_0" else Int4Experts(E, D, F, BLOCK)
+    for e in range(E):
+        if qtype == "Q8_0":
+            (q1, s1), (q3, s3), (q2, s2) = (int8_rows(q8_0_values(raw[e])) for raw in (gate, up, down))
+            one = Int8Experts.pack(q1[None], s1[None, :, None], q3[None], s3[None, :, None], q2[None],
+                                   s2[None, :, None])
+        else:
+            (q1, s1, z1), (q3, s3, z3), (q2, s2, z2) = (q4_values(raw[e], qtype) for raw in (gate, up, down))
+            zeros = (None, None, None) if z1 is None else (z1[None], z3[None], z2[None])
+            one = Int4Experts.pack(pack_int4(q1)[None], s1[None], pack_int4(q3)[None], s3[None], pack_int4(q2)[None],
+                                   s2[None], *zeros)
+        for name, value in one.items():                  # (1, ...) -> slot e of (E, ...)
+            getattr(mod, name)[e].copy_(value[0])
     return mod
 
 
@@ -175,6 +172,7 @@ def load_gguf_packed(path: str | Path, fuse: bool = True, int8_embeddings: bool 
                 raws = [np.asarray(group[w].data) for w in ("w1", "w3", "w2")]
                 _set(model, native.rsplit(".", 1)[0], packed_experts(qtype, *raws))
                 del experts[native.rsplit(".", 1)[0]]
+                _release_freed_memory()        # per layer: the unpacking scratch would pile up in the heap
         elif qtype == "Q8_0" and native == "tok_embeddings.weight" and shape[1] % 16 == 0 and int8_embeddings:
             q, scale = int8_rows(q8_0_values(raw))
             emb = Int8Embedding(*shape, device="meta")
