@@ -14,6 +14,8 @@ Mapping (quantize.Int4Linear computes w = q * scale + zero with q = u - 8, group
   re-quantized per output row, w ~= q' * max|w_row| / 127. The tied token embedding becomes one int8 matrix shared
   by Int8Embedding (the lookup) and Int8Linear (the output head). The extra error is measured in tests/test_fuse.py
   and bench/perplexity.py.
+- A layer's routed experts (ffn_{gate,up,down}_exps, all three of one of these types) -> Int4Experts / Int8Experts
+  by the same mappings, one expert at a time (packed_experts); a layer whose three differ is dequantized.
 Other types (F32, F16, BF16, K-quants, ...) are dequantized to fp32 as gguf_loader does. Then fuse.fuse_model
 fuses q/k/v and gate/up.
 """
