@@ -264,8 +264,10 @@ def cmd_serve(args):
             raise ValueError(f"two models are both named {name!r}: give one an id with NAME=PATH")
         served.append(ServedModel(name, model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                                   max_queue=args.max_queue, cache_dtype=_cache_dtype(args)))
-    print(f"[serving {', '.join(m.name for m in served)} on http://{args.host}:{args.port}/v1]", file=sys.stderr)
-    serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    page = "" if args.no_webui else f"; chat page: http://{args.host}:{args.port}/"
+    print(f"[serving {', '.join(m.name for m in served)} on http://{args.host}:{args.port}/v1{page}]", file=sys.stderr)
+    serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
+          webui=not args.no_webui)
 
 
 def cmd_bench_serve(args):
@@ -467,6 +469,7 @@ def _add_serve_parsers(sub):
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
+    p.add_argument("--no-webui", action="store_true", help="do not answer GET / with the chat page")
     # Engine
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before HTTP 429")
