@@ -248,3 +248,37 @@ def load_tokenizer(path: str | Path, eos_ids: list[int] | None = None) -> Tokeni
     if path.is_dir():
         return tokenizer_from_folder(path, eos_ids)
     raise TokenizerError(f"{path}: not a GGUF file or a folder with a tokenizer")
+
+
+def save_tokenizer(tok, folder: Path):
+    """Write tokenizer.json + tokenizer_config.json next to a checkpoint, so `herd run FOLDER` and
+    tokenizer.load_tokenizer find the tokenizer the model was trained with (a GGUF-embedded one included)."""
+    backend = getattr(tok, "backend", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return      # tiktoken (Llama 4's tokenizer.model) or bytes: nothing portable to write here
+    folder = Path(folder)
+    backend.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": tok.bos_token or None, "eos_token": tok.eos_token or None, "add_bos_token": tok.add_bos}
+    if tok.chat_template:
+        cfg["chat_template"] = tok.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "preprocessor_config.json")
+
+
+def copy_tokenizer(src: str | Path, folder: str | Path) -> list[str]:
+    """Give a checkpoint written from `src` (an HF folder or a GGUF file) the tokenizer `src` has, so it runs: an HF
+    folder's tokenizer files are copied as they are, a GGUF's embedded tokenizer is written as tokenizer.json.
+    Returns the files written."""
+    import shutil
+
+    src, folder = Path(src), Path(folder)
+    if src.is_dir():
+        names = [n for n in TOKENIZER_FILES if (src / n).exists()]
+        for n in names:
+            shutil.copyfile(src / n, folder / n)
+        return names
+    save_tokenizer(load_tokenizer(src), folder)
+    return [n for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).exists()]
