@@ -467,7 +467,7 @@ def _calls_at(text: str, i: int) -> tuple[list[dict], int] | None:
     calls = _pythonic_calls(src)
     if calls is not None and text[i] == "[":      # [f(a=1)][g(b=2)]: how the reference writes several past calls
         more = _calls_at(text, j) if (j := _separator_end(text, close + 1)) < len(text) and text[j] == "[" else None
-        if more is not None and all("name" in c for c in more[0]):
+        if more is not None:
             return calls + more[0], more[1]
     if calls is None and text[i] == "[":
         try:
