@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from herd.agent import (LocalBrain, Tool, ToolError, Transcript, code_interpreter_tool, plan_and_act, plan_steps,
+from herd.agent import (LocalBrain, ToolError, Transcript, code_interpreter_tool, plan_and_act, plan_steps,
                         run_agent, run_tool, tool_from_function, tools_from_json, tools_from_python_file)
 from herd.sandbox import sandbox_available
 from herd.textgen import default_model_path

@@ -21,7 +21,7 @@ def _reference_chat_format_module():
     torchvision is not installed (its PyPI wheels need a newer torch or CUDA) an empty stand-in takes that module's
     place: no image goes through it here, and the text path is the reference's own code."""
     try:
-        import torchvision.transforms  # noqa: F401
+        import torchvision.transforms  # noqa: F401 (importing is the check)
     except Exception:
         stand_in = types.ModuleType("llama_models.llama4.preprocess")
         stand_in.ResizeNormalizeImageTransform = stand_in.VariableSizeImageTransform = None
@@ -189,11 +189,14 @@ def test_parses_every_form_the_reference_parses(ref, text):
     assert content is None
 
 
+TWO_CALLS = [("get_weather", {"city": "Oslo"}), ("get_time", {"tz": "CET"})]
+
+
 @pytest.mark.parametrize("text, calls", [
     # the reference keeps only the first of several calls (a FIXME in its source)
-    ('[get_weather(city="Oslo"), get_time(tz="CET")]', [("get_weather", {"city": "Oslo"}), ("get_time", {"tz": "CET"})]),
+    ('[get_weather(city="Oslo"), get_time(tz="CET")]', TWO_CALLS),
     # how the reference writes several past calls back into the prompt; it cannot read them itself
-    ('[get_weather(city="Oslo")][get_time(tz="CET")]', [("get_weather", {"city": "Oslo"}), ("get_time", {"tz": "CET"})]),
+    ('[get_weather(city="Oslo")][get_time(tz="CET")]', TWO_CALLS),
     # its function-tag regex stops at the first '}', so nested arguments fail
     ('<function=search>{"filters": {"year": 2024}}</function>', [("search", {"filters": {"year": 2024}})]),
     ('<function=a>{"x": 1}</function>\n<function=b>{}</function>', [("a", {"x": 1}), ("b", {})]),
