@@ -461,6 +461,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     _add_serve_parsers(sub)
     _add_train_parsers(sub, argv if argv is not None else sys.argv[1:])
     _add_eval_parsers(sub)
+    from .agent.cli import add_agent_parser     # `herd agent`: flags and handler in herd/agent/cli.py
+    add_agent_parser(sub)
     return parser
 
 

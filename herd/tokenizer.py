@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 
@@ -55,6 +56,29 @@ def _gguf_pre_tokenizer(pre: str):
                          "(supported: default, gpt2, smollm, llama-bpe, llama3, llama4)")
 
 
+# Llama 4's reference tokenizer encodes text in pieces: at most 400,000 characters each (tiktoken's Rust side can
+# panic on longer input) and no run of more than 25,000 whitespace or non-whitespace characters (BPE on such runs is
+# quadratic). The cuts change the tokens of such inputs, so herd makes the same ones.
+TIKTOKEN_MAX_CHARS = 400_000
+TIKTOKEN_MAX_RUN = 25_000
+_RUNS = re.compile(r"\s+|\S+")
+
+
+def tiktoken_pieces(text: str) -> list[str]:
+    """text cut where Llama 4's reference cuts it before encoding: every 400,000 characters, then inside each piece
+    every 25,000 characters of a longer run of whitespace or non-whitespace (counted from the run's start)."""
+    if len(text) <= TIKTOKEN_MAX_RUN:           # no run can be too long
+        return [text]
+    pieces = []
+    for start in range(0, len(text), TIKTOKEN_MAX_CHARS):
+        chunk = text[start:start + TIKTOKEN_MAX_CHARS]
+        cuts = [m.start() + k for m in _RUNS.finditer(chunk) if m.end() - m.start() > TIKTOKEN_MAX_RUN
+                for k in range(TIKTOKEN_MAX_RUN, m.end() - m.start(), TIKTOKEN_MAX_RUN)]
+        bounds = [0] + cuts + [len(chunk)]
+        pieces += [chunk[a:b] for a, b in zip(bounds, bounds[1:])]
+    return pieces
+
+
 class Tokenizer:
     """encode/decode over either a `tokenizers.Tokenizer` or a `tiktoken.Encoding`."""
 
@@ -93,7 +117,9 @@ class Tokenizer:
         """Token ids of text. allow_special=False encodes special-token text ('<|eot|>') as ordinary characters,
         as Llama 4's reference does for message content, so user text cannot forge control tokens."""
         if self._tiktoken:
-            ids = self.backend.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+            allowed = "all" if allow_special else set()
+            ids = [i for piece in tiktoken_pieces(text)
+                   for i in self.backend.encode(piece, allowed_special=allowed, disallowed_special=())]
         else:
             ids = (self.backend if allow_special else self._plain).encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
