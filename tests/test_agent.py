@@ -2,7 +2,6 @@
 tool-call parser: only the sampling is replaced), user tools from functions and JSON, the sandboxed code
 interpreter and its failures fed back, the step limit, the guard hook, plan/act, and the `herd agent` command on a
 tiny random model, locally and through `herd serve`."""
-import base64
 import json
 import os
 import socket
@@ -19,6 +18,7 @@ from herd.agent import (LocalBrain, ToolError, Transcript, code_interpreter_tool
 from herd.sandbox import sandbox_available
 from herd.textgen import default_model_path
 from herd.tokenizer import load_tokenizer
+from tiny_chat import write_byte_tokenizer_model
 
 needs_bwrap = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap (bwrap) cannot run here")
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,11 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def llama4_tok(tmp_path_factory):
     """Llama 4's tokenizer format (tiktoken ranks + the 2,048 specials) over single bytes: Llama 4's chat layout."""
-    folder = tmp_path_factory.mktemp("l4tok")
-    ranks = [bytes([b]) for b in range(256)]
-    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n"
-                                                    for i, t in enumerate(ranks)))
-    return load_tokenizer(folder)
+    return load_tokenizer(write_byte_tokenizer_model(tmp_path_factory.mktemp("l4tok")))
 
 
 class Script:

@@ -1,13 +1,10 @@
 """The herd command on a tiny Llama 4 checkpoint with Llama 4's tokenizer format, and `herd info`."""
-import base64
 import subprocess
 import sys
 
 import pytest
 
-from herd.checkpoint import save_hf
-from herd.config import preset
-from herd.model import Transformer
+from tiny_chat import write_tiny_llama4
 
 
 def herd_cli(*args):
@@ -16,16 +13,7 @@ def herd_cli(*args):
 
 @pytest.fixture(scope="module")
 def tiny_llama4(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_l4")
-    ranks = [bytes([b]) for b in range(256)]
-    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n"
-                                                    for i, t in enumerate(ranks)))
-    cfg = preset("debug")
-    cfg.vocab_size = 256 + 2048
-    cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id = 256, [257, 263, 264], 274
-    cfg.__post_init__()
-    save_hf(Transformer(cfg).init_weights(seed=0), folder)
-    return folder
+    return write_tiny_llama4(tmp_path_factory.mktemp("tiny_l4"))
 
 
 def test_run_and_generate_llama4_folder(tiny_llama4):
