@@ -275,6 +275,9 @@ def cmd_quantize(args):
     # bad flags fail before the (slow) load
     spec = make_spec(args.scheme, args.group_size, args.only, symmetric=not args.asymmetric)
     src = _model_path(args.src)
+    if spec.only == "experts" and _config_of(str(src)).moe is None:        # known from the config: before the load
+        raise ValueError(f"{args.src}: nothing to quantize with --only experts: the model has no routed experts "
+                         "(a dense model: use --only all)")
     model = herd.load(src, progress=True)
     n = len(quantize_targets(model, spec.only))
     if n == 0:
