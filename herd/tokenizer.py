@@ -95,7 +95,10 @@ class Tokenizer:
         if self._tiktoken:
             ids = self.backend.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
         else:
-            ids = (self.backend if allow_special else self._plain).encode(text, add_special_tokens=False).ids
+            # encode_batch_fast (no offsets) runs without the GIL, unlike encode: a long text tokenized in a thread
+            # (the server's request handlers) then leaves the event loop running. Same ids.
+            ids = (self.backend if allow_special else self._plain).encode_batch_fast(
+                [text], add_special_tokens=False)[0].ids
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
 
     def decode(self, ids, skip_special: bool = True) -> str:

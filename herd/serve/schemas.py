@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Limits
+# Limits that no flag changes (the others: limits.Limits)
 MAX_N = 8                      # choices per request
-MAX_STOP = 4                   # stop strings per request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20          # chat top_logprobs
 MAX_COMPLETION_LOGPROBS = 5    # completions logprobs
 MAX_PROMPTS = 32               # prompts in one /v1/completions request
@@ -21,20 +20,55 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers         # e.g. Retry-After on a 429, Allow on a 405
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # ---- request schemas (OpenAI's, plus a few herd / vLLM extensions) ------------------------------------------------
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore")     # OpenAI fields herd does not use (user, metadata, ...) pass
+    # extra: OpenAI fields herd does not use (user, metadata, ...) pass. strict: JSON types as the schema says them,
+    # no coercion ("stream": "yes" is not true, a prompt of [[false]] is not token 0)
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="after")
+    def _valid_unicode(self):
+        """Text must be Unicode: JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer takes (it
+        was a TypeError and a 500). Each model checks its own fields; nested models have checked theirs."""
+        for name, value in self.__dict__.items():
+            where = lone_surrogate(value, name)
+            if where is not None:
+                raise ValueError(f"{where} holds a lone UTF-16 surrogate, which is not text: send the character "
+                                 "itself or its full surrogate pair")
+        return self
+
+
+def lone_surrogate(value, where: str) -> str | None:
+    """Where in value (text, or lists and dicts of it, not models) a lone surrogate is, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{where} (character {e.start})"
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found = lone_surrogate(k, f"{where} (a key)") or lone_surrogate(v, f"{where}.{k}")
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found = lone_surrogate(v, f"{where}[{i}]")
+            if found:
+                return found
+    return None
 
 
 class TextPart(_In):
@@ -56,6 +90,7 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True)
     name: str
     arguments: str       # JSON text
 
@@ -72,6 +107,14 @@ class ChatMessage(_In):
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_result(self):
+        """A tool's result answers one call: OpenAI requires both, and a template renders neither as nothing."""
+        if self.role == "tool" and (self.content is None or not self.tool_call_id):
+            raise ValueError("a tool message needs content (the tool's result) and tool_call_id (the call it "
+                             "answers)")
+        return self
 
 
 class FunctionDef(_In):
@@ -104,8 +147,11 @@ class JSONSchemaFormat(_In):
 
 
 class ResponseFormat(_In):
+    model_config = ConfigDict(populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
+    # json_object with a schema, as instructor's JSON_SCHEMA mode sends it (Together's and Anyscale's spelling)
+    object_schema: dict[str, Any] | None = Field(None, alias="schema")
 
 
 class StreamOptions(_In):

@@ -71,6 +71,17 @@ class ChoiceStream:
                                "function": {"name": c["name"], "arguments": raw[k] if raw else
                                             json.dumps(c["arguments"], ensure_ascii=False)}}
                               for k, c in enumerate(calls)]
+            elif self.tool_mode == "forced":
+                self._close_cut_calls()
+
+    def _close_cut_calls(self):
+        """A forced answer cut short (max_tokens, a stop string): the calls as far as they got, as they were
+        streamed (OpenAI's shape: tool_calls with the arguments' text so far, finish_reason length); no content,
+        as none was streamed (it had been the raw JSON text, and disagreed with the stream)."""
+        self.content = None
+        self.calls = [{"id": self._call_id(k), "type": "function", "function": {"name": name, "arguments":
+                                                                              self.text[a:b]}}
+                      for k, (name, a, b) in enumerate(json_call_spans(self.text, self.call_key))]
 
     def _generated_arguments(self, calls: list[dict]) -> list[str] | None:
         """A forced answer's argument texts exactly as generated, when they are the parsed calls (the grammar makes
@@ -99,7 +110,7 @@ class ChoiceStream:
                 sent = self.text[:self.sent].lstrip()
                 content = self.content or ""
                 out = content[len(sent):] if content.startswith(sent) else ""
-            elif self.args_sent:         # a forced call cut short (length): its text went out as tool-call deltas
+            elif self.tool_mode == "forced":     # cut short: what there was went out as tool-call deltas
                 out = ""
             else:
                 out = self.text[self.sent:]
@@ -200,8 +211,12 @@ class Run:
             if not work.done():
                 work.cancel()
                 self.cancel_unfinished()
+        if not work.done():
+            # cancel() only asks: the task is not cancelled until it runs again, and its result() meanwhile raised
+            # InvalidStateError (two tracebacks and a 500 counted for every client that gave up)
+            await asyncio.wait({work})
         if work.cancelled():
-            raise APIError(499, "client closed the request")
+            raise APIError(499, "client closed the request", code="client_closed_request")
         work.result()                             # re-raise an engine error as its APIError
 
     def cancel_unfinished(self):
