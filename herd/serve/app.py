@@ -61,7 +61,8 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
     key = [Depends(check_key)]
     # the route table: path, handler, and what each needs
     app.add_api_route("/health", health, methods=["GET"], responses={503: {"model": ErrorResponse}})
-    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], response_class=Response)
+    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], response_class=Response,
+                      responses={401: {"model": ErrorResponse}})      # 401: with protect_metrics
     app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=key, response_model=ModelList,
                       responses=ERRORS)
     app.add_api_route("/v1/models/{model_id}", get_model, methods=["GET"], dependencies=key,
@@ -83,7 +84,26 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"])
+    if api_key is not None:
+        _declare_key(app)
     return app
+
+
+def _declare_key(app: FastAPI):
+    """The OpenAPI document says which operations need the bearer key (clients and schemathesis read it)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = build()
+            doc.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            for path, operations in doc["paths"].items():
+                for method, op in operations.items():
+                    scope = {"type": "http", "path": path, "method": method.upper(), "headers": []}
+                    if _gate_key(app, scope) is not None:      # refused with no key: it needs one
+                        op["security"] = [{"apiKey": []}]
+        return app.openapi_schema
+    app.openapi = openapi
 
 
 def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -331,8 +351,10 @@ async def _api_error(request, exc: APIError):
 
 async def _validation_error(request, exc: RequestValidationError):
     errs = exc.errors()
-    # herd's own checks (value errors) say more than a union's every branch failing on type
-    first = next((e for e in errs if e.get("type") == "value_error"), errs[0] if errs else None)
+    # herd's own checks (value errors), then other rules (too short, too large), say more than a union's every
+    # branch failing on type
+    first = next((e for e in errs if e.get("type") == "value_error"), None) or \
+        next((e for e in errs if not e.get("type", "").endswith("_type")), errs[0] if errs else None)
     first = first or {"loc": (), "msg": "invalid request"}
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "")

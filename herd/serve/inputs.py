@@ -45,9 +45,23 @@ def check_chat_limits(body: ChatCompletionRequest, limits: Limits):
     schemas = {"tools": [t.model_dump(exclude_none=True) for t in tools],
                "response_format": fmt and (fmt.object_schema or (fmt.json_schema and fmt.json_schema.json_schema))}
     for param, schema in schemas.items():
+        depth = json_depth(schema)           # first: json.dumps recurses
+        if depth > limits.max_schema_depth:
+            raise over_limit(f"{param} as JSON, nesting depth", depth, "max_schema_depth", limits, param)
         size = len(json.dumps(schema, ensure_ascii=False)) if schema else 0
         if size > limits.max_schema_chars:
             raise over_limit(f"{param} as JSON, characters", size, "max_schema_chars", limits, param)
+
+
+def json_depth(value) -> int:
+    """How deeply lists and dicts nest in JSON data (0 for a scalar), level by level: no recursion to run out of."""
+    depth, level = 0, [value]
+    while True:
+        containers = [x for x in level if isinstance(x, (dict, list))]
+        if not containers:
+            return depth
+        depth += 1
+        level = [v for x in containers for v in (x.values() if isinstance(x, dict) else x)]
 
 
 def check_prompt_chars(sm: ServedModel, n_chars: int, param: str):
@@ -223,11 +237,8 @@ def completion_prompts(body: CompletionRequest, sm: ServedModel) -> list[list[in
     raw = body.prompt
     if isinstance(raw, str):
         raw = [raw]
-    elif raw and isinstance(raw[0], int):
+    elif isinstance(raw[0], int):       # the schema refuses an empty list
         raw = [raw]
-    if not raw:
-        raise APIError(400, "prompt must not be an empty list: give a string, token ids, or a list of either",
-                       param="prompt")
     if len(raw) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
     for p in raw:

@@ -51,23 +51,24 @@ class _In(BaseModel):
 
 
 def lone_surrogate(value, where: str) -> str | None:
-    """Where in value (text, or lists and dicts of it, not models) a lone surrogate is, or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as e:
-            return f"{where} (character {e.start})"
-        return None
-    if isinstance(value, dict):
-        for k, v in value.items():
-            found = lone_surrogate(k, f"{where} (a key)") or lone_surrogate(v, f"{where}.{k}")
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = lone_surrogate(v, f"{where}[{i}]")
-            if found:
-                return found
+    """Where in value (text, or lists and dicts of it, not models) a lone surrogate is, or None. A walk with its own
+    stack (JSON nested 900 deep must not run out of Python's recursion) that spells a path only for what it finds."""
+    todo = [(value, None)]               # (a value, its path: None or (the parent's path, key or index))
+    while todo:
+        value, path = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                steps = []
+                while path is not None:
+                    path, step = path
+                    steps.append(f"[{step}]" if isinstance(step, int) else f".{step}")
+                return f"{where}{''.join(reversed(steps))} (character {e.start})"
+        elif isinstance(value, dict):
+            todo += [(k, (path, "<key>")) for k in value] + [(v, (path, k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(v, (path, i)) for i, v in enumerate(value)]
     return None
 
 
@@ -102,19 +103,22 @@ class ToolCallIn(_In):
 
 
 class ChatMessage(_In):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
 
-    @model_validator(mode="after")
-    def _tool_result(self):
-        """A tool's result answers one call: OpenAI requires both, and a template renders neither as nothing."""
-        if self.role == "tool" and (self.content is None or not self.tool_call_id):
-            raise ValueError("a tool message needs content (the tool's result) and tool_call_id (the call it "
-                             "answers)")
-        return self
+
+class ToolMessage(ChatMessage):
+    """A tool's result answers one call: OpenAI requires both content and tool_call_id (a template renders neither
+    as nothing), and so does the schema."""
+    role: Literal["tool"]
+    content: str | list[ContentPart]
+    tool_call_id: str = Field(min_length=1)
+
+
+Message = Annotated[Union[ChatMessage, ToolMessage], Field(discriminator="role")]
 
 
 class FunctionDef(_In):
@@ -178,7 +182,7 @@ class SamplingFields(_In):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -189,7 +193,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # a string ("" too: the start of a document), token ids, or a list of either; no empty list
+    prompt: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
+             | Annotated[list[list[int]], Field(min_length=1)])
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
