@@ -2,10 +2,10 @@
 the normal streams' inter-token latency (ITL) p50 / p99 without and with the hostile client, /health's slowest answer
 throughout, and what each hostile input got. Targets: ITL p99 under abuse < 2x its no-abuse value; /health < 1 s.
 
-    python -m bench.soak [MODEL] [--clients 16] [--seconds 60] [--max-tokens 64] [--threads 2]
+    python -m bench.soak [MODEL] [--clients 16] [--seconds 60] [--max-tokens 64] [--threads 2] [--serve-args ...]
 
-Starts `herd serve MODEL` (default: the default model) on a free 127.0.0.1 port with an API key, runs a no-abuse
-phase then an abuse phase of --seconds each (the abuse phase lasts at least one pass over the hostile inputs), prints
+Starts `herd serve MODEL` (default: the default model) on a free 127.0.0.1 port with an API key, warms it up with
+normal load, runs a no-abuse phase then an abuse phase of --seconds each (the abuse phase lasts at least one pass over the hostile inputs), prints
 the settings and the figures, and stops the server. tests/test_server_abuse.py runs a short one on a tiny model.
 """
 from __future__ import annotations
@@ -67,8 +67,8 @@ def hostile_inputs(tokenize_chars: int, seed: int = 0) -> list[Hostile]:
     cmpl = "/v1/completions"
     return [
         Hostile("one 300 KB stop string", cmpl, _json(prompt="hi", max_tokens=64, stop=["a" * 300_000]), 400),
-        Hostile(f"{cap.max_stop} stop strings at the length cap, 256 tokens", cmpl,
-                _json(prompt="hi", max_tokens=256, ignore_eos=True,
+        Hostile(f"{cap.max_stop} stop strings at the length cap, 64 tokens", cmpl,
+                _json(prompt="hi", max_tokens=64, ignore_eos=True,
                       stop=[("ab" * cap.max_stop_chars)[:cap.max_stop_chars - 1] + c for c in "wxyz"[:cap.max_stop]]),
                 200),
         Hostile("an 8 MB prompt", cmpl, _json(prompt="word " * 1_600_000, max_tokens=4), 400),
@@ -223,13 +223,15 @@ def main():
     ap.add_argument("--clients", type=int, default=16, help="normal streaming clients")
     ap.add_argument("--seconds", type=float, default=60, help="length of each phase")
     ap.add_argument("--max-tokens", type=int, default=64, help="tokens per normal request")
+    ap.add_argument("--warmup", type=float, default=15, help="seconds of normal load before the measured phases")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="the server's torch threads")
     ap.add_argument("--tokenize-chars", type=int, default=300_000,
                     help="characters of the prompt the server must tokenize before refusing it")
+    ap.add_argument("--serve-args", default="", help="more `herd serve` flags, e.g. '--dequantize'")
     args = ap.parse_args()
     port = _free_port()
     cmd = [sys.executable, "-m", "herd.cli", "serve", args.model, "--port", str(port), "--threads", str(args.threads),
-           "--api-key", KEY, "--log-level", "warning", "--max-batch", str(args.clients)]
+           "--api-key", KEY, "--log-level", "warning", "--max-batch", str(args.clients), *args.serve_args.split()]
     print(f"server: {' '.join(cmd[2:])}\nclients {args.clients}, {args.seconds:.0f} s per phase, max_tokens "
           f"{args.max_tokens}, machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}", flush=True)
     server = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
@@ -243,6 +245,7 @@ def main():
                 if server.poll() is not None or time.monotonic() > deadline:
                     sys.exit("the server did not start")
                 time.sleep(0.5)
+        run_phase(port, args.clients, args.warmup, args.max_tokens, None)      # first prefills, allocations
         base = run_phase(port, args.clients, args.seconds, args.max_tokens, None)
         abuse = run_phase(port, args.clients, args.seconds, args.max_tokens, hostile_inputs(args.tokenize_chars))
         print(report(base, abuse))

@@ -137,11 +137,13 @@ class ServedModel:
         self._closing_at = time.monotonic() + grace_s
         self._wake.set()
 
-    def stop(self):
+    def stop(self, wait_s: float = 1.0):
+        """Stop the engine thread after its current step. A step longer than wait_s (a batch's prefill can take
+        seconds) is left to the daemon thread: the process exits without it (SIGTERM: within 5 s)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=wait_s)
 
     def _finish(self, job: Job, reason: str):
         if job.done:
