@@ -11,11 +11,13 @@ from typing import AsyncIterator, Callable
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..chat import json_call_spans, parse_tool_calls, tool_call_start
 from ..textgen import TextStream
 from ..tokenizer import Tokenizer
 from .schemas import APIError
+from .spans import CallSpans
 from .worker import Job, ServedModel
 
 
@@ -30,6 +32,7 @@ class ChoiceStream:
         self.stream = TextStream(tok, stop)
         self.tool_mode, self.tool_names = tool_mode, tool_names   # "off" | "auto" | "forced"
         self.call_key = call_key
+        self.spans = CallSpans(call_key)     # a forced answer's calls as it grows (json_call_spans, incremental)
         self.text, self.sent = "", 0
         self.tokens = 0
         self.logprobs: list[dict] = []       # engine entries: {"logprob", "top": [(id, lp)]}, with "id"
@@ -131,7 +134,7 @@ class ChoiceStream:
         if self.calls:
             calls = [(c["function"]["name"], c["function"]["arguments"]) for c in self.calls]
         elif self.tool_mode == "forced":
-            calls = [(name, self.text[a:b]) for name, a, b in json_call_spans(self.text, self.call_key)]
+            calls = [(name, self.text[a:b]) for name, a, b in self.spans.update(self.text)]
         else:
             return []
         out = []
@@ -191,7 +194,12 @@ class Run:
                 m.itl.labels(self.sm.name).observe(now - s.t_last)
             s.t_last = now
             n_lp = len(s.logprobs)
-            if s.push(token, lp, finish):
+            # tool_choice auto: the push that ends the choice parses all its text for calls (chat.parse_tool_calls,
+            # seconds on adversarial text such as 8000 '['), so it runs in a thread, where the loop still gets the
+            # GIL every switch interval (5 ms)
+            stopped = await run_in_threadpool(s.push, token, lp, finish) if s.tool_mode == "auto" else \
+                s.push(token, lp, finish)
+            if stopped:
                 self.sm.cancel(self.jobs[index], "stop")
             if s.finished:
                 m.latency.labels(self.sm.name, self.endpoint).observe(now - self.t0)
