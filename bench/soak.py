@@ -82,6 +82,14 @@ def hostile_inputs(tokenize_chars: int, seed: int = 0) -> list[Hostile]:
         Hostile("a schema nested 900 deep", chat, _json(messages=STORY, max_tokens=4, response_format={
             "type": "json_object", "schema": _nested(900)}), 400),
         Hostile("2000 messages", chat, _json(messages=STORY * 2000, max_tokens=4), 400),
+        Hostile(f"{cap.max_body_objects - 100} content parts (objects, just under the cap)", chat,
+                _json(messages=[{"role": "user", "content": [{"type": "text", "text": "llama"}] * 99}]
+                      * ((cap.max_body_objects - 100) // 100), max_tokens=4), 400),
+        Hostile(f"{cap.max_body_objects * 2} content parts", chat, _json(messages=[
+            {"role": "user", "content": [{"type": "text", "text": "llama"}] * 199}] * 100, max_tokens=4), 413),
+        Hostile(f"{cap.max_body_items - 10} token ids (values, just under the cap)", cmpl,
+                _json(prompt=[7] * (cap.max_body_items - 10), max_tokens=4), 400),
+        Hostile(f"{cap.max_body_items * 2} token ids", cmpl, _json(prompt=[7] * (cap.max_body_items * 2)), 413),
         Hostile('stream: "yes"', cmpl, _json(prompt="hi", max_tokens=2, stream="yes"), 400),
         Hostile("prompt [[false]]", cmpl, _json(prompt=[[False]], max_tokens=2), 400),
         Hostile("a non-streaming client that hangs up", cmpl, _json(prompt="hi", max_tokens=2000, ignore_eos=True),

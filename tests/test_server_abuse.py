@@ -264,15 +264,17 @@ def test_metrics_and_docs_behind_the_key(server):
 # ---- a short soak: normal streams while a hostile client sends each abusive input -------------------------------
 def test_soak_with_a_hostile_client(server):
     """bench/soak.py on the tiny model (4 streams, 8 s phases): every hostile input gets its answer, /health answers
-    within 1 s throughout, no normal stream fails, and their ITL p99 stays under 2x the no-abuse value (plus 50 ms
-    of slack for a shared machine: the tiny model's steps take a few ms). The full figures: python -m bench.soak."""
+    within 1 s throughout, no normal stream fails, and their ITL p99 stays under 2x the no-abuse value plus 100 ms:
+    the tiny model's steps take ~15 ms, so parsing the largest bodies the limits allow (~0.1 s each on a loaded
+    2-core machine) shows in its p99; the defects this guards against stalled streams for 8-13 s. The issue's
+    target (2x, 16 streams, the default model): python -m bench.soak."""
     base = run_phase(server.port, 4, 8, 32, None)
     abuse = run_phase(server.port, 4, 8, 32, hostile_inputs(40_000))  # tokenized: under 4095 x 13 characters
     print(report(base, abuse))
     assert base["errors"] == abuse["errors"] == []
     assert all(status == h.expect for h, status, _ in abuse["outcomes"]), report(base, abuse)
     assert max(base["health"] + abuse["health"]) < 1.0
-    assert itl(abuse)[1] < 2 * itl(base)[1] + 0.05, report(base, abuse)
+    assert itl(abuse)[1] < 2 * itl(base)[1] + 0.1, report(base, abuse)
     log = open(server.log_path).read()
     assert "Traceback" not in log
 

@@ -35,9 +35,9 @@ from starlette.routing import Match
 from ..chat import ChatError, format_chat, tool_call_key
 from ..constrain import GrammarError
 from .gate import Gate
-from .inputs import (chat_chars, chat_images, chat_messages, check_chat_limits, check_context, check_prompt_chars,
-                     completion_max_tokens, completion_prompts, make_jobs, stop_strings, tool_setup)
-from .limits import Limits, flag
+from .inputs import (chat_chars, chat_images, chat_messages, check_context, check_prompt_chars, completion_max_tokens,
+                     completion_prompts, make_jobs, stop_strings, tool_setup)
+from .limits import Limits
 from .metrics import CountRequests, Metrics
 from .schemas import (APIError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse,
                       ModelCard, ModelList)
@@ -78,8 +78,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
     endpoints = {r.path for r in app.routes if not r.path.startswith(("/docs", "/openapi", "/redoc"))}
     endpoints.discard("/v1/models/{model_id}")
     # outermost last: CORS answers preflights itself; every answer, the gate's 401 and 413 too, is counted
-    app.add_middleware(Gate, check_key=lambda scope: _gate_key(app, scope),
-                       max_body_bytes=app.state.server.limits.max_body_bytes, flag=flag("max_body_mb"))
+    app.add_middleware(Gate, check_key=lambda scope: _gate_key(app, scope), limits=app.state.server.limits)
     app.add_middleware(CountRequests, metrics=app.state.server.metrics, endpoints=endpoints)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
@@ -230,7 +229,6 @@ async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
     server = _server(request)
     sm = server.pick(body.model)
     sm.check_capacity(body.n)
-    check_chat_limits(body, server.limits)
     tok = sm.tok
     messages = chat_messages(body.messages)
     check_prompt_chars(sm, chat_chars(messages), "messages")
@@ -247,7 +245,7 @@ async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    stop = stop_strings(body.stop, server.limits)
+    stop = stop_strings(body.stop)
     compiled = None
     if schema is not None:
         try:
@@ -301,7 +299,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     sm = server.pick(body.model)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
-    stop = stop_strings(body.stop, server.limits)
+    stop = stop_strings(body.stop)
     prompts = await run_in_threadpool(completion_prompts, body, sm)      # tokenizing: in a thread
     max_tokens = completion_max_tokens(body, sm, prompts)
     states = [ChoiceStream(i, sm.tok, stop, "off", None) for i in range(len(prompts) * body.n)]
@@ -356,6 +354,9 @@ async def _validation_error(request, exc: RequestValidationError):
     first = next((e for e in errs if e.get("type") == "value_error"), None) or \
         next((e for e in errs if not e.get("type", "").endswith("_type")), errs[0] if errs else None)
     first = first or {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "limit_exceeded":        # limits.check_body, on the raw JSON
+        return APIError(400, str(first.get("msg")), param=(first.get("ctx") or {}).get("param"),
+                        code="limit_exceeded").response()
     if first.get("type") == "json_invalid":
         reason = (first.get("ctx") or {}).get("error", "")
         return APIError(400, f"the body is not valid JSON: {reason} (at character {first['loc'][-1]})",

@@ -6,62 +6,20 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
 from typing import Any
 
 from ..chat import tool_call_key
 from ..constrain import tool_call_schema
 from ..engine import SamplingParams
-from .limits import Limits, flag
 from .schemas import (COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_PROMPTS, APIError, ChatCompletionRequest, ChatMessage,
                       CompletionRequest, NamedToolChoice, SamplingFields)
 from .worker import Job, ServedModel
 
 
-def over_limit(what: str, given: int, name: str, limits: Limits, param: str) -> APIError:
-    """The 400 of a request past one of `limits`, naming the limit and the flag that changes it."""
-    return APIError(400, f"{what}: {given} given, at most {getattr(limits, name)} (herd serve {flag(name)})",
-                    param=param, code="limit_exceeded")
-
-
-def stop_strings(stop, limits: Limits) -> list[str]:
+def stop_strings(stop) -> list[str]:
+    """The request's stop strings as a list (their count and length: limits.check_body)."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stop) > limits.max_stop:
-        raise over_limit("stop strings", len(stop), "max_stop", limits, "stop")
-    for i, s in enumerate(stop):
-        if len(s) > limits.max_stop_chars:
-            raise over_limit(f"stop[{i}] characters", len(s), "max_stop_chars", limits, "stop")
     return [s for s in stop if s]
-
-
-def check_chat_limits(body: ChatCompletionRequest, limits: Limits):
-    """Messages, tools and schema size within `limits`, checked before any of it is rendered or compiled."""
-    if len(body.messages) > limits.max_messages:
-        raise over_limit("messages", len(body.messages), "max_messages", limits, "messages")
-    tools = body.tools or []
-    if len(tools) > limits.max_tools:
-        raise over_limit("tools", len(tools), "max_tools", limits, "tools")
-    fmt = body.response_format
-    schemas = {"tools": [t.model_dump(exclude_none=True) for t in tools],
-               "response_format": fmt and (fmt.object_schema or (fmt.json_schema and fmt.json_schema.json_schema))}
-    for param, schema in schemas.items():
-        depth = json_depth(schema)           # first: json.dumps recurses
-        if depth > limits.max_schema_depth:
-            raise over_limit(f"{param} as JSON, nesting depth", depth, "max_schema_depth", limits, param)
-        size = len(json.dumps(schema, ensure_ascii=False)) if schema else 0
-        if size > limits.max_schema_chars:
-            raise over_limit(f"{param} as JSON, characters", size, "max_schema_chars", limits, param)
-
-
-def json_depth(value) -> int:
-    """How deeply lists and dicts nest in JSON data (0 for a scalar), level by level: no recursion to run out of."""
-    depth, level = 0, [value]
-    while True:
-        containers = [x for x in level if isinstance(x, (dict, list))]
-        if not containers:
-            return depth
-        depth += 1
-        level = [v for x in containers for v in (x.values() if isinstance(x, dict) else x)]
 
 
 def check_prompt_chars(sm: ServedModel, n_chars: int, param: str):

@@ -2,10 +2,14 @@
 handlers build the same shapes as dicts), the request limits, and APIError, OpenAI's error shape. No engine here."""
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
+
+from .limits import LimitError, check_body, current as current_limits
 
 # Limits that no flag changes (the others: limits.Limits)
 MAX_N = 8                      # choices per request
@@ -38,37 +42,57 @@ class _In(BaseModel):
     # no coercion ("stream": "yes" is not true, a prompt of [[false]] is not token 0)
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    @model_validator(mode="after")
-    def _valid_unicode(self):
-        """Text must be Unicode: JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer takes (it
-        was a TypeError and a 500). Each model checks its own fields; nested models have checked theirs."""
-        for name, value in self.__dict__.items():
-            where = lone_surrogate(value, name)
-            if where is not None:
-                raise ValueError(f"{where} holds a lone UTF-16 surrogate, which is not text: send the character "
-                                 "itself or its full surrogate pair")
-        return self
+
+# False when the gate saw no surrogate in the raw body in any spelling (a \ud... escape, or raw bytes ED A0-BF,
+# which json.loads also lets through): then there is nothing to walk for
+maybe_surrogates: ContextVar[bool] = ContextVar("maybe_surrogates", default=True)
 
 
-def lone_surrogate(value, where: str) -> str | None:
-    """Where in value (text, or lists and dicts of it, not models) a lone surrogate is, or None. A walk with its own
-    stack (JSON nested 900 deep must not run out of Python's recursion) that spells a path only for what it finds."""
-    todo = [(value, None)]               # (a value, its path: None or (the parent's path, key or index))
+def valid_unicode(body):
+    """A request body's text must be Unicode: JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer
+    takes (it was a TypeError and a 500). For a top-level request model: model_validator(mode="before")."""
+    if maybe_surrogates.get() and _has_lone_surrogate(body):
+        raise ValueError(f"{lone_surrogate(body)} holds a lone UTF-16 surrogate, which is not text: send the "
+                         "character itself or its full surrogate pair")
+    return body
+
+
+def _has_lone_surrogate(value) -> bool:
+    """The quick walk (its own stack: JSON nested 900 deep must not run out of Python's recursion); ASCII text,
+    nearly all of it, is a flag test."""
+    todo = [value]
     while todo:
-        value, path = todo.pop()
+        value = todo.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(value, dict):
+            todo.extend(value)
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+    return False
+
+
+def lone_surrogate(value, where: str = "") -> str | None:
+    """Where in value (text, or lists and dicts of it) a lone surrogate is, as a path (messages[0].content), or
+    None. The slow walk, for the error message."""
+    todo = [(value, where)]
+    while todo:
+        value, where = todo.pop()
         if isinstance(value, str):
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError as e:
-                steps = []
-                while path is not None:
-                    path, step = path
-                    steps.append(f"[{step}]" if isinstance(step, int) else f".{step}")
-                return f"{where}{''.join(reversed(steps))} (character {e.start})"
+                return f"{where} (character {e.start})"
         elif isinstance(value, dict):
-            todo += [(k, (path, "<key>")) for k in value] + [(v, (path, k)) for k, v in value.items()]
+            todo += [(k, f"{where} (a key)") for k in value]
+            todo += [(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()]
         elif isinstance(value, list):
-            todo += [(v, (path, i)) for i, v in enumerate(value)]
+            todo += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return None
 
 
@@ -163,6 +187,16 @@ class StreamOptions(_In):
 
 
 class SamplingFields(_In):
+    @model_validator(mode="before")
+    @classmethod
+    def _check_raw(cls, body):
+        """On the raw JSON, before anything is built from it: counts and sizes (limits.check_body, with the serving
+        app's limits), then Unicode."""
+        try:
+            check_body(body, current_limits.get())
+        except LimitError as e:
+            raise PydanticCustomError("limit_exceeded", str(e), {"param": e.param}) from None
+        return valid_unicode(body)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -192,10 +226,21 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
 
 
+def _prompt_form(prompt) -> str:
+    """Which form a prompt takes, from its first item: validating every form in turn cost 6.8 s for 4M token ids
+    (each failed form collects an error per item)."""
+    if isinstance(prompt, str):
+        return "text"
+    first = prompt[0] if isinstance(prompt, list) and prompt else None
+    return "ids" if isinstance(first, int) else "id lists" if isinstance(first, list) else "texts"
+
+
 class CompletionRequest(SamplingFields):
     # a string ("" too: the start of a document), token ids, or a list of either; no empty list
-    prompt: (str | Annotated[list[str], Field(min_length=1)] | Annotated[list[int], Field(min_length=1)]
-             | Annotated[list[list[int]], Field(min_length=1)])
+    prompt: Annotated[Union[Annotated[str, Tag("text")], Annotated[list[str], Field(min_length=1), Tag("texts")],
+                            Annotated[list[int], Field(min_length=1), Tag("ids")],
+                            Annotated[list[list[int]], Field(min_length=1), Tag("id lists")]],
+                      Discriminator(_prompt_form)]
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
