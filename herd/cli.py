@@ -306,6 +306,7 @@ def cmd_plan(args):
 def cmd_serve(args):
     import torch
     from .serve.app import serve
+    from .serve.limits import Limits, limit_fields
     from .serve.worker import ServedModel, short_name
 
     if args.threads:
@@ -323,8 +324,9 @@ def cmd_serve(args):
                                   max_queue=args.max_queue, cache_dtype=_cache_dtype(args)))
     page = "" if args.no_webui else f"; chat page: http://{args.host}:{args.port}/"
     print(f"[serving {', '.join(m.name for m in served)} on http://{args.host}:{args.port}/v1{page}]", file=sys.stderr)
-    serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level,
-          webui=not args.no_webui)
+    limits = Limits(**{name: getattr(args, name) for name, _, _ in limit_fields()})
+    serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level, limits=limits,
+          cors_origins=args.cors_origin, protect_metrics=args.protect_metrics, webui=not args.no_webui)
 
 
 def cmd_bench_serve(args):
@@ -534,6 +536,14 @@ def _add_serve_parsers(sub):
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
     p.add_argument("--no-webui", action="store_true", help="do not answer GET / with the chat page")
+    p.add_argument("--protect-metrics", action="store_true",
+                   help="/metrics and the API docs (/docs, /openapi.json) need --api-key too (default: open)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="a browser origin allowed to call the API, e.g. http://localhost:3000 ('*': any); repeat")
+    # Limits (a request past one gets a 400, or 413 for the body, that names the flag)
+    from .serve.limits import flag, limit_fields
+    for name, default, help in limit_fields():
+        p.add_argument(flag(name), type=type(default), default=default, help=f"{help} (default {default})")
     # Engine
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before HTTP 429")

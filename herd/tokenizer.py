@@ -121,7 +121,10 @@ class Tokenizer:
             ids = [i for piece in tiktoken_pieces(text)
                    for i in self.backend.encode(piece, allowed_special=allowed, disallowed_special=())]
         else:
-            ids = (self.backend if allow_special else self._plain).encode(text, add_special_tokens=False).ids
+            # encode_batch_fast (no offsets) runs without the GIL, unlike encode: a long text tokenized in a thread
+            # (the server's request handlers) then leaves the event loop running. Same ids.
+            ids = (self.backend if allow_special else self._plain).encode_batch_fast(
+                [text], add_special_tokens=False)[0].ids
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
 
     def decode(self, ids, skip_special: bool = True) -> str:

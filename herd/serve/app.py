@@ -10,6 +10,11 @@ and logprobs (stream.py). Schemas and limits: schemas.py; metrics: metrics.py.
   (constrain.py), so such replies always parse, and their arguments stream as they are generated.
 - Images come as base64 `data:` URLs in `image_url` parts, never fetched from elsewhere.
 - A client that disconnects (streaming or not) has its requests cancelled, which frees their cache rows.
+- Nothing a request sends can hold the event loop: the API key and the body's size are checked before the body is
+  read (gate.py), tokenizing, image decoding and grammar compiling run in threads, stop strings cost linear time,
+  and every size a request chooses has a limit (limits.py) whose error names the flag that changes it.
+- SIGTERM: nothing new is admitted, what runs may finish for SHUTDOWN_GRACE_S, then it is cancelled; the process
+  exits within 5 s.
 It contains no model code.
 """
 from __future__ import annotations
@@ -24,11 +29,15 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
+from starlette.routing import Match
 
 from ..chat import ChatError, format_chat, tool_call_key
 from ..constrain import GrammarError
-from .inputs import (chat_images, chat_messages, check_context, completion_max_tokens, completion_prompts,
-                     make_jobs, stop_strings, tool_setup)
+from .gate import Gate
+from .inputs import (chat_chars, chat_images, chat_messages, check_context, check_prompt_chars, completion_max_tokens,
+                     completion_prompts, make_jobs, stop_strings, tool_setup)
+from .limits import Limits
 from .metrics import CountRequests, Metrics
 from .schemas import (APIError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse,
                       ModelCard, ModelList)
@@ -37,21 +46,27 @@ from .webui import chat_page, webui_asset
 from .worker import ServedModel
 
 log = logging.getLogger("herd.serve")
-ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 404, 429, 500)}
+ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 404, 413, 429, 500, 503)}
 STREAMED = {**ERRORS, 200: {"content": {"text/event-stream": {}}}}
+DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
+SHUTDOWN_GRACE_S = 2.0         # SIGTERM: how long running requests may go on before they are cancelled
 
 
-def create_app(models: list[ServedModel], api_key: str | None = None, webui: bool = True) -> FastAPI:
+def create_app(models: list[ServedModel], api_key: str | None = None, limits: Limits | None = None,
+               cors_origins: list[str] | None = None, protect_metrics: bool = False, webui: bool = True) -> FastAPI:
+    """protect_metrics: /metrics and the API docs need the API key too (by default they are open, as in vLLM).
+    cors_origins: browser origins allowed to call the API ("*": any). webui: GET / answers the chat page."""
     app = FastAPI(title="herd", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible API over herd's engine.")
-    app.state.server = Server(models, api_key)
+    app.state.server = Server(models, api_key, limits or Limits(), protect_metrics)
     key = [Depends(check_key)]
     # the route table: path, handler, and what each needs
     if webui:                  # the chat page and its two files; the page itself asks for the key (sessionStorage)
         app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
         app.add_api_route("/webui/{name}", webui_asset, methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"], responses={503: {"model": ErrorResponse}})
-    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], response_class=Response)
+    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], response_class=Response,
+                      responses={401: {"model": ErrorResponse}})      # 401: with protect_metrics
     app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=key, response_model=ModelList,
                       responses=ERRORS)
     app.add_api_route("/v1/models/{model_id}", get_model, methods=["GET"], dependencies=key,
@@ -66,25 +81,59 @@ def create_app(models: list[ServedModel], api_key: str | None = None, webui: boo
     app.add_exception_handler(Exception, _server_error)
     endpoints = {r.path for r in app.routes if not r.path.startswith(("/docs", "/openapi", "/redoc"))}
     endpoints -= {"/v1/models/{model_id}", "/webui/{name}"}
+    # outermost last: CORS answers preflights itself; every answer, the gate's 401 and 413 too, is counted
+    app.add_middleware(Gate, check_key=lambda scope: _gate_key(app, scope), limits=app.state.server.limits)
     app.add_middleware(CountRequests, metrics=app.state.server.metrics, endpoints=endpoints)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"], expose_headers=["Retry-After"])
+    if api_key is not None:
+        _declare_key(app)
     return app
 
 
+def _declare_key(app: FastAPI):
+    """The OpenAPI document says which operations need the bearer key (clients and schemathesis read it)."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            doc = build()
+            doc.setdefault("components", {})["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+            for path, operations in doc["paths"].items():
+                for method, op in operations.items():
+                    scope = {"type": "http", "path": path, "method": method.upper(), "headers": []}
+                    if _gate_key(app, scope) is not None:      # refused with no key: it needs one
+                        op["security"] = [{"apiKey": []}]
+        return app.openapi_schema
+    app.openapi = openapi
+
+
 def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "info", webui: bool = True):
-    """Run the server until interrupted."""
+          log_level: str = "info", limits: Limits | None = None, cors_origins: list[str] | None = None,
+          protect_metrics: bool = False, webui: bool = True):
+    """Run the server until interrupted (SIGINT, SIGTERM: see the module's docstring)."""
     import uvicorn
-    uvicorn.run(create_app(models, api_key, webui), host=host, port=port, log_level=log_level,
-                timeout_graceful_shutdown=5)
+
+    class ClosingServer(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            for m in models:      # streams end with a 503 event by the grace's end, so connections close in time
+                m.close(SHUTDOWN_GRACE_S)
+            await super().shutdown(sockets)
+
+    app = create_app(models, api_key, limits, cors_origins, protect_metrics, webui)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 1)
+    ClosingServer(config).run()
 
 
 class Server:
-    """What the handlers share: the served models by name, the API key, the metrics."""
+    """What the handlers share: the served models by name, the API key, the limits, the metrics."""
 
-    def __init__(self, models: list[ServedModel], api_key: str | None):
+    def __init__(self, models: list[ServedModel], api_key: str | None, limits: Limits, protect_metrics: bool):
         if not models:
             raise ValueError("create_app needs at least one model")
-        self.models, self.api_key = models, api_key
+        self.models, self.api_key, self.limits, self.protect_metrics = models, api_key, limits, protect_metrics
         self.by_name = {m.name: m for m in models}
         if len(self.by_name) != len(models):
             raise ValueError("model names must be unique")
@@ -120,13 +169,35 @@ async def _lifespan(app: FastAPI):
 
 
 def check_key(request: HTTPRequest):
-    api_key = _server(request).api_key
-    if api_key is None:
-        return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-        raise APIError(401, "Incorrect API key provided." if given else
-                       "Missing API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
+    """A route's declaration that it needs the API key (dependencies=[Depends(check_key)]). The gate checks it
+    before the body is read (_gate_key); checked here again, it holds for any route the gate could miss."""
+    refused = key_error(_server(request).api_key, request.headers.get("authorization", ""))
+    if refused is not None:
+        raise refused
+
+
+def key_error(api_key: str | None, given: str) -> APIError | None:
+    if api_key is None or hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        return None
+    return APIError(401, "Incorrect API key provided." if given else
+                    "Missing API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
+
+
+def _gate_key(app: FastAPI, scope: dict) -> APIError | None:
+    """The API key's verdict before the body is read: for the routes that declare check_key, and with
+    protect_metrics, for /metrics and the docs."""
+    server = app.state.server
+    if server.api_key is None:
+        return None
+    matches = [(route.matches(scope)[0], route) for route in app.routes]
+    found = [route for match, route in matches if match == Match.FULL] or \
+        [route for match, route in matches if match == Match.PARTIAL]   # the path, another method: 405 after the key
+    if not found:
+        return None
+    guarded = any(d.dependency is check_key for d in getattr(found[0], "dependencies", ()))
+    if guarded or (server.protect_metrics and found[0].path in ("/metrics", *DOCS)):
+        return key_error(server.api_key, dict(scope["headers"]).get(b"authorization", b"").decode("latin-1"))
+    return None
 
 
 # ---- handlers -----------------------------------------------------------------------------------------------------
@@ -161,18 +232,22 @@ async def get_model(model_id: str, request: HTTPRequest):
 
 async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
     t0 = time.perf_counter()
-    sm = _server(request).pick(body.model)
+    server = _server(request)
+    sm = server.pick(body.model)
     sm.check_capacity(body.n)
     tok = sm.tok
     messages = chat_messages(body.messages)
+    check_prompt_chars(sm, chat_chars(messages), "messages")
     image_blocks, pixels = await run_in_threadpool(chat_images, sm, messages)
     tools, tool_mode, tool_names, schema, strict = tool_setup(body, tok)
-    try:
-        prompt = format_chat(tok, messages, tools if tool_mode != "off" else None, image_blocks=image_blocks)
+    try:           # rendering and tokenizing: in a thread (the tokenizer runs without the GIL)
+        prompt = await run_in_threadpool(format_chat, tok, messages, tools if tool_mode != "off" else None,
+                                         image_blocks=image_blocks)
     except ChatError as e:
         raise APIError(400, str(e), param="messages") from None
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-    max_tokens = check_context(sm, len(prompt), body.max_completion_tokens or body.max_tokens, param, "messages")
+    max_tokens = check_context(sm, len(prompt), body.max_completion_tokens or body.max_tokens, param, "messages",
+                               default=server.limits.default_max_tokens)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -226,12 +301,13 @@ def _chat_choice(s: ChoiceStream, with_logprobs: bool) -> dict:
 
 async def completions(body: CompletionRequest, request: HTTPRequest):
     t0 = time.perf_counter()
-    sm = _server(request).pick(body.model)
+    server = _server(request)
+    sm = server.pick(body.model)
     if body.suffix:
         raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
-    prompts = completion_prompts(body, sm)
-    max_tokens = completion_max_tokens(body, sm, prompts)
     stop = stop_strings(body.stop)
+    prompts = await run_in_threadpool(completion_prompts, body, sm)      # tokenizing: in a thread
+    max_tokens = completion_max_tokens(body, sm, prompts)
     states = [ChoiceStream(i, sm.tok, stop, "off", None) for i in range(len(prompts) * body.n)]
     jobs = make_jobs(sm, body, prompts, max_tokens, body.logprobs, None)
     n_prompt = sum(map(len, prompts))
@@ -279,16 +355,27 @@ async def _api_error(request, exc: APIError):
 
 async def _validation_error(request, exc: RequestValidationError):
     errs = exc.errors()
-    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+    # herd's own checks (value errors), then other rules (too short, too large), say more than a union's every
+    # branch failing on type
+    first = next((e for e in errs if e.get("type") == "value_error"), None) or \
+        next((e for e in errs if not e.get("type", "").endswith("_type")), errs[0] if errs else None)
+    first = first or {"loc": (), "msg": "invalid request"}
+    if first.get("type") == "limit_exceeded":        # limits.check_body, on the raw JSON
+        return APIError(400, str(first.get("msg")), param=(first.get("ctx") or {}).get("param"),
+                        code="limit_exceeded").response()
+    if first.get("type") == "json_invalid":
+        reason = (first.get("ctx") or {}).get("error", "")
+        return APIError(400, f"the body is not valid JSON: {reason} (at character {first['loc'][-1]})",
+                        code="invalid_json").response()
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     where = ".".join(loc)
-    msg = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
-    return APIError(400, msg, param=where or None, code="invalid_value").response()
+    msg = str(first.get("msg")).removeprefix("Value error, ")
+    return APIError(400, f"{where}: {msg}" if where else msg, param=where or None, code="invalid_value").response()
 
 
 async def _http_error(request, exc: StarletteHTTPException):
     kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-    return APIError(exc.status_code, str(exc.detail), type=kind).response()
+    return APIError(exc.status_code, str(exc.detail), type=kind, headers=exc.headers).response()   # 405: Allow
 
 
 async def _server_error(request, exc: Exception):

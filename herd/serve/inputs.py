@@ -11,20 +11,32 @@ from typing import Any
 from ..chat import tool_call_key
 from ..constrain import tool_call_schema
 from ..engine import SamplingParams
-from .schemas import (COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_PROMPTS, MAX_STOP, APIError, ChatCompletionRequest, ChatMessage,
+from .schemas import (COMPLETIONS_DEFAULT_MAX_TOKENS, MAX_PROMPTS, APIError, ChatCompletionRequest, ChatMessage,
                       CompletionRequest, NamedToolChoice, SamplingFields)
 from .worker import Job, ServedModel
 
 
 def stop_strings(stop) -> list[str]:
+    """The request's stop strings as a list (their count and length: limits.check_body)."""
     stop = [stop] if isinstance(stop, str) else list(stop or [])
-    if len(stop) > MAX_STOP:
-        raise APIError(400, f"stop: at most {MAX_STOP} sequences", param="stop")
     return [s for s in stop if s]
 
 
-def check_context(sm: ServedModel, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str) -> int:
-    """max_tokens to use (the rest of the context when None); 400 with the limits when the request cannot fit."""
+def check_prompt_chars(sm: ServedModel, n_chars: int, param: str):
+    """A text of more than (context - 1) x the longest token's characters cannot fit, whatever it tokenizes to:
+    refused before it is tokenized (tokenizing megabytes takes seconds of CPU)."""
+    most = (sm.context_len - 1) * sm.max_token_chars
+    if n_chars > most:
+        raise APIError(400, f"This model's maximum context length is {sm.context_len} tokens, and no token is "
+                            f"longer than {sm.max_token_chars} characters, so {n_chars} characters of {param} cannot "
+                            f"fit (at most {most}). Please reduce the length of the {param}.",
+                       param=param, code="context_length_exceeded")
+
+
+def check_context(sm: ServedModel, prompt_len: int, max_tokens: int | None, param: str, prompt_param: str,
+                  default: int = 0) -> int:
+    """max_tokens to use (when None: `default`, or the rest of the context if that is smaller or 0); 400 with the
+    limits when the request cannot fit."""
     ctx = sm.context_len
     if prompt_len >= ctx:
         raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, your {prompt_param} "
@@ -32,7 +44,7 @@ def check_context(sm: ServedModel, prompt_len: int, max_tokens: int | None, para
                             f"prompt tokens). Please reduce the length of the {prompt_param}.",
                        param=prompt_param, code="context_length_exceeded")
     if max_tokens is None:
-        return ctx - prompt_len
+        return min(default, ctx - prompt_len) if default else ctx - prompt_len
     if prompt_len + max_tokens > ctx:
         raise APIError(400, f"This model's maximum context length is {ctx} tokens. However, you requested "
                             f"{prompt_len + max_tokens} tokens ({prompt_len} in the prompt, {max_tokens} for the "
@@ -69,6 +81,16 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict]:
             d["name"] = m.name
         out.append(d)
     return out
+
+
+def chat_chars(messages: list[dict]) -> int:
+    """Characters of text in chat messages (contents and tool-call arguments), for check_prompt_chars."""
+    n = 0
+    for m in messages:
+        content = m.get("content")
+        n += len(content) if isinstance(content, str) else sum(len(p.get("text", "")) for p in content or [])
+        n += sum(len(c["function"]["arguments"]) for c in m.get("tool_calls") or [])
+    return n
 
 
 def chat_images(sm: ServedModel, messages: list[dict]) -> tuple[list[list[int]] | None, Any]:
@@ -154,6 +176,8 @@ def tool_setup(body: ChatCompletionRequest, tok) -> tuple[list[dict], str, set[s
     fmt = body.response_format
     if mode == "forced":
         schema = tool_call_schema(tools, key=tool_call_key(tok), name=named, parallel=bool(body.parallel_tool_calls))
+    elif fmt is not None and fmt.type == "json_object" and fmt.object_schema is not None:
+        schema = fmt.object_schema           # instructor's JSON_SCHEMA mode: the schema is honoured
     elif fmt is not None and fmt.type == "json_object":
         schema, strict = {"type": "object"}, False
     elif fmt is not None and fmt.type == "json_schema":
@@ -166,26 +190,39 @@ def tool_setup(body: ChatCompletionRequest, tok) -> tuple[list[dict], str, set[s
 
 def completion_prompts(body: CompletionRequest, sm: ServedModel) -> list[list[int]]:
     """The token ids of each prompt of a completions request: a string, a list of strings, a token-id array or a
-    list of them; empty prompts and ids outside the vocabulary are refused."""
+    list of them; ids outside the vocabulary are refused. An empty prompt is the start of a document, as in
+    OpenAI's API. Blocking (tokenizing): call it off the event loop."""
     raw = body.prompt
     if isinstance(raw, str):
         raw = [raw]
-    elif raw and isinstance(raw[0], int):
+    elif isinstance(raw[0], int):       # the schema refuses an empty list
         raw = [raw]
-    if not raw:
-        raise APIError(400, "prompt must not be empty", param="prompt")
     if len(raw) > MAX_PROMPTS:
         raise APIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+    for p in raw:
+        if isinstance(p, str):
+            check_prompt_chars(sm, len(p), "prompt")
     prompts, vocab = [], sm.model.config.vocab_size
     for p in raw:
         ids = sm.tok.encode(p, bos=sm.tok.add_bos) if isinstance(p, str) else list(p)
         if not ids:
-            raise APIError(400, "prompt must not be empty", param="prompt")
+            ids = [document_start(sm)]
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}", param="prompt")
         prompts.append(ids)
     return prompts
+
+
+def document_start(sm: ServedModel) -> int:
+    """The token an empty prompt stands for: <|endoftext|> (what OpenAI's models condition on), else the model's
+    begin-of-text token."""
+    start = sm.tok.token_id("<|endoftext|>")
+    start = sm.tok.bos_id if start is None else start
+    if start is None:
+        raise APIError(400, f"model {sm.name!r} has no begin-of-text token to stand for an empty prompt",
+                       param="prompt")
+    return start
 
 
 def completion_max_tokens(body: CompletionRequest, sm: ServedModel, prompts: list[list[int]]) -> int:

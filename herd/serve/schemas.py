@@ -2,14 +2,17 @@
 handlers build the same shapes as dicts), the request limits, and APIError, OpenAI's error shape. No engine here."""
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Annotated, Any, Literal, Union
 
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
 
-# Limits
+from .limits import LimitError, check_body, current as current_limits
+
+# Limits that no flag changes (the others: limits.Limits)
 MAX_N = 8                      # choices per request
-MAX_STOP = 4                   # stop strings per request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20          # chat top_logprobs
 MAX_COMPLETION_LOGPROBS = 5    # completions logprobs
 MAX_PROMPTS = 32               # prompts in one /v1/completions request
@@ -21,20 +24,76 @@ class APIError(Exception):
     """An error answered in OpenAI's shape."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers         # e.g. Retry-After on a 429, Allow on a 405
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 # ---- request schemas (OpenAI's, plus a few herd / vLLM extensions) ------------------------------------------------
 class _In(BaseModel):
-    model_config = ConfigDict(extra="ignore")     # OpenAI fields herd does not use (user, metadata, ...) pass
+    # extra: OpenAI fields herd does not use (user, metadata, ...) pass. strict: JSON types as the schema says them,
+    # no coercion ("stream": "yes" is not true, a prompt of [[false]] is not token 0)
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# False when the gate saw no surrogate in the raw body in any spelling (a \ud... escape, or raw bytes ED A0-BF,
+# which json.loads also lets through): then there is nothing to walk for
+maybe_surrogates: ContextVar[bool] = ContextVar("maybe_surrogates", default=True)
+
+
+def valid_unicode(body):
+    """A request body's text must be Unicode: JSON can spell a lone UTF-16 surrogate ("\\ud800"), which no tokenizer
+    takes (it was a TypeError and a 500). For a top-level request model: model_validator(mode="before")."""
+    if maybe_surrogates.get() and _has_lone_surrogate(body):
+        raise ValueError(f"{lone_surrogate(body)} holds a lone UTF-16 surrogate, which is not text: send the "
+                         "character itself or its full surrogate pair")
+    return body
+
+
+def _has_lone_surrogate(value) -> bool:
+    """The quick walk (its own stack: JSON nested 900 deep must not run out of Python's recursion); ASCII text,
+    nearly all of it, is a flag test."""
+    todo = [value]
+    while todo:
+        value = todo.pop()
+        if isinstance(value, str):
+            if not value.isascii():
+                try:
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    return True
+        elif isinstance(value, dict):
+            todo.extend(value)
+            todo.extend(value.values())
+        elif isinstance(value, list):
+            todo.extend(value)
+    return False
+
+
+def lone_surrogate(value, where: str = "") -> str | None:
+    """Where in value (text, or lists and dicts of it) a lone surrogate is, as a path (messages[0].content), or
+    None. The slow walk, for the error message."""
+    todo = [(value, where)]
+    while todo:
+        value, where = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return f"{where} (character {e.start})"
+        elif isinstance(value, dict):
+            todo += [(k, f"{where} (a key)") for k in value]
+            todo += [(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return None
 
 
 class TextPart(_In):
@@ -56,6 +115,7 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
+    model_config = ConfigDict(strict=True)
     name: str
     arguments: str       # JSON text
 
@@ -67,11 +127,22 @@ class ToolCallIn(_In):
 
 
 class ChatMessage(_In):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
+
+
+class ToolMessage(ChatMessage):
+    """A tool's result answers one call: OpenAI requires both content and tool_call_id (a template renders neither
+    as nothing), and so does the schema."""
+    role: Literal["tool"]
+    content: str | list[ContentPart]
+    tool_call_id: str = Field(min_length=1)
+
+
+Message = Annotated[Union[ChatMessage, ToolMessage], Field(discriminator="role")]
 
 
 class FunctionDef(_In):
@@ -104,8 +175,11 @@ class JSONSchemaFormat(_In):
 
 
 class ResponseFormat(_In):
+    model_config = ConfigDict(populate_by_name=True)
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
+    # json_object with a schema, as instructor's JSON_SCHEMA mode sends it (Together's and Anyscale's spelling)
+    object_schema: dict[str, Any] | None = Field(None, alias="schema")
 
 
 class StreamOptions(_In):
@@ -113,6 +187,16 @@ class StreamOptions(_In):
 
 
 class SamplingFields(_In):
+    @model_validator(mode="before")
+    @classmethod
+    def _check_raw(cls, body):
+        """On the raw JSON, before anything is built from it: counts and sizes (limits.check_body, with the serving
+        app's limits), then Unicode."""
+        try:
+            check_body(body, current_limits.get())
+        except LimitError as e:
+            raise PydanticCustomError("limit_exceeded", str(e), {"param": e.param}) from None
+        return valid_unicode(body)
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -132,7 +216,7 @@ class SamplingFields(_In):
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -142,8 +226,21 @@ class ChatCompletionRequest(SamplingFields):
     response_format: ResponseFormat | None = None
 
 
+def _prompt_form(prompt) -> str:
+    """Which form a prompt takes, from its first item: validating every form in turn cost 6.8 s for 4M token ids
+    (each failed form collects an error per item)."""
+    if isinstance(prompt, str):
+        return "text"
+    first = prompt[0] if isinstance(prompt, list) and prompt else None
+    return "ids" if isinstance(first, int) else "id lists" if isinstance(first, list) else "texts"
+
+
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # a string ("" too: the start of a document), token ids, or a list of either; no empty list
+    prompt: Annotated[Union[Annotated[str, Tag("text")], Annotated[list[str], Field(min_length=1), Tag("texts")],
+                            Annotated[list[int], Field(min_length=1), Tag("ids")],
+                            Annotated[list[list[int]], Field(min_length=1), Tag("id lists")]],
+                      Discriminator(_prompt_form)]
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     suffix: str | None = None

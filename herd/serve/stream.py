@@ -11,11 +11,13 @@ from typing import AsyncIterator, Callable
 
 from fastapi import Request as HTTPRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from ..chat import json_call_spans, parse_tool_calls, tool_call_start
 from ..textgen import TextStream
 from ..tokenizer import Tokenizer
 from .schemas import APIError
+from .spans import CallSpans
 from .worker import Job, ServedModel
 
 
@@ -30,6 +32,7 @@ class ChoiceStream:
         self.stream = TextStream(tok, stop)
         self.tool_mode, self.tool_names = tool_mode, tool_names   # "off" | "auto" | "forced"
         self.call_key = call_key
+        self.spans = CallSpans(call_key)     # a forced answer's calls as it grows (json_call_spans, incremental)
         self.text, self.sent = "", 0
         self.tokens = 0
         self.logprobs: list[dict] = []       # engine entries: {"logprob", "top": [(id, lp)]}, with "id"
@@ -71,6 +74,17 @@ class ChoiceStream:
                                "function": {"name": c["name"], "arguments": raw[k] if raw else
                                             json.dumps(c["arguments"], ensure_ascii=False)}}
                               for k, c in enumerate(calls)]
+            elif self.tool_mode == "forced":
+                self._close_cut_calls()
+
+    def _close_cut_calls(self):
+        """A forced answer cut short (max_tokens, a stop string): the calls as far as they got, as they were
+        streamed (OpenAI's shape: tool_calls with the arguments' text so far, finish_reason length); no content,
+        as none was streamed (it had been the raw JSON text, and disagreed with the stream)."""
+        self.content = None
+        self.calls = [{"id": self._call_id(k), "type": "function", "function": {"name": name, "arguments":
+                                                                              self.text[a:b]}}
+                      for k, (name, a, b) in enumerate(json_call_spans(self.text, self.call_key))]
 
     def _generated_arguments(self, calls: list[dict]) -> list[str] | None:
         """A forced answer's argument texts exactly as generated, when they are the parsed calls (the grammar makes
@@ -99,7 +113,7 @@ class ChoiceStream:
                 sent = self.text[:self.sent].lstrip()
                 content = self.content or ""
                 out = content[len(sent):] if content.startswith(sent) else ""
-            elif self.args_sent:         # a forced call cut short (length): its text went out as tool-call deltas
+            elif self.tool_mode == "forced":     # cut short: what there was went out as tool-call deltas
                 out = ""
             else:
                 out = self.text[self.sent:]
@@ -120,7 +134,7 @@ class ChoiceStream:
         if self.calls:
             calls = [(c["function"]["name"], c["function"]["arguments"]) for c in self.calls]
         elif self.tool_mode == "forced":
-            calls = [(name, self.text[a:b]) for name, a, b in json_call_spans(self.text, self.call_key)]
+            calls = [(name, self.text[a:b]) for name, a, b in self.spans.update(self.text)]
         else:
             return []
         out = []
@@ -180,7 +194,12 @@ class Run:
                 m.itl.labels(self.sm.name).observe(now - s.t_last)
             s.t_last = now
             n_lp = len(s.logprobs)
-            if s.push(token, lp, finish):
+            # tool_choice auto: the push that ends the choice parses all its text for calls (chat.parse_tool_calls,
+            # seconds on adversarial text such as 8000 '['), so it runs in a thread, where the loop still gets the
+            # GIL every switch interval (5 ms)
+            stopped = await run_in_threadpool(s.push, token, lp, finish) if s.tool_mode == "auto" else \
+                s.push(token, lp, finish)
+            if stopped:
                 self.sm.cancel(self.jobs[index], "stop")
             if s.finished:
                 m.latency.labels(self.sm.name, self.endpoint).observe(now - self.t0)
@@ -200,8 +219,12 @@ class Run:
             if not work.done():
                 work.cancel()
                 self.cancel_unfinished()
+        if not work.done():
+            # cancel() only asks: the task is not cancelled until it runs again, and its result() meanwhile raised
+            # InvalidStateError (two tracebacks and a 500 counted for every client that gave up)
+            await asyncio.wait({work})
         if work.cancelled():
-            raise APIError(499, "client closed the request")
+            raise APIError(499, "client closed the request", code="client_closed_request")
         work.result()                             # re-raise an engine error as its APIError
 
     def cancel_unfinished(self):

@@ -58,6 +58,7 @@ class ServedModel:
         self.max_queue = max_queue
         self.stop_ids = sorted(set(stop_token_ids(tok)) | set(model.config.eos_token_ids))
         self.created = int(time.time())
+        self.max_token_chars = longest_token_chars(tok)
         self.metrics: Metrics | None = None
         self._inbox: deque = deque()
         self._wake = threading.Event()
@@ -68,6 +69,7 @@ class ServedModel:
         self._compiler: Compiler | None = None
         self._compiler_lock = threading.Lock()
         self._stopping = False
+        self._closing_at: float | None = None    # shutting down: monotonic time at which what runs is cancelled
         self._thread: threading.Thread | None = None
 
     @property
@@ -104,9 +106,12 @@ class ServedModel:
         if n > self.max_batch + self.max_queue:
             raise APIError(400, f"{n} sequences requested (prompts x n), but model {self.name!r} holds at most "
                                 f"{self.max_batch + self.max_queue} at once", param="n")
+        if self._closing_at is not None:
+            raise APIError(503, "server shutting down", type="server_error")
         if self._outstanding + n > self.max_batch + self.max_queue:
             raise APIError(429, f"model {self.name!r} is at capacity ({self.max_batch} running, {self.max_queue} "
-                                "waiting); retry later", type="rate_limit_error", code="rate_limit_exceeded")
+                                "waiting); retry later", type="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
 
     def submit(self, jobs: list[Job]):
         """Queue all of one HTTP request's jobs, or none: 429 when they do not fit now, 400 when they never can."""
@@ -126,11 +131,19 @@ class ServedModel:
         self._thread = threading.Thread(target=self._run, name=f"herd-engine-{self.name}", daemon=True)
         self._thread.start()
 
-    def stop(self):
+    def close(self, grace_s: float):
+        """Shutting down: admit nothing more; what runs may finish for grace_s seconds, then it is cancelled (its
+        clients get a 503 'server shutting down'). Returns at once."""
+        self._closing_at = time.monotonic() + grace_s
+        self._wake.set()
+
+    def stop(self, wait_s: float = 1.0):
+        """Stop the engine thread after its current step. A step longer than wait_s (a batch's prefill can take
+        seconds) is left to the daemon thread: the process exits without it (SIGTERM: within 5 s)."""
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout=30)
+            self._thread.join(timeout=wait_s)
 
     def _finish(self, job: Job, reason: str):
         if job.done:
@@ -160,6 +173,8 @@ class ServedModel:
 
     def _run(self):
         while not self._stopping:
+            if self._closing_at is not None and time.monotonic() >= self._closing_at and self._jobs:
+                self._fail_all(APIError(503, "server shutting down", type="server_error"))
             try:
                 self._drain()
                 self._running = len(self.engine.running)
@@ -193,6 +208,18 @@ class ServedModel:
                 self.engine.cancel(job.request)
             self._finish(job, "error")
         self._running = 0
+
+
+def longest_token_chars(tok: Tokenizer) -> int:
+    """The most characters one token of tok decodes to (special tokens' text included), for inputs.check_prompt_chars.
+    ~0.5 s for a 50k vocabulary."""
+    longest = 1
+    for i in range(tok.vocab_size):
+        try:
+            longest = max(longest, len(tok.decode([i], skip_special=False)))
+        except (KeyError, ValueError):     # a hole in a tiktoken rank table
+            pass
+    return longest
 
 
 def short_name(path: str | Path) -> str:
