@@ -158,7 +158,7 @@ def test_int4_dequantize_matches_its_twin(N, K, G):
     finally:
         torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="int4 stream has the wrong size"):
-        extension.ext().int4_dequantize(mod.stream[:-1], N, K, G)
+        extension.ext().int4_dequantize(mod.stream[:-1], N, K, G, True)
 
 
 @needs_kernels

@@ -131,7 +131,7 @@ def int4_linear(x2: torch.Tensor, stream: torch.Tensor, N: int, K: int, group_si
     """x2 (M, K) -> (M, N): the int4 kernel for few rows; from DEQUANT_ROWS rows on the matrix dequantized to bf16
     (kernels.cpp's int4_dequantize gives it as a contiguous (K, N) buffer) and a dense bf16 matmul. fp32 or bf16."""
     if x2.shape[0] >= DEQUANT_ROWS:
-        return x2.to(COMPUTE_DTYPE) @ ext().int4_dequantize(stream, N, K, group_size)
+        return x2.to(COMPUTE_DTYPE) @ ext().int4_dequantize(stream, N, K, group_size, True)
     return ext().int4_mm(x2.float().contiguous(), stream, N, group_size)     # the extension directly: ~120 calls a step
 
 
@@ -162,7 +162,7 @@ class HerdInt4Linear(nn.Module):
         """The weight (N, K) in bf16, (u - 8) * scale + zero, as the transposed view of a contiguous (K, N) buffer,
         for prefill's dense matmul: kernels.cpp's int4_dequantize, bit-identical to `dequantize_reference` and ~7x
         faster (SmolLM2's 66 MB of int4 matrices: 45 vs 326 ms at 2 threads)."""
-        return ext().int4_dequantize(self.stream, self.out_features, self.in_features, self.group_size).t()
+        return ext().int4_dequantize(self.stream, self.out_features, self.in_features, self.group_size, True).t()
 
     def dequantize_reference(self) -> torch.Tensor:
         """dequantize's twin in torch ops: the nibbles are written straight to their (k, n) places and the
