@@ -33,6 +33,7 @@ from .metrics import CountRequests, Metrics
 from .schemas import (APIError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse,
                       ModelCard, ModelList)
 from .stream import ChoiceStream, Run, new_envelope, respond, stream_chunks
+from .webui import chat_page, webui_asset
 from .worker import ServedModel
 
 log = logging.getLogger("herd.serve")
@@ -40,12 +41,15 @@ ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 404, 429, 500)}
 STREAMED = {**ERRORS, 200: {"content": {"text/event-stream": {}}}}
 
 
-def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI:
+def create_app(models: list[ServedModel], api_key: str | None = None, webui: bool = True) -> FastAPI:
     app = FastAPI(title="herd", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible API over herd's engine.")
     app.state.server = Server(models, api_key)
     key = [Depends(check_key)]
     # the route table: path, handler, and what each needs
+    if webui:                  # the chat page and its two files; the page itself asks for the key (sessionStorage)
+        app.add_api_route("/", chat_page, methods=["GET"], include_in_schema=False)
+        app.add_api_route("/webui/{name}", webui_asset, methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"], responses={503: {"model": ErrorResponse}})
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], response_class=Response)
     app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=key, response_model=ModelList,
@@ -61,16 +65,16 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _server_error)
     endpoints = {r.path for r in app.routes if not r.path.startswith(("/docs", "/openapi", "/redoc"))}
-    endpoints.discard("/v1/models/{model_id}")
+    endpoints -= {"/v1/models/{model_id}", "/webui/{name}"}
     app.add_middleware(CountRequests, metrics=app.state.server.metrics, endpoints=endpoints)
     return app
 
 
 def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "info"):
+          log_level: str = "info", webui: bool = True):
     """Run the server until interrupted."""
     import uvicorn
-    uvicorn.run(create_app(models, api_key), host=host, port=port, log_level=log_level,
+    uvicorn.run(create_app(models, api_key, webui), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=5)
 
 
@@ -142,7 +146,9 @@ async def prometheus_metrics(request: HTTPRequest):
 
 
 def _card(m: ServedModel) -> dict:
-    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "herd", "max_model_len": m.context_len}
+    # vision: whether the model reads images (herd's field; the chat page offers image attachments only then)
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "herd", "max_model_len": m.context_len,
+            "vision": m.model.config.vision is not None}
 
 
 async def list_models(request: HTTPRequest):

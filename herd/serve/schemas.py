@@ -241,6 +241,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str
     max_model_len: int
+    vision: bool = False       # herd's field: whether the model reads images
 
 
 class ModelList(BaseModel):
