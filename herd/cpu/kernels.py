@@ -32,21 +32,34 @@ bf16 and run a dense matmul, as quantize.py's modules do.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from .. import ops
+from . import extension
 from .extension import ext
 from ..quantize import (COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Experts, Int8Linear, cpu_int4_block,
                        dense_dtype, int4_unpack_cpu, set_module)
 
 ROWS = 16            # output rows per block (one 512-bit register of 32-bit lanes)
 X_BLOCK = 32         # inputs per activation scale
-# From this many rows on the modules dequantize + dense bf16 matmul instead of the kernels. The kernels re-read the
-# weights once per 4 rows, so their cost grows with the rows; the dense path's is mostly the dequantization. Measured
-# at SmolLM2's shapes, 1 thread (bench/quant_matmul.py): the kernels are faster up to 192 rows for every shape
-# (int4: 1.3-1.8x at 192 rows), so the switch is at 256, where quantize.py switches too.
-DEQUANT_ROWS = 256
+
+
+def _dequant_rows() -> int:
+    """From this many rows on the modules dequantize + dense matmul instead of the kernels. The kernels re-read the
+    weights once per 4 rows, so their cost grows with the rows; the dense path's is mostly the dequantization.
+    AVX512-VNNI (vs a bf16 dense matmul; SmolLM2's shapes, 1 thread, bench/quant_matmul.py): the kernels are faster
+    up to 192 rows for every shape (int4: 1.3-1.8x at 192 rows), so 256, where quantize.py switches too. AVX2 (half
+    the multiply width; vs an fp32 dense matmul, quantize.dense_dtype; AMD EPYC, 2 threads): even at 32-64 rows
+    (3072x576 int4: 5.1 vs 5.8 ms at 32 rows, 10.0 vs 6.7 ms at 64), so 64."""
+    flags = extension.cpu_flags() or set()
+    avx512 = set(extension.VARIANTS["avx512"][1]) <= flags and os.environ.get("HERD_KERNELS", "1").lower() != "avx2"
+    return 256 if avx512 else 64
+
+
+DEQUANT_ROWS = _dequant_rows()
 # ---- layouts --------------------------------------------------------------------------------------------------------
 def int4_stream(u: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """u (N, K) in 0..15 (any integer dtype), scales_and_zeros (K/G, N, 2) bf16 -> the int4 stream, uint8 (bytes,)."""
