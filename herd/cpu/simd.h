@@ -23,7 +23,7 @@
 #define HERD_AVX512 0
 #define HERD_ISA "AVX2+FMA"
 #else
-#error "herd's kernels need AVX-512 (F, BW, VL, DQ, VNNI) or AVX2 + FMA + F16C: build with -mavx512vnni ... or -mavx2 -mfma -mf16c"
+#error "herd's kernels need AVX-512 (F, BW, VL, DQ, VNNI) or AVX2 + FMA + F16C (setup.py passes the -m flags)"
 #endif
 
 namespace simd {
@@ -122,7 +122,9 @@ inline f32x16 select_gt(f32x16 a, f32x16 b, f32x16 t, f32x16 f) {
 }
 // p * 2^n for integral n in [-126, 128]: 2^n built in the exponent field as 2^(n/2) * 2^(n - n/2), each factor a
 // normal float (2^128 alone is not), so p * a is exact and p * a * b rounds once, as VSCALEFPS does.
-inline __m256 pow2_8(__m256i n) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23)); }
+inline __m256 pow2_8(__m256i n) {                          // 2^n for integral n in [-126, 127], built in the exponent
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23));
+}
 inline __m256 scale_pow2_8(__m256 p, __m256 n) {
   const __m256i ni = _mm256_cvtps_epi32(n), half = _mm256_srai_epi32(ni, 1);
   return _mm256_mul_ps(_mm256_mul_ps(p, pow2_8(half)), pow2_8(_mm256_sub_epi32(ni, half)));
@@ -190,7 +192,8 @@ template <int n> inline i32x16 srai_i16(i32x16 a) { return {_mm256_srai_epi16(a.
 template <int n> inline i32x16 srli_i32(i32x16 a) { return {_mm256_srli_epi32(a.lo, n), _mm256_srli_epi32(a.hi, n)}; }
 // VPMADDWD then VPADDD: the same exact int32 sums as VPDPWSSD (no saturation in either)
 inline i32x16 dot_i16(i32x16 acc, i32x16 a, i32x16 b) {
-  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(a.lo, b.lo)), _mm256_add_epi32(acc.hi, _mm256_madd_epi16(a.hi, b.hi))};
+  return {_mm256_add_epi32(acc.lo, _mm256_madd_epi16(a.lo, b.lo)),
+          _mm256_add_epi32(acc.hi, _mm256_madd_epi16(a.hi, b.hi))};
 }
 inline f32x16 to_f32(i32x16 a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 inline i32x16 to_i32(f32x16 a) { return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)}; }
