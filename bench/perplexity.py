@@ -19,11 +19,12 @@ Schemes:
   levels spanning each group's min..max. SmolLM2's weights are Q4_1 (asymmetric, 32-weight blocks), so g32 can land
   on their own grid; g64 straddles two blocks.
 - packed GGUF: herd.load(path, quant="packed", prepare=True): Q4_1 blocks mapped exactly to int4 (group 32, scale + zero),
-  Q8_0 token embedding / tied head re-quantized per row to int8; fused q/k/v and gate/up.
+  Q8_0 token embedding / tied head re-quantized per row to int8 where herd's kernels run (fp32 elsewhere: herd.load);
+  fused q/k/v and gate/up.
 - packed GGUF, fp32 embedding: the same with the Q8_0 embedding / head kept in fp32 (what int8 costs there).
 - packed GGUF, decode kernels: the packed model with every row forced through herd's own int4/int8 kernels
   (herd/cpu/kernels.py, int16 activations), which otherwise run only for fewer than kernels.DEQUANT_ROWS rows: the
-  numerics of a decode step, measured on whole windows. Only where the kernels run (AVX512-VNNI).
+  numerics of a decode step, measured on whole windows. Only where the kernels run (AVX512-VNNI or AVX2+FMA).
 - packed GGUF, f16 / bf16 KV cache: the packed model with each window run through an engine KV cache of that dtype,
   so every query attends over keys and values rounded as the cache stores them (`herd run --kv-dtype`; llama.cpp's
   default cache is f16).

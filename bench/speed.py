@@ -6,7 +6,11 @@ read-bandwidth ceiling each engine reaches (bench/roofline.py), and the ratios.
 
     python bench/speed.py [--threads 2] [--repeats 3] [--decode 32] [--short 5] [--long 512]
                           [--model FILE.gguf] [--hf DIR] [--skip-llamacpp] [--skip-transformers]
-                          [--skip-moe | --moe-only]
+                          [--skip-moe | --moe-only] [--load N] [--torch-kernels]
+
+--load N runs N busy-loop processes (one pure-Python spin each) beside every engine for the whole race: a shared,
+busy machine, where a thread the OS deschedules holds up every step that waits for it. --torch-kernels adds herd
+with HERD_KERNELS=0 (torch's int4/int8 kernels), the path herd falls back to where its own kernels cannot run.
 
 Model: --model, a GGUF file (default: the default model, SmolLM2-135M-Instruct Q4_1); transformers loads the same
 GGUF through its own GGUF reader (llama files), or --hf DIR, an HF folder of the same weights (bench/scout_gguf.py
@@ -53,8 +57,9 @@ THREAD_KNOBS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS", "OMP_DYN
 # Each engine's own environment. herd: what its CLI sets for itself (passive OpenMP waits; on a shared, loaded CPU a
 # spinning worker gets descheduled: 23 ms instead of 0.8 ms for one SmolLM2 FFN matmul with 2 threads).
 # llama.cpp and transformers: their defaults.
-ENGINE_ENV = {"herd": {"OMP_WAIT_POLICY": "PASSIVE"}, "llama.cpp": {}, "transformers": {}, "probe": {}}
-FAMILY = {"herd": "herd", "herd-f16kv": "herd", "herd-moe": "herd", "llama.cpp": "llama.cpp",
+ENGINE_ENV = {"herd": {"OMP_WAIT_POLICY": "PASSIVE"}, "herd-torch": {"OMP_WAIT_POLICY": "PASSIVE", "HERD_KERNELS": "0"},
+              "llama.cpp": {}, "transformers": {}, "probe": {}}
+FAMILY = {"herd": "herd", "herd-f16kv": "herd", "herd-torch": "herd-torch", "herd-moe": "herd", "llama.cpp": "llama.cpp",
           "transformers": "transformers", "transformers-moe": "transformers", "bandwidth": "probe"}
 
 
@@ -152,8 +157,7 @@ def child_herd(args, kv: str) -> dict:
 
     from bench.roofline import kv_read_bytes, module_weight_bytes_per_token
 
-    torch.set_num_threads(args.threads)
-    _, model, _ = _load(str(args.model))
+    _, model, _ = _load(str(args.model), threads=args.threads)
     cache_dtype = {"fp32": None, "f16": torch.float16}[kv]
     cfg = model.config
     with torch.inference_mode():
@@ -314,7 +318,10 @@ def child_bandwidth(args) -> dict:
 # ---- the race ------------------------------------------------------------------------------------------------------
 def main_model(args, results: dict):
     name = Path(args.model).name
-    for task, label in (("herd", f"herd ({name})"), ("herd-f16kv", f"herd ({name}, f16 KV)")):
+    tasks = [("herd", f"herd ({name})"), ("herd-f16kv", f"herd ({name}, f16 KV)")]
+    if args.torch_kernels:
+        tasks.append(("herd-torch", f"herd ({name}, torch's kernels: HERD_KERNELS=0)"))
+    for task, label in tasks:
         r = run_child(task, args)
         if r:
             results[label] = r
@@ -353,7 +360,7 @@ def tiny_moe(args, results: dict):
 def print_report(args, results: dict, bandwidth: dict | None):
     S, L = args.short, args.long
     ceiling = bandwidth["best"] * 1e9 if bandwidth else None
-    print(f"\nload average at end {load_avg()}; medians of {args.repeats} runs, {args.decode} decode tokens each; "
+    print(f"\n{args.load} busy-loop processes beside the engines; load average at end {load_avg()}; medians of {args.repeats} runs, {args.decode} decode tokens each; "
           + (f"read-bandwidth ceiling {bandwidth['best']:.1f} GB/s (median {bandwidth['median']:.1f}) at "
              f"{args.threads} threads (bench/roofline.py)" if bandwidth else "bandwidth not measured") + "\n")
     print(f"| engine | decode tok/s after {S} | decode tok/s after {L} | prefill tok/s ({L}) | "
@@ -406,6 +413,8 @@ def main():
     ap.add_argument("--skip-transformers", action="store_true")
     ap.add_argument("--skip-moe", action="store_true")
     ap.add_argument("--moe-only", action="store_true", help="only the tiny Llama 4 MoE, herd vs transformers")
+    ap.add_argument("--load", type=int, default=0, help="busy-loop processes running beside the engines")
+    ap.add_argument("--torch-kernels", action="store_true", help="also herd on torch's kernels (HERD_KERNELS=0)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scheme", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
@@ -417,13 +426,24 @@ def main():
         args.model = default_model_path()
     if args.child:
         run = {"herd": lambda: child_herd(args, "fp32"), "herd-f16kv": lambda: child_herd(args, "f16"),
+               "herd-torch": lambda: child_herd(args, "fp32"),
                "llama.cpp": lambda: child_llamacpp(args), "transformers": lambda: child_transformers(args),
                "herd-moe": lambda: child_tiny_moe(args), "transformers-moe": lambda: child_tiny_moe(args),
                "bandwidth": lambda: child_bandwidth(args)}[args.child]
         print(json.dumps(run()))
         return
-    print(f"machine: {machine()}; threads {args.threads}; model {args.model}; load average at start {load_avg()}",
-          flush=True)
+    print(f"machine: {machine()}; threads {args.threads}; model {args.model}; load average at start {load_avg()}; "
+          f"{args.load} busy-loop processes beside the engines", flush=True)
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.load)]
+    try:
+        race(args)
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def race(args):
     from herd.tokenizer import load_tokenizer
     tok = load_tokenizer(args.model)
     with tempfile.TemporaryDirectory() as d:

@@ -21,7 +21,14 @@ def load(path, dtype=None, device="cpu", progress=False, quant=None, prepare=Fal
     if is_gguf(path):
         if quant not in (None, "packed"):
             raise GGUFError(f"{path}: unknown quant {quant!r}; expected None or 'packed'")
-        model = load_gguf(path, dtype=dtype, device=device, progress=progress, packed=quant == "packed")
+        # A Q8_0 token embedding (and the head tied to it) is re-quantized per row to int8 only where the model
+        # will run on herd's kernels (int16 activations). torch's int4 kernel takes bf16 activations; that rounding
+        # plus the per-row int8 head tipped greedy decoding of the default model into garbage ("L'Étoile, la
+        # Marseillaise..." for the capital of France; either alone answers "Paris"), so elsewhere the embedding
+        # and head stay fp32, exactly the Q8_0 values (+81 MiB for SmolLM2; perplexity in bench/perplexity.py).
+        int8_embeddings = prepare and _herd_kernels_run()
+        model = load_gguf(path, dtype=dtype, device=device, progress=progress, packed=quant == "packed",
+                          int8_embeddings=int8_embeddings)
     elif quant is not None:
         raise ValueError(f"quant={quant!r} applies to GGUF files only; {path} is not one")
     else:
@@ -31,3 +38,9 @@ def load(path, dtype=None, device="cpu", progress=False, quant=None, prepare=Fal
         from .cpu import prepare as prepare_model
         prepare_model(model)
     return model
+
+
+def _herd_kernels_run() -> bool:
+    """Whether herd.cpu.prepare will put the model on herd's C++ kernels on this machine."""
+    from .cpu import extension
+    return extension.available()

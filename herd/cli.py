@@ -66,17 +66,20 @@ def cmd_info(args):
         print(f"weights {scheme:5s}{human(weight_bytes(c, scheme), 'B'):>9s}")
 
 
-def _load(model_arg, verbose=False, dequantize=False):
+def _load(model_arg, verbose=False, dequantize=False, threads=None):
     """(model path, model, tokenizer) for a CLI model argument; None means the default model. A GGUF file's Q4_0 /
     Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf.py: ~2x the fp32 decode speed on
     SmolLM2 in ~1/5 of the memory, +0.06% perplexity, bench/speed.py and bench/perplexity.py) unless `dequantize`,
-    which loads every weight as fp32. Every model is then prepared for the CPU (herd.cpu.prepare)."""
+    which loads every weight as fp32. Every model is then prepared for the CPU (herd.cpu.prepare). `threads`: CPU
+    threads (None / 0: herd.cpu.threads.available_cores())."""
     import time
     import herd
+    from .cpu.threads import set_threads
     from .gguf import is_gguf
     from .tokenizer import load_tokenizer
 
     path = _model_path(model_arg)
+    n_threads = set_threads(threads)
     t0 = time.perf_counter()
     packed = is_gguf(path) and not dequantize
     model = herd.load(path, progress=True, quant="packed" if packed else None, prepare=True)
@@ -88,7 +91,7 @@ def _load(model_arg, verbose=False, dequantize=False):
                "GGUF dequantized to fp32 (--dequantize)" if is_gguf(path) else "as stored")
         print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s: weights {resident_bytes(model) / 2**20:,.1f} MiB, "
               f"{how}]", file=sys.stderr)
-        print(f"[{status(model)}]", file=sys.stderr)
+        print(f"[{status(model)}; {n_threads} threads]", file=sys.stderr)
     return path, model, tok
 
 
@@ -140,7 +143,7 @@ def cmd_run(args):
     elif words and _looks_like_path(words[0]):
         _model_path(words[0])                # a model the user meant to name, but it is not there: say so
     prompt = " ".join(words) if words else None
-    session = ChatSession(args, *_load(model_arg, args.verbose, args.dequantize)[1:])
+    session = ChatSession(args, *_load(model_arg, args.verbose, args.dequantize, args.threads)[1:])
     if prompt is not None:
         session.ask(prompt)
     else:
@@ -249,7 +252,7 @@ def cmd_generate(args):
     from .engine import Engine
     from .textgen import Timing, stream_completion
 
-    _, model, tok = _load(args.model, args.verbose, args.dequantize)
+    _, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads)
     ids = tok.encode(args.prompt, bos=tok.add_bos)
     params = _sampling(args, tok, ignore_eos=args.ignore_eos)
     if args.ignore_eos:
@@ -304,19 +307,16 @@ def cmd_plan(args):
 
 
 def cmd_serve(args):
-    import torch
     from .serve.app import serve
     from .serve.limits import Limits, limit_fields
     from .serve.worker import ServedModel, short_name
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     served = []
     for spec in args.models or ["default"]:
         # NAME=PATH sets the id; otherwise it is the file's or folder's short name
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         path_used, model, tok = _load(None if path == "default" else path, verbose=True,
-                                           dequantize=args.dequantize)
+                                           dequantize=args.dequantize, threads=args.threads)
         name = name or short_name(path_used)
         if any(m.name == name for m in served):
             raise ValueError(f"two models are both named {name!r}: give one an id with NAME=PATH")
@@ -426,10 +426,16 @@ def _add_sampling_flags(p, temperature):
     p.add_argument("--kv-int8", action="store_true",
                    help="int8 keys and values (one scale per token and head) in the global layers' KV cache")
     _kv_dtype_arg(p)
+    _threads_arg(p)
     p.add_argument("--verbose", action="store_true", help="print load time and prefill / decode tokens per second")
 
 
 KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "f16": "float16"}
+
+
+def _threads_arg(p):
+    p.add_argument("--threads", type=int, default=0,
+                   help="CPU threads for the matmuls (0 = the cores this process may use: affinity and cgroup quota)")
 
 
 def _dequantize_arg(p):
@@ -548,7 +554,7 @@ def _add_serve_parsers(sub):
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before HTTP 429")
     p.add_argument("--max-seq-len", type=int, default=4096, help="context per request (prompt + output)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    _threads_arg(p)
     _dequantize_arg(p)
     _kv_dtype_arg(p)
     p.set_defaults(func=cmd_serve)

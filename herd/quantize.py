@@ -58,6 +58,11 @@ FP8_MAX = 448.0                        # largest finite float8_e4m3fn
 INT8_DEQUANT_ROWS = 32
 INT4_DEQUANT_ROWS = 256
 COMPUTE_DTYPE = torch.bfloat16         # activations of the packed kernels (see NOTE above)
+# Prefill's dense matmuls on a dequantized copy of the weights run in dense_dtype(): bf16 only where the CPU
+# multiplies bf16 in hardware (AVX512-BF16 or AMX-BF16), fp32 elsewhere. On an AVX2 CPU torch's bf16 matmul has no
+# fast kernel: 512x576 @ 576x1536 took 754 ms in bf16 and 17 ms in fp32 (AMD EPYC, 2 threads), which had made
+# packed prefill ~5 tok/s there.
+_dense_dtype_found: list = []
 _MIN_SCALE = 1e-6                      # Meta's clamp: all-zero rows/groups get a tiny scale, not a division by 0
 
 
@@ -207,6 +212,16 @@ def round_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
+def dense_dtype() -> torch.dtype:
+    """bf16 where this CPU has bf16 matmul instructions (torch.cpu.get_capabilities: avx512_bf16, amx_bf16), else
+    fp32: the dtype of the dequantize-then-matmul path of the packed modules (prefill)."""
+    if not _dense_dtype_found:
+        caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+        native = caps.get("avx512_bf16") or caps.get("amx_bf16")
+        _dense_dtype_found.append(torch.bfloat16 if native else torch.float32)
+    return _dense_dtype_found[0]
+
+
 def _bf16_up(t: torch.Tensor) -> torch.Tensor:
     """The smallest bf16 value >= t, as fp32, for t > 0: the fp32 bits rounded up to bf16's 7 mantissa bits."""
     return ((t.float().view(torch.int32) + 0xFFFF) & -0x10000).view(torch.float32)
@@ -218,7 +233,8 @@ def _int8_mm(x2, weight, scale):
     kernel, which reads 1 byte per weight. Many rows (prefill): the packed kernel is slower than a dense bf16
     matmul (bench/quant_matmul.py), so dequantize this one matrix to bf16 and use that."""
     if x2.shape[0] >= INT8_DEQUANT_ROWS:
-        return x2 @ (weight.to(COMPUTE_DTYPE) * scale[:, None]).t()
+        dt = dense_dtype()
+        return (x2.to(dt) @ (weight.to(dt) * scale.to(dt)[:, None]).t()).to(x2.dtype)
     return torch._weight_int8pack_mm(x2, weight, scale)
 
 
@@ -226,7 +242,8 @@ def _int4_mm(x2, weight, scales_and_zeros, group_size: int):
     """x2 (M, K) bf16 @ dequantized int4 weight^T -> (M, N) bf16; weight in the CPU kernel's packed layout.
     Like _int8_mm: the packed kernel for few rows, a transient bf16 copy and a dense matmul for many."""
     if x2.shape[0] >= INT4_DEQUANT_ROWS and cpu_int4_block() is not None:
-        return x2 @ _int4_dequantize_packed(weight, scales_and_zeros, group_size).t()
+        dt = dense_dtype()
+        return (x2.to(dt) @ _int4_dequantize_packed(weight, scales_and_zeros, group_size, dt).t()).to(x2.dtype)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scales_and_zeros)
 
 
@@ -268,15 +285,15 @@ def cpu_int4_block() -> int | None:
     return _cpu_int4_block_found[0]
 
 
-def _int4_dequantize_packed(packed, scales_and_zeros, group_size: int) -> torch.Tensor:
-    """Packed int4 + (G, N, 2) scales/zeros -> bf16 weight (N, K): (u - 8) * scale + zero, as the kernel does.
+def _int4_dequantize_packed(packed, scales_and_zeros, group_size: int, dtype=COMPUTE_DTYPE) -> torch.Tensor:
+    """Packed int4 + (G, N, 2) scales/zeros -> weight (N, K) in dtype: (u - 8) * scale + zero, as the kernel does.
     A transposed view of a contiguous (K, N) tensor, like `int4_unpack_cpu`."""
     # fp32 arithmetic (faster than bf16 on CPU and exact up to the final rounding), one rounding to bf16
     ut = int4_unpack_cpu(packed, cpu_int4_block(), torch.float32).t()             # (K, N) u, contiguous
     K, N = ut.shape
     scale, zero = scales_and_zeros[..., 0].float(), scales_and_zeros[..., 1].float()   # (G, N) each
     ut.view(K // group_size, group_size, N).sub_(8).mul_(scale[:, None]).add_(zero[:, None])
-    return ut.to(COMPUTE_DTYPE).t()
+    return ut.to(dtype).t()
 
 
 def _int4_pack(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None):

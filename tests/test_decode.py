@@ -141,7 +141,7 @@ def test_decode_with_herd_steps_equals_without(kind, kv):
     assert len(set(ref_tokens)) > 5, "degenerate model: the comparison would prove little"
     # a last-bit difference in k (C++ vs torch rotary / QK-norm) can move its rounding in the cache by one level:
     # int8 1/127 of the head's largest value, bf16 / f16 one unit of their last place
-    torch.testing.assert_close(lp, ref_lp, rtol=0, atol={"fp32": 1e-4, "f16": 1e-3}.get(kv, 5e-3))
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol={"fp32": 1e-4, "f16": 2e-3}.get(kv, 5e-3))
 
 
 def packed_tiny(kind: str, scheme: str) -> Transformer:

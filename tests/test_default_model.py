@@ -107,8 +107,10 @@ def test_cli_loads_gguf_packed_unless_asked_to_dequantize():
         m = re.search(r"weights ([\d,.]+) MiB, (.*?)\]", r.stderr)
         assert m and m.group(2).startswith(how), r.stderr
         sizes.append(float(m.group(1).replace(",", "")))
-    # SmolLM2's 98.4 MB file: packed ~95 MB (tests/test_gguf_packed.py); fp32 ~135M parameters x 4 bytes
-    assert sizes[0] < 100 and sizes[1] > 400, sizes
+    # SmolLM2's 98.4 MB file: packed ~95 MB (tests/test_gguf_packed.py), +81 MiB where torch's kernels run (herd.load
+    # keeps the Q8_0 embedding / tied head in fp32 there); fp32 ~135M parameters x 4 bytes
+    from herd.cpu import extension
+    assert sizes[0] < (100 if extension.available() else 180) and sizes[1] > 400, sizes
 
 
 def test_cli_generate_and_bad_input(tmp_path):

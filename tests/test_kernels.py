@@ -154,11 +154,12 @@ def test_int4_dequantize_matches_its_twin(N, K, G):
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            assert torch.equal(mod.dequantize(), mod.dequantize_reference())
+            for dtype in (torch.bfloat16, torch.float32):      # bf16: one rounding of the fp32 value
+                assert torch.equal(mod.dequantize(dtype), mod.dequantize_reference(dtype))
     finally:
         torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="int4 stream has the wrong size"):
-        extension.ext().int4_dequantize(mod.stream[:-1], N, K, G)
+        extension.ext().int4_dequantize(mod.stream[:-1], N, K, G, True)
 
 
 @needs_kernels
@@ -327,3 +328,30 @@ def test_kernels_run_in_a_forked_child_after_the_parent_used_threads():
 def _int4_in_child(x, stream):
     torch.set_num_threads(2)
     return kernels.int4_mm(x, stream, 256, 32)
+
+
+def test_status_names_a_missing_or_stale_build(monkeypatch):
+    """Nothing is compiled at run time: a variant not built at install, or built from other sources than the .cpp
+    files beside it, leaves torch's kernels on, and status() says which and how to rebuild."""
+    import importlib
+    import types
+    flags = set(extension.VARIANTS["avx2"][1])
+    monkeypatch.setattr(extension, "cpu_flags", lambda: flags)
+    monkeypatch.delenv("HERD_KERNELS", raising=False)
+
+    def missing(name):
+        raise ImportError(f"No module named {name!r}")
+    monkeypatch.setattr(importlib, "import_module", missing)
+    mod, line = extension._load()
+    assert mod is None and "AVX2+FMA kernels were not built when herd was installed" in line
+    assert "--no-build-isolation" in line
+    stale = types.SimpleNamespace(sources_sha="0" * 64, isa="AVX2+FMA")
+    monkeypatch.setattr(importlib, "import_module", lambda name: stale)
+    mod, line = extension._load()
+    assert mod is None and "older than herd/cpu/*.cpp" in line
+    fresh = types.SimpleNamespace(sources_sha=extension.sources_sha(), isa="AVX2+FMA")
+    monkeypatch.setattr(importlib, "import_module", lambda name: fresh)
+    assert extension._load() == (fresh, "on: AVX2+FMA int4/int8 decode kernels and decode steps (_kernels_avx2)")
+    monkeypatch.setattr(extension, "cpu_flags", lambda: {"sse2"})
+    mod, line = extension._load()
+    assert mod is None and "avx2, fma, f16c missing" in line

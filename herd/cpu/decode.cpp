@@ -1,7 +1,7 @@
 // The small steps between a decode step's matmuls, in C++: RMSNorm, q/k/v post-processing (rotary, QK-norm,
 // attention temperature), one query's attention over the KV cache, SiLU gating and whole dense layers. Built with
-// kernels.cpp into one extension (kernels.py); kernels.cpp comes first, and its matmuls, parallel_rows and bf16 loads
-// serve here too. decode.py holds the modules that call these and the plain twins they are tested against.
+// kernels.cpp into one extension (bindings.cpp); kernels.cpp comes first, and its matmuls, parallel_rows and simd.h's
+// vectors serve here too. decode.py holds the modules that call these and the plain twins they are tested against.
 //
 // Why: at batch 1 each of these is a handful of torch ops on a few hundred numbers, and each op costs a few
 // microseconds of dispatch whatever its size. SmolLM2's decode step ran ~60 such ops per layer (~9 ms of ~22 ms at
@@ -16,34 +16,9 @@
 
 namespace {
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const at::BFloat16* p) { return bf16x16_to_fp32(p); }     // (kernels.cpp)
-inline __m512 load16(const at::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-// e^x for 16 floats, ~1 ulp over the range softmax and SiLU use (x <= 0 after the max is subtracted; SiLU's
-// e^-x for any x): x = n ln2 + r with |r| <= ln2/2, e^r by its degree-6 Taylor polynomial (error < 2e-8 relative),
-// times 2^n (VSCALEFPS). Inputs below -87.3 give 0, above 88.7 give +inf, NaN gives NaN, like expf.
-inline __m512 exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.33654f), hi = _mm512_set1_ps(88.72283f);
-  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), over = _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ);
-  x = _mm512_min_ps(hi, _mm512_max_ps(lo, x));            // operands in this order: a NaN x stays NaN
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - n ln2, ln2 split in two so n * ln2_hi is exact
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  __m512 y = _mm512_scalef_ps(p, n);                       // p * 2^n, exact, no overflow of the exponent field
-  y = _mm512_mask_mov_ps(y, under, _mm512_setzero_ps());
-  return _mm512_mask_mov_ps(y, over, _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-}
+inline f32x16 load16(const float* p) { return load(p); }
+inline f32x16 load16(const at::BFloat16* p) { return load_bf16(p); }
+inline f32x16 load16(const at::Half* p) { return load_f16(p); }
 
 inline float to_float(float x) { return x; }
 inline float to_float(at::BFloat16 x) { return static_cast<float>(x); }
@@ -51,13 +26,13 @@ inline float to_float(at::Half x) { return static_cast<float>(x); }
 
 // sum of x[i]^2, i < n
 inline float sum_squares(const float* x, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+  f32x16 acc = zero();
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
-    __m512 a = _mm512_loadu_ps(x + i);
-    acc = _mm512_fmadd_ps(a, a, acc);
+    const f32x16 a = load(x + i);
+    acc = fmadd(a, a, acc);
   }
-  float s = _mm512_reduce_add_ps(acc);
+  float s = reduce_add(acc);
   for (; i < n; ++i) s += x[i] * x[i];
   return s;
 }
@@ -70,29 +45,20 @@ inline void rms_norm_row(const float* x, const float* w, int64_t n, float eps, f
 
 template <typename T>
 inline float dot(const float* a, const T* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
+  f32x16 acc = zero();
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), acc);
-  float s = _mm512_reduce_add_ps(acc);
+  for (; i + 16 <= n; i += 16) acc = fmadd(load(a + i), load16(b + i), acc);
+  float s = reduce_add(acc);
   for (; i < n; ++i) s += a[i] * to_float(b[i]);
   return s;
 }
 
 template <typename T>
 inline void axpy(float p, const T* x, float* y, int64_t n) {     // y += p * x
-  const __m512 pv = _mm512_set1_ps(p);
+  const f32x16 pv = set1(p);
   int64_t i = 0;
-  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(pv, load16(x + i), _mm512_loadu_ps(y + i)));
+  for (; i + 16 <= n; i += 16) store(y + i, fmadd(pv, load16(x + i), load(y + i)));
   for (; i < n; ++i) y[i] += p * to_float(x[i]);
-}
-
-// The lane sums of 4 vectors, as one 4-float vector: 512 -> 256 bits by halves, then horizontal adds
-// (13 instructions for 4 sums instead of ~8 per sum).
-inline __m128 hsum4(const __m512 a[4]) {
-  __m256 t[4];
-  for (int i = 0; i < 4; ++i) t[i] = _mm256_add_ps(_mm512_castps512_ps256(a[i]), _mm512_extractf32x8_ps(a[i], 1));
-  const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(t[0], t[1]), _mm256_hadd_ps(t[2], t[3]));   // per 128-bit half
-  return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
 // Software prefetch of the cache row kAheadBytes past `row` (one key's K * D values, row_bytes), while at least
@@ -128,10 +94,10 @@ void attend_range(const float* q, const T* k, const T* v, const uint8_t* visible
       for (int64_t h = 0; h < H; ++h) {
         const float* qh = q + h * D;
         const T* kh = row + (h / G) * D;
-        __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        f32x16 a[4] = {zero(), zero(), zero(), zero()};
         for (int64_t d = 0; d < D; d += 16) {
-          const __m512 qv = _mm512_loadu_ps(qh + d);
-          for (int r = 0; r < 4; ++r) a[r] = _mm512_fmadd_ps(qv, load16(kh + r * K * D + d), a[r]);
+          const f32x16 qv = load(qh + d);
+          for (int r = 0; r < 4; ++r) a[r] = fmadd(qv, load16(kh + r * K * D + d), a[r]);
         }
         float dots[4];
         _mm_storeu_ps(dots, hsum4(a));
@@ -159,15 +125,15 @@ void attend_range(const float* q, const T* k, const T* v, const uint8_t* visible
       std::fill(sh, sh + n, 0.0f);
       continue;
     }
-    const __m512 m = _mm512_set1_ps(top[h]);
-    __m512 sum = _mm512_setzero_ps();
+    const f32x16 m = set1(top[h]);
+    f32x16 sum = zero();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-      __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sh + i), m));
-      _mm512_storeu_ps(sh + i, e);
-      sum = _mm512_add_ps(sum, e);
+      const f32x16 e = exp(sub(load(sh + i), m));
+      store(sh + i, e);
+      sum = add(sum, e);
     }
-    total[h] = _mm512_reduce_add_ps(sum);
+    total[h] = reduce_add(sum);
     for (; i < n; ++i) {
       sh[i] = std::exp(sh[i] - top[h]);
       total[h] += sh[i];
@@ -342,12 +308,12 @@ namespace {
 
 // o (F) = silu(g) * u for one row: g / (1 + e^-g) * u
 void silu_mul_row(const float* g, const float* u, int64_t F, float* o) {
-  const __m512 one = _mm512_set1_ps(1.0f), sign = _mm512_set1_ps(-0.0f);
+  const f32x16 one = set1(1.0f);
   int64_t i = 0;
   for (; i + 16 <= F; i += 16) {
-    __m512 gv = _mm512_loadu_ps(g + i);
-    __m512 s = _mm512_div_ps(gv, _mm512_add_ps(one, exp16(_mm512_xor_ps(gv, sign))));
-    _mm512_storeu_ps(o + i, _mm512_mul_ps(s, _mm512_loadu_ps(u + i)));
+    const f32x16 gv = load(g + i);
+    const f32x16 s = div(gv, add(one, exp(neg(gv))));
+    store(o + i, mul(s, load(u + i)));
   }
   for (; i < F; ++i) o[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
 }

@@ -1,20 +1,22 @@
-// herd's CPU matmul kernels for few-row (decode) inputs: int4 and int8 weights against int16-quantized activations,
-// AVX512-VNNI (VPDPWSSD: int16 pairs multiplied and summed into int32 lanes); one-row fp32 products; the int4 stream
-// dequantized to bf16 for prefill. Built at first use by kernels.py (torch.utils.cpp_extension.load_inline);
+// herd's CPU matmul kernels for few-row (decode) inputs: int4 and int8 weights against int16-quantized activations;
+// one-row fp32 products; the int4 stream dequantized to bf16 for prefill. Written once against simd.h's 16-lane
+// vectors and built by setup.py once per instruction set (AVX512-VNNI: VPDPWSSD, int16 pairs multiplied and summed
+// into int32 lanes; AVX2 + FMA: VPMADDWD + VPADDD, the same exact sums); extension.py loads the variant the CPU runs.
 // kernels.py documents the layouts and holds the plain twins these are tested against.
 //
 // Why: torch's packed kernels (_weight_int4pack_mm_for_cpu, _weight_int8pack_mm) read SmolLM2's weights at about
-// half this machine's memory bandwidth at batch 1. Here 16 output rows sit side by side in one 512-bit register
-// (one 32-bit lane per row), so one VPDPWSSD multiplies 2 inputs of 16 rows at once and a row's sum never needs a
-// horizontal reduction; each weight byte is read once, in the order it is stored. Activations are int16, not int8
-// as in llama.cpp: with int8 per 32 inputs SmolLM2's perplexity rose 2.7% (its activations have outlier channels
-// that flatten the rest of their block to a few levels); int16 costs two more shifts per 64 weight bytes.
+// half the memory bandwidth at batch 1. Here 16 output rows sit side by side in one 16-lane vector (one 32-bit lane
+// per row), so one dot step multiplies 2 inputs of 16 rows at once and a row's sum never needs a horizontal
+// reduction; each weight byte is read once, in the order it is stored. Activations are int16, not int8 as in
+// llama.cpp: with int8 per 32 inputs SmolLM2's perplexity rose 2.7% (its activations have outlier channels that
+// flatten the rest of their block to a few levels); int16 costs two more shifts per 64 weight bytes.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
-
+#include <sched.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -24,82 +26,112 @@
 #include <thread>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-// ---- threads for decode-sized work ---------------------------------------------------------------------------------
-// Why not at::parallel_for: with OMP_WAIT_POLICY=PASSIVE (the bench's setting on this shared machine) every parallel
-// region wakes sleeping OpenMP threads, which cost ~25-30 us per call at 2 threads here: more than a small matrix
-// takes (SmolLM2's 576x576 int4 wo: 35 us on one thread, 56 us on two). A decode step calls the kernels ~120 times,
-// a few tens of microseconds apart. These workers spin for kSpin after each job, so the next call of the same step
-// finds them awake, and then sleep. Measured at 2 threads: that 576x576 matrix 56 -> ~37 us per call.
-constexpr auto kSpin = std::chrono::milliseconds(2);
+using namespace simd;
 
-class SpinPool {
+// ---- threads for decode-sized work ---------------------------------------------------------------------------------
+// Why not at::parallel_for: with OMP_WAIT_POLICY=PASSIVE (herd's CLI sets it) every parallel region wakes sleeping
+// OpenMP threads, which cost ~25-30 us per call at 2 threads: more than a small matrix takes (SmolLM2's 576x576 int4
+// wo: ~35 us on one thread). A decode step calls the kernels ~120 times, a few microseconds apart.
+// How it holds up on a busy CPU: a call's work is cut into pieces that any of its threads claims (one atomic
+// counter), the caller included, so a worker the OS has not run yet leaves its pieces to the others instead of
+// holding the call up; a call waits only for pieces already begun. Idle workers spin kSpin for the next call of the
+// same step, then sleep on a condition variable: they never hold a core they are not using for long. (The old
+// pool split each call in fixed shares and spun 2 ms: at load ~7 on 2 cores decode fell to 1.4-3.1 tok/s, waiting
+// on descheduled workers; 40-60 on one thread.)
+constexpr auto kSpin = std::chrono::microseconds(100);
+constexpr auto kWaitSpin = std::chrono::microseconds(20);     // the caller's spin on begun pieces before it yields
+
+class WorkerPool {
  public:
   const int n_threads;                      // the caller included
   const pid_t pid = getpid();               // a forked child gets a new pool (the parent's threads are not in it)
 
   // Never destroyed (see parallel_rows): the workers are detached and end with the process.
-  explicit SpinPool(int n) : n_threads(n) {
-    for (int t = 1; t < n; ++t) std::thread([this, t] { loop(t); }).detach();
+  explicit WorkerPool(int n) : n_threads(n) {
+    for (int t = 1; t < n; ++t) std::thread([this] { loop(); }).detach();
   }
 
-  // f(begin, end) over [0, n) split in n_threads contiguous ranges; returns when all are done.
-  void run(int64_t n, const std::function<void(int64_t, int64_t)>& f) {
+  // f(begin, end) over [0, n) cut in `pieces` contiguous ranges, each run by whichever thread claims it first;
+  // returns when all are done.
+  void run(int64_t n, int64_t pieces, const std::function<void(int64_t, int64_t)>& f) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
     if (!busy.owns_lock()) {                // another thread is using the pool: do it all here
       f(0, n);
       return;
     }
-    job_ = &f;
-    job_n_ = n;
-    pending_.store(n_threads - 1);
-    generation_.fetch_add(1);               // seq_cst: publishes the job; pairs with the sleepers' check (loop)
+    job_.store(&f, std::memory_order_relaxed);
+    n_.store(n, std::memory_order_relaxed);
+    pieces_.store(pieces, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t generation = (state_.load() >> 32) + 1;
+    state_.store(generation << 32);         // seq_cst: publishes the job (piece 0 next); pairs with loop's sleep
     if (sleeping_.load() > 0) {
       std::lock_guard<std::mutex> lk(mu_);
       cv_.notify_all();
     }
-    run_share(0);
-    while (pending_.load() > 0) _mm_pause();
+    work(generation);
+    const auto start = std::chrono::steady_clock::now();
+    for (uint32_t spins = 1; done_.load() < pieces; ++spins) {     // pieces other threads began
+      if (spins < 64 || std::chrono::steady_clock::now() - start < kWaitSpin) {
+        _mm_pause();
+      } else {
+        sched_yield();                      // let a preempted worker that holds a piece have the core
+      }
+    }
   }
 
  private:
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0}, sleeping_{0};
+  std::atomic<uint64_t> state_{0};          // generation << 32 | the next unclaimed piece
+  std::atomic<int64_t> n_{0}, pieces_{0}, done_{0};
+  std::atomic<const std::function<void(int64_t, int64_t)>*> job_{nullptr};
+  std::atomic<int> sleeping_{0};
   std::mutex mu_, run_mu_;
   std::condition_variable cv_;
-  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
-  int64_t job_n_ = 0;
 
-  void run_share(int t) {
-    const int64_t per = (job_n_ + n_threads - 1) / n_threads;
-    const int64_t begin = std::min(job_n_, t * per), end = std::min(job_n_, begin + per);
-    if (begin < end) (*job_)(begin, end);
+  // Claim and run pieces of this generation's job until none is left. A piece claimed (the CAS) belongs to the
+  // current job: the next run cannot start before its done_ count, so job_, n_ and pieces_ stay this job's.
+  void work(uint64_t generation) {
+    uint64_t s = state_.load();
+    for (;;) {
+      if ((s >> 32) != generation) return;            // a later job: its own loop() pass picks it up
+      const int64_t piece = static_cast<int64_t>(s & 0xFFFFFFFFu);
+      if (piece >= pieces_.load(std::memory_order_relaxed)) return;
+      if (!state_.compare_exchange_weak(s, s + 1)) continue;      // s reloaded
+      const int64_t n = n_.load(std::memory_order_relaxed), pieces = pieces_.load(std::memory_order_relaxed);
+      const int64_t per = (n + pieces - 1) / pieces;
+      const int64_t begin = std::min(n, piece * per), end = std::min(n, begin + per);
+      if (begin < end) (*job_.load(std::memory_order_relaxed))(begin, end);
+      done_.fetch_add(1);
+    }
   }
 
-  void loop(int t) {
+  void loop() {
     uint64_t seen = 0;
     for (;;) {
       const auto start = std::chrono::steady_clock::now();
-      for (uint32_t spins = 1; generation_.load() == seen; ++spins) {
+      for (uint32_t spins = 1; (state_.load() >> 32) == seen; ++spins) {
         _mm_pause();
-        if (spins % 1024 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
-          // Sleep. Either run() sees sleeping_ > 0 and notifies, or its generation_ increment came first and the
-          // predicate (checked under mu_ before waiting) sees it: no wake-up is lost.
+        if (spins % 64 == 0 && std::chrono::steady_clock::now() - start > kSpin) {
+          // Sleep. Either run() sees sleeping_ > 0 and notifies, or its state_ store came first and the predicate
+          // (checked under mu_ before waiting) sees it: no wake-up is lost.
           std::unique_lock<std::mutex> lk(mu_);
           sleeping_.fetch_add(1);
-          cv_.wait(lk, [&] { return generation_.load() != seen; });
+          cv_.wait(lk, [&] { return (state_.load() >> 32) != seen; });
           sleeping_.fetch_sub(1);
         }
       }
-      seen = generation_.load();
-      run_share(t);
-      pending_.fetch_sub(1);
+      seen = state_.load() >> 32;
+      work(seen);
     }
   }
 };
 
-// f(begin, end) over [0, n) on torch's intra-op thread count (torch.set_num_threads) through the SpinPool.
+// f(begin, end) over [0, n) on torch's intra-op thread count (torch.set_num_threads) through the WorkerPool, in up
+// to 4 pieces per thread (so a late thread's share is taken by the others).
 void parallel_rows(int64_t n, const std::function<void(int64_t, int64_t)>& f) {
   const int threads = at::get_num_threads();
   if (threads <= 1 || n <= 1 || at::in_parallel_region()) {
@@ -107,16 +139,16 @@ void parallel_rows(int64_t n, const std::function<void(int64_t, int64_t)>& f) {
     return;
   }
   static std::mutex make_mu;
-  static SpinPool* pool = nullptr;
-  SpinPool* p;
+  static WorkerPool* pool = nullptr;
+  WorkerPool* p;
   {
     std::lock_guard<std::mutex> lk(make_mu);
     // A new pool when the thread count changes or in a forked child (whose copy of the pool has no threads). The
     // old one is not deleted: another Python thread may still be inside its run(); its workers go to sleep.
-    if (pool == nullptr || pool->n_threads != threads || pool->pid != getpid()) pool = new SpinPool(threads);
+    if (pool == nullptr || pool->n_threads != threads || pool->pid != getpid()) pool = new WorkerPool(threads);
     p = pool;
   }
-  p->run(n, f);
+  p->run(n, std::min<int64_t>(n, 4 * threads), f);
 }
 
 constexpr int kRows = 16;       // output rows per register (16 x 32-bit lanes)
@@ -127,28 +159,25 @@ constexpr int kMTile = 4;       // activation rows processed per pass over a row
 constexpr int kPrefetch = 4096;
 
 // x (M, K) fp32 -> xq (M, K) int16 and one scale per 32 inputs xs (M, K/32): xq = round(x / xs),
-// xs = max|x| / 32767. Within every 4 inputs xq is stored in the order k0 k2 k1 k3: VPDPWSSD multiplies int16 pairs,
-// and the weight bytes of 4 inputs split most cheaply into the pairs (k0, k2) and (k1, k3) (see the kernels).
+// xs = max|x| / 32767. Within every 4 inputs xq is stored in the order k0 k2 k1 k3: the dot steps multiply int16
+// pairs, and the weight bytes of 4 inputs split most cheaply into the pairs (k0, k2) and (k1, k3) (see the kernels).
 // bsum (M, K/32), if given: the exact fp32 sum of each block's inputs.
 void quantize_activations(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs, float* bsum = nullptr) {
-  const __m512 sign = _mm512_set1_ps(-0.0f);
   // 16 int16 (32 bytes) per half block; permute each 4 as 0 2 1 3
   const __m256i order = _mm256_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
                                          0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
   for (int64_t m = 0; m < M; ++m) {
     for (int64_t b = 0; b < K / kBlock; ++b) {
       const float* src = x + m * K + b * kBlock;
-      __m512 a = _mm512_loadu_ps(src), c = _mm512_loadu_ps(src + 16);
-      float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_andnot_ps(sign, a), _mm512_andnot_ps(sign, c)));
-      __m512 inv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
-      __m512i qa = _mm512_cvtps_epi32(_mm512_mul_ps(a, inv));     // round to nearest even (default MXCSR)
-      __m512i qc = _mm512_cvtps_epi32(_mm512_mul_ps(c, inv));
-      __m256i ha = _mm256_shuffle_epi8(_mm512_cvtsepi32_epi16(qa), order);
-      __m256i hc = _mm256_shuffle_epi8(_mm512_cvtsepi32_epi16(qc), order);
+      const f32x16 a = load(src), c = load(src + 16);
+      const float amax = reduce_max(max(abs(a), abs(c)));
+      const f32x16 inv = set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
+      const __m256i ha = _mm256_shuffle_epi8(narrow_i16_saturate(to_i32(mul(a, inv))), order);
+      const __m256i hc = _mm256_shuffle_epi8(narrow_i16_saturate(to_i32(mul(c, inv))), order);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kBlock), ha);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kBlock + 16), hc);
       xs[m * (K / kBlock) + b] = amax / 32767.0f;
-      if (bsum) bsum[m * (K / kBlock) + b] = _mm512_reduce_add_ps(_mm512_add_ps(a, c));
+      if (bsum) bsum[m * (K / kBlock) + b] = reduce_add(add(a, c));
     }
   }
 }
@@ -159,64 +188,57 @@ inline int32_t load2x16(const int16_t* p) {
   return v;
 }
 
-inline __m512 bf16x16_to_fp32(const void* p) {
-  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 // One row block (16 output rows) of the int4 product for MT activation rows starting at xq.
 // Stream per group: 16 scales + 16 zeros (bf16, 64 bytes), then G/8 chunks of 64 bytes; in chunk c, lane r holds
 // 4 bytes, byte j = u[r][8c + j] | u[r][8c + 4 + j] << 4. Weight w = (u - 8) * scale + zero.
 template <int MT>
 void int4_row_block(const uint8_t* stream, int64_t K, int64_t G, const int16_t* xq, const float* xs,
                     const float* xsum, int64_t n_groups, float* out, int64_t out_stride) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m512i low8 = _mm512_set1_epi16(0x00FF);
-  const __m512 eight = _mm512_set1_ps(8.0f);
-  __m512 acc[MT];
-  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+  const i32x16 low4 = set1_i8(0x0F), low8 = set1_i16(0x00FF);
+  const f32x16 eight = set1(8.0f);
+  f32x16 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = zero();
   const uint8_t* p = stream;
   for (int64_t g = 0; g < n_groups; ++g) {
-    __m512 scale = bf16x16_to_fp32(p), zero = bf16x16_to_fp32(p + 32);
+    const f32x16 scale = load_bf16(p), zero_point = load_bf16(p + 32);
     p += 64;
-    __m512 gacc[MT];
-    for (int i = 0; i < MT; ++i) gacc[i] = _mm512_setzero_ps();
+    f32x16 gacc[MT];
+    for (int i = 0; i < MT; ++i) gacc[i] = zero();
     for (int64_t b = 0; b < G / kBlock; ++b) {
       const int64_t k0 = g * G + b * kBlock;
-      // four independent accumulators per row: one VPDPWSSD chain would wait ~5 cycles per instruction
-      __m512i iacc[MT][4];
+      // kDotChains independent accumulators per row (simd.h: VPDPWSSD waits on its accumulator ~5 cycles)
+      i32x16 iacc[MT][kDotChains];
       for (int i = 0; i < MT; ++i)
-        for (int j = 0; j < 4; ++j) iacc[i][j] = _mm512_setzero_si512();
+        for (int j = 0; j < kDotChains; ++j) iacc[i][j] = zero_i32();
       for (int c = 0; c < kBlock / 8; ++c) {
         _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-        __m512i v = _mm512_loadu_si512(p);
+        const i32x16 v = load_bytes(p);
         p += 64;
         // per 32-bit lane: lo = bytes u[k0..k3], hi = bytes u[k4..k7]; as int16 pairs (k0, k2), (k1, k3), ...
-        __m512i lo = _mm512_and_si512(v, low4);
-        __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-        __m512i u02 = _mm512_and_si512(lo, low8), u13 = _mm512_srli_epi16(lo, 8);
-        __m512i u46 = _mm512_and_si512(hi, low8), u57 = _mm512_srli_epi16(hi, 8);
+        const i32x16 lo = and_bits(v, low4), hi = and_bits(srli_i16<4>(v), low4);
+        const i32x16 u[4] = {and_bits(lo, low8), srli_i16<8>(lo), and_bits(hi, low8), srli_i16<8>(hi)};
         for (int i = 0; i < MT; ++i) {
           const int16_t* xr = xq + i * K + k0 + 8 * c;      // k0 k2 k1 k3 k4 k6 k5 k7
-          iacc[i][0] = _mm512_dpwssd_epi32(iacc[i][0], u02, _mm512_set1_epi32(load2x16(xr)));
-          iacc[i][1] = _mm512_dpwssd_epi32(iacc[i][1], u13, _mm512_set1_epi32(load2x16(xr + 2)));
-          iacc[i][2] = _mm512_dpwssd_epi32(iacc[i][2], u46, _mm512_set1_epi32(load2x16(xr + 4)));
-          iacc[i][3] = _mm512_dpwssd_epi32(iacc[i][3], u57, _mm512_set1_epi32(load2x16(xr + 6)));
+          for (int j = 0; j < 4; ++j) {
+            i32x16& chain = iacc[i][j % kDotChains];
+            chain = dot_i16(chain, u[j], set1_i32(load2x16(xr + 2 * j)));
+          }
         }
       }
       for (int i = 0; i < MT; ++i) {
-        __m512i sum = _mm512_add_epi32(_mm512_add_epi32(iacc[i][0], iacc[i][1]), _mm512_add_epi32(iacc[i][2], iacc[i][3]));
-        gacc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_set1_ps(xs[i * (K / kBlock) + k0 / kBlock]), gacc[i]);
+        i32x16 sum = iacc[i][0];
+        for (int j = 1; j < kDotChains; ++j) sum = add_i32(sum, iacc[i][j]);
+        gacc[i] = fmadd(to_f32(sum), set1(xs[i * (K / kBlock) + k0 / kBlock]), gacc[i]);
       }
     }
     // sum_k (u - 8) s x + z x = s * sum_k u x + (z - 8 s) * sum_k x
-    __m512 offset = _mm512_fnmadd_ps(eight, scale, zero);
+    const f32x16 offset = fnmadd(eight, scale, zero_point);
     for (int i = 0; i < MT; ++i) {
-      acc[i] = _mm512_fmadd_ps(gacc[i], scale, acc[i]);
-      acc[i] = _mm512_fmadd_ps(_mm512_set1_ps(xsum[i * n_groups + g]), offset, acc[i]);
+      acc[i] = fmadd(gacc[i], scale, acc[i]);
+      acc[i] = fmadd(set1(xsum[i * n_groups + g]), offset, acc[i]);
     }
   }
-  for (int i = 0; i < MT; ++i) _mm512_storeu_ps(out + i * out_stride, acc[i]);
+  for (int i = 0; i < MT; ++i) store(out + i * out_stride, acc[i]);
 }
 
 // One row block of the int8 product. Stream: K/4 chunks of 64 bytes, lane r holding w[r][4c .. 4c + 3], split into
@@ -224,29 +246,34 @@ void int4_row_block(const uint8_t* stream, int64_t K, int64_t G, const int16_t* 
 template <int MT>
 void int8_row_block(const int8_t* stream, const float* row_scale, int64_t K, const int16_t* xq, const float* xs,
                     float* out, int64_t out_stride) {
-  __m512 acc[MT];
-  for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+  f32x16 acc[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = zero();
   const int8_t* p = stream;
   for (int64_t b = 0; b < K / kBlock; ++b) {
-    __m512i iacc[MT][2];                                    // two independent VPDPWSSD chains per row
-    for (int i = 0; i < MT; ++i) iacc[i][0] = iacc[i][1] = _mm512_setzero_si512();
+    i32x16 iacc[MT][kDotChains];
+    for (int i = 0; i < MT; ++i)
+      for (int j = 0; j < kDotChains; ++j) iacc[i][j] = zero_i32();
     for (int c = 0; c < kBlock / 4; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
-      __m512i w = _mm512_loadu_si512(p);
+      const i32x16 w = load_bytes(p);
       p += 64;
-      __m512i w02 = _mm512_srai_epi16(_mm512_slli_epi16(w, 8), 8), w13 = _mm512_srai_epi16(w, 8);
+      const i32x16 u[2] = {srai_i16<8>(slli_i16<8>(w)), srai_i16<8>(w)};     // w02, w13
       for (int i = 0; i < MT; ++i) {
         const int16_t* xr = xq + i * K + b * kBlock + 4 * c;   // k0 k2 k1 k3
-        iacc[i][0] = _mm512_dpwssd_epi32(iacc[i][0], w02, _mm512_set1_epi32(load2x16(xr)));
-        iacc[i][1] = _mm512_dpwssd_epi32(iacc[i][1], w13, _mm512_set1_epi32(load2x16(xr + 2)));
+        for (int j = 0; j < 2; ++j) {
+          i32x16& chain = iacc[i][j % kDotChains];
+          chain = dot_i16(chain, u[j], set1_i32(load2x16(xr + 2 * j)));
+        }
       }
     }
-    for (int i = 0; i < MT; ++i)
-      acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(iacc[i][0], iacc[i][1])),
-                               _mm512_set1_ps(xs[i * (K / kBlock) + b]), acc[i]);
+    for (int i = 0; i < MT; ++i) {
+      i32x16 sum = iacc[i][0];
+      for (int j = 1; j < kDotChains; ++j) sum = add_i32(sum, iacc[i][j]);
+      acc[i] = fmadd(to_f32(sum), set1(xs[i * (K / kBlock) + b]), acc[i]);
+    }
   }
-  __m512 rs = _mm512_loadu_ps(row_scale);
-  for (int i = 0; i < MT; ++i) _mm512_storeu_ps(out + i * out_stride, _mm512_mul_ps(acc[i], rs));
+  const f32x16 rs = load(row_scale);
+  for (int i = 0; i < MT; ++i) store(out + i * out_stride, mul(acc[i], rs));
 }
 
 // ---- the products on raw pointers (decode.cpp's decode_layer calls these directly) ---------------------------------
@@ -326,18 +353,18 @@ void fp32_mm_raw(const float* xp, int64_t M, int64_t K, const float* wp, int64_t
         const float* r[4];
         for (int i = 0; i < 4; ++i) r[i] = wp + (k + std::min<int64_t>(i, rows - 1)) * N;
         for (int64_t m = 0; m < M; ++m) {
-          __m512 xk[4];
-          for (int i = 0; i < 4; ++i) xk[i] = _mm512_set1_ps(i < rows ? xp[m * K + k + i] : 0.0f);
+          f32x16 xk[4];
+          for (int i = 0; i < 4; ++i) xk[i] = set1(i < rows ? xp[m * K + k + i] : 0.0f);
           float* ym = y + m * N;
           int64_t j = 0;
           for (; j + 16 <= N; j += 16) {
             if (m == 0)
               for (int i = 0; i < 4; ++i)
                 _mm_prefetch(reinterpret_cast<const char*>(r[i] + j) + kPrefetch, _MM_HINT_T0);
-            __m512 acc = _mm512_fmadd_ps(xk[0], _mm512_loadu_ps(r[0] + j), _mm512_loadu_ps(ym + j));
-            acc = _mm512_fmadd_ps(xk[1], _mm512_loadu_ps(r[1] + j), acc);
-            acc = _mm512_fmadd_ps(xk[2], _mm512_loadu_ps(r[2] + j), acc);
-            _mm512_storeu_ps(ym + j, _mm512_fmadd_ps(xk[3], _mm512_loadu_ps(r[3] + j), acc));
+            f32x16 acc = fmadd(xk[0], load(r[0] + j), load(ym + j));
+            acc = fmadd(xk[1], load(r[1] + j), acc);
+            acc = fmadd(xk[2], load(r[2] + j), acc);
+            store(ym + j, fmadd(xk[3], load(r[3] + j), acc));
           }
           for (; j < N; ++j)
             for (int i = 0; i < rows; ++i) ym[j] += xp[m * K + k + i] * r[i][j];
@@ -416,52 +443,42 @@ torch::Tensor fp32_mm(torch::Tensor x, torch::Tensor w_t) {
   return out;
 }
 
-// An int4 stream (N/16 * K/G * (64 + G * 8) bytes) -> the weight transposed, (K, N) bf16 contiguous, for prefill's
-// dense matmul x @ w^T (HerdInt4Linear.dequantize; its twin there runs the same steps as torch ops). Each 64-byte
-// chunk holds, in lane r, 8 inputs of row r: byte j = u[k0 + j] | u[k0 + 4 + j] << 4. One nibble of every lane is
-// the 16 consecutive outputs n = 16 rb .. 16 rb + 15 of one input k: one 32-byte bf16 store into row k.
-// w = (u - 8) * scale + zero in fp32, a multiply then an add (no FMA: the twin rounds twice), rounded once to bf16.
-// Measured on SmolLM2's 66 MB of int4 matrices at 2 threads: 45 ms here, 326 ms as the torch steps (~0.3 s of a
-// 1.4 s 512-token prefill).
-namespace {
-
-// 16 finite floats -> bf16, rounded to nearest even as torch's .to(bfloat16) (without AVX512-BF16, which the
-// kernels do not require): add 0x7FFF plus the lowest kept bit, keep the high 16 bits.
-inline __m256i fp32x16_to_bf16(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
-}  // namespace
-
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-torch::Tensor int4_dequantize(torch::Tensor stream, int64_t N, int64_t K, int64_t G) {
+// An int4 stream (N/16 * K/G * (64 + G * 8) bytes) -> the weight transposed, (K, N) bf16 or fp32 contiguous, for
+// prefill's dense matmul x @ w^T (HerdInt4Linear.dequantize; its twin there runs the same steps as torch ops). Each
+// 64-byte chunk holds, in lane r, 8 inputs of row r: byte j = u[k0 + j] | u[k0 + 4 + j] << 4. One nibble of every
+// lane is the 16 consecutive outputs n = 16 rb .. 16 rb + 15 of one input k: one 16-value store into row k.
+// w = (u - 8) * scale + zero in fp32, a multiply then an add (setup.py compiles with -ffp-contract=off: no FMA, the
+// twin rounds twice), then for bf16 rounded once. Measured on SmolLM2's 66 MB of int4 matrices at 2 threads
+// (AVX-512 machine): 45 ms here, 326 ms as the torch steps (~0.3 s of a 1.4 s 512-token prefill).
+torch::Tensor int4_dequantize(torch::Tensor stream, int64_t N, int64_t K, int64_t G, bool to_bf16_out) {
   check_int4(stream, K, N, G);
-  auto out = torch::empty({K, N}, torch::kBFloat16);
+  auto out = torch::empty({K, N}, to_bf16_out ? torch::kBFloat16 : torch::kFloat32);
   const uint8_t* s = stream.data_ptr<uint8_t>();
-  uint16_t* o = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
-  const int64_t n_groups = K / G, rb_bytes = n_groups * (64 + G * 8);
-  // torch's OpenMP threads, not the SpinPool: this runs between prefill's torch matmuls, whose OpenMP workers a
+  char* o = static_cast<char*>(out.data_ptr());
+  const int64_t n_groups = K / G, rb_bytes = n_groups * (64 + G * 8), elem = to_bf16_out ? 2 : 4;
+  // torch's OpenMP threads, not the WorkerPool: this runs between prefill's torch matmuls, whose OpenMP workers a
   // spinning pool worker would compete with for the cores
   at::parallel_for(0, N / kRows, 1, [&](int64_t begin, int64_t end) {
-    const __m512i low4 = _mm512_set1_epi32(0x0F);
-    const __m512 eight = _mm512_set1_ps(8.0f);
+    const i32x16 low4 = set1_i32(0x0F);
+    const f32x16 eight = set1(8.0f);
     for (int64_t rb = begin; rb < end; ++rb) {
       const uint8_t* p = s + rb * rb_bytes;
       for (int64_t g = 0; g < n_groups; ++g) {
-        const __m512 scale = bf16x16_to_fp32(p), zero = bf16x16_to_fp32(p + 32);
+        const f32x16 scale = load_bf16(p), zero_point = load_bf16(p + 32);
         p += 64;
         for (int64_t c = 0; c < G / 8; ++c, p += 64) {
-          const __m512i v = _mm512_loadu_si512(p);
-          for (int j = 0; j < 8; ++j) {            // nibble j: byte j % 4, high half when j >= 4
-            const int shift = 8 * (j % 4) + 4 * (j / 4);
-            const __m512i u = _mm512_and_si512(_mm512_srli_epi32(v, shift), low4);
-            const __m512 w = _mm512_add_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(u), eight), scale), zero);
-            const int64_t k = g * G + 8 * c + j;
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + k * N + rb * kRows), fp32x16_to_bf16(w));
+          const i32x16 v = load_bytes(p);
+          // nibble j: byte j % 4, the high half when j >= 4
+          const i32x16 nibble[8] = {v, srli_i32<8>(v), srli_i32<16>(v), srli_i32<24>(v), srli_i32<4>(v),
+                                    srli_i32<12>(v), srli_i32<20>(v), srli_i32<28>(v)};
+          for (int j = 0; j < 8; ++j) {
+            const f32x16 w = add(mul(sub(to_f32(and_bits(nibble[j], low4)), eight), scale), zero_point);
+            char* dst = o + ((g * G + 8 * c + j) * N + rb * kRows) * elem;
+            if (to_bf16_out) {
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), to_bf16(w));
+            } else {
+              store(reinterpret_cast<float*>(dst), w);
+            }
           }
         }
       }
@@ -469,7 +486,6 @@ torch::Tensor int4_dequantize(torch::Tensor stream, int64_t N, int64_t K, int64_
   });
   return out;
 }
-#pragma GCC pop_options
 
 // x (M, K) fp32 -> (xq (M, K) int16 in input order, xs (M, K/32) fp32): the activation quantization both kernels
 // use, exposed so the Python twins can be checked against exactly what the kernels multiply.

@@ -32,21 +32,34 @@ bf16 and run a dense matmul, as quantize.py's modules do.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 from .. import ops
+from . import extension
 from .extension import ext
 from ..quantize import (COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Experts, Int8Linear, cpu_int4_block,
-                       int4_unpack_cpu, set_module)
+                       dense_dtype, int4_unpack_cpu, set_module)
 
 ROWS = 16            # output rows per block (one 512-bit register of 32-bit lanes)
 X_BLOCK = 32         # inputs per activation scale
-# From this many rows on the modules dequantize + dense bf16 matmul instead of the kernels. The kernels re-read the
-# weights once per 4 rows, so their cost grows with the rows; the dense path's is mostly the dequantization. Measured
-# at SmolLM2's shapes, 1 thread (bench/quant_matmul.py): the kernels are faster up to 192 rows for every shape
-# (int4: 1.3-1.8x at 192 rows), so the switch is at 256, where quantize.py switches too.
-DEQUANT_ROWS = 256
+
+
+def _dequant_rows() -> int:
+    """From this many rows on the modules dequantize + dense matmul instead of the kernels. The kernels re-read the
+    weights once per 4 rows, so their cost grows with the rows; the dense path's is mostly the dequantization.
+    AVX512-VNNI (vs a bf16 dense matmul; SmolLM2's shapes, 1 thread, bench/quant_matmul.py): the kernels are faster
+    up to 192 rows for every shape (int4: 1.3-1.8x at 192 rows), so 256, where quantize.py switches too. AVX2 (half
+    the multiply width; vs an fp32 dense matmul, quantize.dense_dtype; AMD EPYC, 2 threads): even at 32-64 rows
+    (3072x576 int4: 5.1 vs 5.8 ms at 32 rows, 10.0 vs 6.7 ms at 64), so 64."""
+    flags = extension.cpu_flags() or set()
+    avx512 = set(extension.VARIANTS["avx512"][1]) <= flags and os.environ.get("HERD_KERNELS", "1").lower() != "avx2"
+    return 256 if avx512 else 64
+
+
+DEQUANT_ROWS = _dequant_rows()
 # ---- layouts --------------------------------------------------------------------------------------------------------
 def int4_stream(u: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """u (N, K) in 0..15 (any integer dtype), scales_and_zeros (K/G, N, 2) bf16 -> the int4 stream, uint8 (bytes,)."""
@@ -128,19 +141,21 @@ def int8_mm_reference(x, w, row_scale) -> torch.Tensor:
 
 # ---- one matrix, any number of rows (the modules below and their experts) ------------------------------------------
 def int4_linear(x2: torch.Tensor, stream: torch.Tensor, N: int, K: int, group_size: int) -> torch.Tensor:
-    """x2 (M, K) -> (M, N): the int4 kernel for few rows; from DEQUANT_ROWS rows on the matrix dequantized to bf16
-    (kernels.cpp's int4_dequantize gives it as a contiguous (K, N) buffer) and a dense bf16 matmul. fp32 or bf16."""
+    """x2 (M, K) -> (M, N): the int4 kernel for few rows; from DEQUANT_ROWS rows on the matrix dequantized to
+    quantize.dense_dtype() (bf16 where the CPU has bf16 matmuls, else fp32; kernels.cpp's int4_dequantize gives it
+    as a contiguous (K, N) buffer) and a dense matmul in that dtype. fp32 or bf16."""
     if x2.shape[0] >= DEQUANT_ROWS:
-        return x2.to(COMPUTE_DTYPE) @ ext().int4_dequantize(stream, N, K, group_size)
+        dt = dense_dtype()
+        return x2.to(dt) @ ext().int4_dequantize(stream, N, K, group_size, dt == torch.bfloat16)
     return ext().int4_mm(x2.float().contiguous(), stream, N, group_size)     # the extension directly: ~120 calls a step
 
 
 def int8_linear(x2: torch.Tensor, stream: torch.Tensor, row_scale: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """x2 (M, K) -> (M, N), as int4_linear: the int8 kernel for few rows, a dequantized bf16 matmul from
-    DEQUANT_ROWS on."""
+    """x2 (M, K) -> (M, N), as int4_linear: the int8 kernel for few rows, a dequantized matmul in
+    quantize.dense_dtype() from DEQUANT_ROWS on."""
     if x2.shape[0] >= DEQUANT_ROWS:
-        w = int8_unstream(stream, N, K)
-        return x2.to(COMPUTE_DTYPE) @ (w.to(COMPUTE_DTYPE) * row_scale.to(COMPUTE_DTYPE)[:, None]).t()
+        w, dt = int8_unstream(stream, N, K), dense_dtype()
+        return x2.to(dt) @ (w.to(dt) * row_scale.to(dt)[:, None]).t()
     return ext().int8_mm(x2.float().contiguous(), stream, row_scale)
 
 
@@ -158,15 +173,16 @@ class HerdInt4Linear(nn.Module):
         return cls(mod.in_features, mod.out_features, mod.group_size,
                    int4_stream_from_torch(mod.weight, mod.scales_and_zeros, mod.group_size))
 
-    def dequantize(self) -> torch.Tensor:
-        """The weight (N, K) in bf16, (u - 8) * scale + zero, as the transposed view of a contiguous (K, N) buffer,
-        for prefill's dense matmul: kernels.cpp's int4_dequantize, bit-identical to `dequantize_reference` and ~7x
-        faster (SmolLM2's 66 MB of int4 matrices: 45 vs 326 ms at 2 threads)."""
-        return ext().int4_dequantize(self.stream, self.out_features, self.in_features, self.group_size).t()
+    def dequantize(self, dtype=COMPUTE_DTYPE) -> torch.Tensor:
+        """The weight (N, K) in dtype (bf16 or fp32), (u - 8) * scale + zero, as the transposed view of a contiguous
+        (K, N) buffer, for prefill's dense matmul: kernels.cpp's int4_dequantize, bit-identical to
+        `dequantize_reference` and ~7x faster (SmolLM2's 66 MB of int4 matrices: 45 vs 326 ms at 2 threads)."""
+        return ext().int4_dequantize(self.stream, self.out_features, self.in_features, self.group_size,
+                                     dtype == torch.bfloat16).t()
 
-    def dequantize_reference(self) -> torch.Tensor:
+    def dequantize_reference(self, dtype=COMPUTE_DTYPE) -> torch.Tensor:
         """dequantize's twin in torch ops: the nibbles are written straight to their (k, n) places and the
-        arithmetic runs in place in fp32 (one rounding to bf16), like quantize._int4_dequantize_packed."""
+        arithmetic runs in place in fp32 (then one rounding to bf16 if asked), like quantize._int4_dequantize_packed."""
         N, K, G = self.out_features, self.in_features, self.group_size
         NB, NG = N // ROWS, K // G
         s = self.stream.view(NB, NG, 4 * ROWS + G // 8 * 64)
@@ -180,7 +196,7 @@ class HerdInt4Linear(nn.Module):
         sz = s[..., :4 * ROWS].contiguous().view(torch.bfloat16).view(NB, NG, 2, ROWS)
         sz = sz.permute(1, 2, 0, 3).reshape(NG, 2, N).float()             # (NG, scale|zero, N)
         ut.view(NG, G, N).sub_(8).mul_(sz[:, 0, None]).add_(sz[:, 1, None])
-        return ut.to(COMPUTE_DTYPE).t()
+        return ut.to(dtype).t()
 
     def forward(self, x):
         y = int4_linear(x.reshape(-1, self.in_features), self.stream, self.out_features, self.in_features,
