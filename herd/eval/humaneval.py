@@ -23,7 +23,7 @@ class Outcome:
     passed: bool
     exit_code: int | None
     timed_out: bool
-    killed: bool
+    killed: str | None        # the sandbox's reason for stopping it: "timeout", "memory", "output limit", ...
     duration_s: float
     stderr_tail: str
 
@@ -49,7 +49,7 @@ def check(problem: dict, completion: str) -> Outcome:
 
     r = run_python(program(problem, completion), timeout_s=TIMEOUT_S, memory_mb=MEMORY_MB,
                    max_output_bytes=MAX_OUTPUT_BYTES, stdin="")
-    passed = r.exit_code == 0 and not r.timed_out and not r.killed
+    passed = r.exit_code == 0 and not r.timed_out and r.killed is None
     return Outcome(problem["task_id"], completion, passed, r.exit_code, r.timed_out, r.killed,
                    round(r.duration_s, 3), r.stderr[-500:] if not passed else "")
 
@@ -63,7 +63,7 @@ def run_humaneval(model, tok, *, limit: int | None = None, batch_size: int = 8, 
     problems = load_problems(limit)
     engine = Engine(model, max_batch=batch_size, max_seq_len=max_seq_len)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop_token_ids=tuple(tok.eos_ids))
-    prompts = [tok.encode(p["prompt"]) for p in problems]
+    prompts = [tok.encode(p["prompt"], bos=tok.add_bos) for p in problems]
     with tqdm(total=len(prompts), desc="humaneval: generating") as bar:
         completions = complete_all(engine, tok, prompts, params, STOP, on_done=lambda *_: bar.update(1))
     return [check(p, c) for p, c in tqdm(list(zip(problems, completions)), desc="humaneval: testing")]
@@ -72,12 +72,14 @@ def run_humaneval(model, tok, *, limit: int | None = None, batch_size: int = 8, 
 def summary(outcomes: list[Outcome]) -> dict:
     n, passed = len(outcomes), sum(o.passed for o in outcomes)
     return {"problems": n, "passed": passed, "pass@1": passed / n if n else 0.0,
-            "timed_out": sum(o.timed_out for o in outcomes), "killed": sum(o.killed for o in outcomes)}
+            "timed_out": sum(o.timed_out for o in outcomes),
+            "stopped_by_a_limit": sum(o.killed is not None for o in outcomes)}
 
 
 def format_summary(s: dict) -> str:
-    return ("| problems | passed | pass@1 | timed out | killed |\n|---|---|---|---|---|\n"
-            f"| {s['problems']} | {s['passed']} | {100 * s['pass@1']:.1f}% | {s['timed_out']} | {s['killed']} |")
+    return ("| problems | passed | pass@1 | timed out | stopped by a limit |\n|---|---|---|---|---|\n"
+            f"| {s['problems']} | {s['passed']} | {100 * s['pass@1']:.1f}% | {s['timed_out']} | "
+            f"{s['stopped_by_a_limit']} |")
 
 
 def as_json(outcomes: list[Outcome], settings: dict) -> dict:
