@@ -348,7 +348,8 @@ def cmd_eval_lm(args):
     _set_threads(args.threads)
     t0 = time.perf_counter()
     if args.url or args.server:
-        extra = (["--dequantize"] if args.dequantize else []) + (["--threads", str(args.threads)] if args.threads else [])
+        extra = ["--dequantize"] if args.dequantize else []
+        extra += ["--threads", str(args.threads)] if args.threads else []
         server = (lm.herd_server(args.model, max_batch=args.batch_size, max_seq_len=args.max_seq_len, extra=extra)
                   if args.server else contextlib.nullcontext(args.url.removesuffix("/").removesuffix("/v1")))
         with server as base:
