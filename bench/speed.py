@@ -10,7 +10,7 @@ ratios.
 Measured (SmolLM2-135M-Instruct Q4_1, the default model):
 - decode tok/s after a 5-token and after a 512-token prompt (greedy, --decode tokens, first token excluded);
 - prefill tok/s of the 512-token prompt (time to the first token's logits).
-herd runs the GGUF repacked (herd.load(path, quant="packed"): herd's own int4 / int8 kernels where the CPU has
+herd runs the GGUF repacked (herd.load(path, quant="packed", prepare=True): herd's own int4 / int8 kernels where the CPU has
 AVX512-VNNI, else torch's; fused q/k/v and gate/up) through its Engine, as `herd run` loads a GGUF file, once with its
 default fp32 KV cache and once with an f16 one (`--kv-dtype f16`; llama.cpp's default cache is f16); llama.cpp
 through Llama.eval; transformers through forward calls with its KV cache. The prompt is English prose (Python's
@@ -140,7 +140,7 @@ def smollm2(args, results: dict):
         print(f"  {name}: {results[name]}  (load {load_avg()})", flush=True)
 
     with torch.inference_mode():
-        packed = herd.load(path, quant="packed")
+        packed = herd.load(path, quant="packed", prepare=True)
         measure("herd (packed Q4_1)", herd_run, packed)
         measure("herd (packed Q4_1, f16 KV)", functools.partial(herd_run, cache_dtype=torch.float16), packed)
         del packed
@@ -187,9 +187,7 @@ def tiny_moe(args, results: dict):
     transformers and loaded by herd: the same checkpoint, fp32 in both."""
     import herd
     import transformers
-    from herd.decode import use_decode_kernels
-    from herd.fuse import fuse_model
-    from herd.kernels import use_herd_kernels
+    from herd.cpu import prepare
     from herd.quantize import quantize_model
 
     cfg = transformers.Llama4TextConfig(
@@ -210,9 +208,7 @@ def tiny_moe(args, results: dict):
             model = herd.load(d)
             if scheme:
                 quantize_model(model, scheme)
-            fuse_model(model)                   # as `herd run` loads a checkpoint (cli._load)
-            use_herd_kernels(model)
-            use_decode_kernels(model)
+            prepare(model)                      # as `herd run` loads a checkpoint (cli._load)
             runs.append((f"herd tiny MoE ({scheme + ' experts' if scheme else 'fp32'})", herd_run, model))
     for name, fn, m in (*runs, ("transformers tiny MoE (fp32)", hf_run, hf)):
         with torch.inference_mode():

@@ -1,8 +1,26 @@
-"""GGUF files (llama.cpp's format) -> herd config, state dict and tokenizer metadata, through the `gguf` package.
+"""GGUF files (llama.cpp's format) -> a plain herd Transformer, in one walk over the tensors through the `gguf`
+package. It applies no kernels and fuses nothing: herd.cpu.prepare does that to the built model.
 
 Architectures: `llama` (Llama 2/3, SmolLM2, ...) and `llama4`. GGUF keeps q/k rows in the interleaved RoPE order
 (the HF->GGUF converter permutes them), which is the order model.py rotates, so no permutation happens here.
-Tensor data is read through the gguf reader's memory map and dequantized with gguf's own block decoders.
+Tensor data is read through the gguf reader's memory map. Each tensor is either dequantized to a float dtype with
+gguf's own block decoders, or, with packed=True, a Q4_0 / Q4_1 / Q8_0 matrix is repacked into quantize.py's
+Int4Linear / Int8Linear (and a Q8_0 token embedding into an Int8Embedding) with no float copy kept.
+
+GGUF blocks (ggml-common.h), 32 weights along the input dim, u = a 4-bit value in 0..15:
+- Q4_0 (18 bytes): d f16, 16 bytes of nibbles; w = d * (u - 8).
+- Q4_1 (20 bytes): d f16, m f16, 16 bytes of nibbles; w = d * u + m.
+  In both, byte j holds weight j of the block in its low nibble and weight j + 16 in its high nibble.
+- Q8_0 (34 bytes): d f16, 32 int8; w = d * q.
+Mapping (quantize.Int4Linear computes w = q * scale + zero with q = u - 8, group 32, bf16 scale and zero):
+- Q4_0 -> Int4Linear: q = u - 8, scale = d, zero = 0. Exact up to d rounded to bf16 (2^-9 relative).
+- Q4_1 -> Int4Linear: q = u - 8, scale = d, zero = m + 8 d. Exact up to the bf16 rounding of scale and zero.
+  (Re-quantizing to symmetric int4 instead costs ~14% logit error on SmolLM2: never done.)
+- Q8_0 -> Int8Linear with one scale per row (torch's int8 kernel has no per-32 scales): the block values are
+  re-quantized per output row, w ~= q' * max|w_row| / 127. The tied token embedding becomes one int8 matrix shared
+  by Int8Embedding (the lookup) and Int8Linear (the output head). The extra error is measured in
+  tests/test_gguf_packed.py and bench/perplexity.py.
+Other types (F32, F16, BF16, K-quants, ...) are dequantized to fp32.
 """
 from __future__ import annotations
 
@@ -12,8 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from .config import MoEConfig, ModelConfig
+from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Embedding, Int8Linear, aligned_copy, pack_int4, round_bf16, set_module
 
 GGUF_MAGIC = b"GGUF"
 
@@ -175,21 +195,89 @@ def tensor_to_torch(t, path) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)).reshape(shape)
 
 
-def read_gguf(path: str | Path, dtype=torch.float32, progress=False):
-    """(config, state dict, metadata) of a GGUF file; every tensor checked against the config's shapes."""
-    from .checkpoint import build_meta
+BLOCK = 32
+Q4_BYTES = {"Q4_0": 18, "Q4_1": 20}
+PACKED_TYPES = ("Q4_0", "Q4_1", "Q8_0")
 
-    path = Path(path)
-    reader = open_gguf(path)
-    meta = metadata(reader)
+
+def _f16(raw: np.ndarray, at: int) -> torch.Tensor:
+    """The f16 at byte `at` of every block of raw (N, nb, bytes) -> fp32 (N, nb)."""
+    return torch.from_numpy(np.ascontiguousarray(raw[..., at:at + 2]).view(np.float16)[..., 0].astype(np.float32))
+
+
+def q4_values(raw: np.ndarray, qtype: str):
+    """Q4_0 / Q4_1 blocks, raw uint8 (N, K/32 * bytes) -> (q int8 (N, K) in [-8, 7], scale fp32 (N, K/32),
+    zero fp32 (N, K/32) or None) with w = q * scale + zero."""
+    nbytes = Q4_BYTES[qtype]
+    N = raw.shape[0]
+    blocks = raw.reshape(N, -1, nbytes)                                     # (N, nb, bytes)
+    d = _f16(blocks, 0)
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., nbytes - 16:]))  # (N, nb, 16)
+    u = torch.cat((qs & 15, qs >> 4), dim=-1)                               # (N, nb, 32): weights 0-15, then 16-31
+    q = (u.to(torch.int8) - 8).reshape(N, -1)                               # (N, K)
+    zero = _f16(blocks, 2) + 8 * d if qtype == "Q4_1" else None
+    return q, d, zero
+
+
+def q8_0_values(raw: np.ndarray) -> torch.Tensor:
+    """Q8_0 blocks, raw uint8 (N, K/32 * 34) -> fp32 weights (N, K) (one tensor's transient)."""
+    N = raw.shape[0]
+    blocks = raw.reshape(N, -1, 34)
+    d = _f16(blocks, 0)                                                      # (N, nb)
+    q = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:]).view(np.int8))  # (N, nb, 32)
+    return (q.float() * d[..., None]).reshape(N, -1)
+
+
+def int8_rows(w: torch.Tensor):
+    """fp32 (N, K) -> (q int8 (N, K), scale fp32 (N,)) with one bf16-representable scale per row (quantize.py's int8)."""
+    scale = round_bf16(w.abs().amax(-1) / 127).clamp(min=1e-6)
+    return (w / scale[:, None]).round().clamp(-127, 127).to(torch.int8), scale
+
+
+def packed_linear(qtype: str, raw: np.ndarray) -> nn.Module:
+    """One GGUF matrix (N, K) of a PACKED_TYPES type -> an Int4Linear (group 32) or a row-scaled Int8Linear."""
+    if qtype == "Q8_0":
+        q, scale = int8_rows(q8_0_values(raw))
+        N, K = q.shape
+        mod = Int8Linear(K, N, device="meta")
+        mod.load_state_dict(Int8Linear.pack(q, scale[:, None]), assign=True)
+        return mod
+    q, scale, zero = q4_values(raw, qtype)
+    N, K = q.shape
+    mod = Int4Linear(K, N, BLOCK, device="meta")
+    mod.load_state_dict(Int4Linear.pack(pack_int4(q), scale, zero), assign=True)
+    return mod
+
+
+def _config_of(reader, meta: dict, path: Path) -> ModelConfig:
     names = {t.name for t in reader.tensors}
     cfg = config_from_metadata(meta, names, str(path))
     if "rope_freqs.weight" in names:
         t = next(t for t in reader.tensors if t.name == "rope_freqs.weight")
         cfg.rope_freq_factors = tensor_to_torch(t, path).tolist()
-    expected = {k: v.shape for k, v in build_meta(cfg).state_dict().items()}
+    return cfg
+
+
+@torch.no_grad()
+def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, packed=False,
+              int8_embeddings=True) -> nn.Module:
+    """A GGUF file -> a Transformer in eval mode, every tensor checked against the config's shapes on the way.
+    packed=False: every tensor dequantized to `dtype` (fp32 by default). packed=True (CPU, the packed modules' own
+    dtypes): Q4_0 / Q4_1 / Q8_0 linears become Int4Linear / Int8Linear and a Q8_0 token embedding an Int8Embedding
+    (int8_embeddings=False keeps it, and a tied head, in fp32); every other tensor is dequantized to fp32."""
     from tqdm import tqdm
 
+    from .checkpoint import build_meta
+
+    path = Path(path)
+    if packed and (dtype is not None or str(device) != "cpu"):
+        raise GGUFError(f"{path}: packed loading runs on the CPU with the packed modules' own dtypes")
+    reader = open_gguf(path)
+    meta = metadata(reader)
+    cfg = _config_of(reader, meta, path)
+    model = build_meta(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    linears = {n + ".weight" for n, m in model.named_modules() if type(m) is nn.Linear}
     sd = {}
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress, leave=False):
         if t.name == "rope_freqs.weight" or t.name.endswith("attn_rot_embd"):
@@ -197,35 +285,53 @@ def read_gguf(path: str | Path, dtype=torch.float32, progress=False):
         native = gguf_name_to_native(t.name)
         if native is None:
             raise GGUFError(f"{path}: unexpected tensor {t.name!r} for architecture {meta['general.architecture']}")
-        w = tensor_to_torch(t, path)
-        if native not in expected or w.shape != expected[native]:
-            want = tuple(expected[native]) if native in expected else "no such tensor in this config"
-            raise GGUFError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)}, expected {want}")
-        sd[native] = w.to(dtype)
-    if cfg.tie_embeddings:
-        sd["output.weight"] = sd.get("tok_embeddings.weight")
-    missing = sorted(set(expected) - set(k for k, v in sd.items() if v is not None))
+        shape = tuple(int(x) for x in reversed(t.shape))           # GGUF lists dims innermost first
+        if shape != expected.get(native):
+            want = expected[native] if native in expected else "no such tensor in this config"
+            raise GGUFError(f"{path}: tensor {t.name!r} has shape {shape}, expected {want}")
+        qtype = t.tensor_type.name
+        if packed and qtype in PACKED_TYPES and native in linears and shape[0] % 16 == 0 and shape[1] % 16 == 0:
+            set_module(model, native.removesuffix(".weight"), packed_linear(qtype, np.asarray(t.data)))
+        elif packed and qtype == "Q8_0" and native == "tok_embeddings.weight" and shape[1] % 16 == 0 \
+                and int8_embeddings:
+            model.tok_embeddings = _int8_embedding(np.asarray(t.data), shape)
+        else:
+            sd[native] = tensor_to_torch(t, path).to(dtype or torch.float32)
+    _tie_and_assign(model, sd, path)
+    _release_freed_memory()
+    return model.to(device).eval()
+
+
+def _int8_embedding(raw: np.ndarray, shape: tuple) -> Int8Embedding:
+    q, scale = int8_rows(q8_0_values(raw))
+    emb = Int8Embedding(*shape, device="meta")
+    emb.weight, emb.scale = aligned_copy(q), scale.to(COMPUTE_DTYPE)
+    return emb
+
+
+def _tie_and_assign(model: nn.Module, sd: dict, path: Path):
+    """Load the float tensors, tie the output head to the embedding where the config says so (an Int8Embedding
+    shares its int8 matrix with an Int8Linear head), and refuse a model with tensors missing."""
+    cfg = model.config
+    emb = model.tok_embeddings
+    if cfg.tie_embeddings and isinstance(emb, Int8Embedding):        # one int8 matrix for the lookup and the head
+        head = Int8Linear(cfg.dim, cfg.vocab_size, device="meta")
+        head.weight, head.scale = emb.weight, emb.scale
+        model.output = head
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_embeddings and not isinstance(model.tok_embeddings, Int8Embedding):
+        model.output.weight = model.tok_embeddings.weight
+    missing = [k for k, v in list(model.named_parameters()) + list(model.named_buffers()) if v.is_meta]
     if missing:
         raise GGUFError(f"{path}: missing tensors {', '.join(missing[:5])}")
-    return cfg, sd, meta
 
 
-def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, quant=None):
-    """quant=None: every tensor dequantized to `dtype` (fp32 by default). quant="packed": Q4_0 / Q4_1 / Q8_0 kept
-    packed for the CPU kernels (gguf_packed.py; CPU, packed modules' own dtypes)."""
-    from .checkpoint import build_meta
-
-    if quant == "packed":
-        if dtype is not None or str(device) != "cpu":
-            raise GGUFError(f"{path}: quant='packed' runs on the CPU with the packed modules' own dtypes")
-        from .gguf_packed import load_gguf_packed
-        return load_gguf_packed(path, progress=progress)
-    if quant is not None:
-        raise GGUFError(f"{path}: unknown quant {quant!r}; expected None or 'packed'")
-
-    cfg, sd, _ = read_gguf(path, dtype or torch.float32, progress)
-    model = build_meta(cfg)
-    model.load_state_dict(sd, strict=True, assign=True)
-    if cfg.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.to(device).eval()
+def _release_freed_memory():
+    """Return the transient buffers of the load (one fp32 tensor at a time, the packers' scratch) to the OS.
+    glibc keeps freed heap memory in the process otherwise: RSS measured 1.2 GB after the SmolLM2 load, 0.76 GB
+    after malloc_trim (95 MB of it weights)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):     # not glibc: nothing to do
+        pass
