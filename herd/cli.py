@@ -376,7 +376,8 @@ def cmd_eval_lm(args):
             results = lm.evaluate_server(f"{base}/v1/completions", name, tasks, limit=args.limit,
                                          batch_size=args.batch_size, max_length=args.max_seq_len,
                                          include=args.include, tokenizer=args.tokenizer,
-                                         tokenizer_backend="huggingface" if args.tokenizer else "remote")
+                                         tokenizer_backend="huggingface" if args.tokenizer else "remote",
+                                         tokenized_requests=not args.text_prompts, api_key=args.api_key)
     else:
         path, model, tok = _load(args.model, args.verbose, args.dequantize)
         how = f"in process, {path}"
@@ -456,6 +457,9 @@ def _add_eval_suite_parsers(evals):
     p.add_argument("--served-model", default=None, help="the `model` to send to --url")
     p.add_argument("--tokenizer", default=None, help="a local HF tokenizer folder for a --url server without "
                    "/tokenize and /tokenizer_info")
+    p.add_argument("--text-prompts", action="store_true", help="send --url text prompts, not token-id arrays (for "
+                   "servers that take no token arrays; they then tokenize it again themselves)")
+    p.add_argument("--api-key", default=None, help="bearer token of a --url server")
     p.add_argument("--include", action="append", default=[], help="another folder of lm-eval task YAMLs")
     p.add_argument("--batch-size", type=int, default=16, help="sequences scored together (engine rows, or prompts "
                    "per request to the server)")

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("lm_eval")
 
 import herd  # noqa: E402
-from herd.engine import Engine, SamplingParams, generate_reference  # noqa: E402
+from herd.engine import Engine, generate_reference  # noqa: E402
 from herd.eval import lm  # noqa: E402
 from herd.eval.harness import HerdLM, score_prompts  # noqa: E402
 from herd.tokenizer import load_tokenizer  # noqa: E402

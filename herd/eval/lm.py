@@ -56,17 +56,22 @@ def evaluate_in_process(model, tok, tasks: list[str], *, limit: int | None = Non
 
 def evaluate_server(base_url: str, model_name: str, tasks: list[str], *, limit: int | None = None,
                     batch_size: int = 16, max_length: int = 2048, include: list[str] = (),
-                    tokenizer_backend: str = "remote", tokenizer: str | None = None) -> dict:
+                    tokenizer_backend: str = "remote", tokenizer: str | None = None, tokenized_requests: bool = True,
+                    api_key: str | None = None) -> dict:
     """lm-eval's own `local-completions` client against base_url (http://host:port/v1/completions). The tokenizer
     is the server's (/tokenize, /detokenize, /tokenizer_info) unless tokenizer_backend="huggingface" with a local
-    `tokenizer` folder (for servers without those endpoints)."""
+    `tokenizer` folder (for servers without those endpoints). tokenized_requests=False sends text prompts (for
+    servers that take no token-id arrays). api_key: the bearer token, for the completions and the tokenizer."""
     tm = task_manager(tasks, include)
     from lm_eval import simple_evaluate
 
     args = {"base_url": base_url, "model": model_name, "tokenizer_backend": tokenizer_backend,
-            "tokenized_requests": True, "batch_size": batch_size, "max_length": max_length, "timeout": 600}
+            "tokenized_requests": tokenized_requests, "batch_size": batch_size, "max_length": max_length,
+            "timeout": 600}
     if tokenizer:
         args["tokenizer"] = tokenizer
+    if api_key:
+        args["auth_token"], args["header"] = api_key, {"Authorization": f"Bearer {api_key}"}
     return simple_evaluate(model="local-completions", model_args=args, tasks=tasks, limit=limit, task_manager=tm,
                            log_samples=False, bootstrap_iters=0)
 
