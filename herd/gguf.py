@@ -20,6 +20,8 @@ Mapping (quantize.Int4Linear computes w = q * scale + zero with q = u - 8, group
   re-quantized per output row, w ~= q' * max|w_row| / 127. The tied token embedding becomes one int8 matrix shared
   by Int8Embedding (the lookup) and Int8Linear (the output head). The extra error is measured in
   tests/test_gguf_packed.py and bench/perplexity.py.
+- A layer's routed experts (ffn_{gate,up,down}_exps, all three of one of these types) -> Int4Experts / Int8Experts
+  by the same mappings, one expert at a time (packed_experts); a layer whose three differ is dequantized.
 Other types (F32, F16, BF16, K-quants, ...) are dequantized to fp32.
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ import torch
 from torch import nn
 
 from .config import MoEConfig, ModelConfig
-from .quantize import COMPUTE_DTYPE, Int4Linear, Int8Embedding, Int8Linear, aligned_copy, pack_int4, round_bf16, set_module
+from .quantize import (COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Embedding, Int8Experts, Int8Linear, aligned_copy,
+                       pack_int4, round_bf16, set_module)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -249,6 +252,34 @@ def packed_linear(qtype: str, raw: np.ndarray) -> nn.Module:
     return mod
 
 
+def packed_experts(qtype: str, gate, up, down) -> nn.Module:
+    """One layer's GGUF routed experts (ffn_gate_exps, ffn_up_exps, ffn_down_exps: raw uint8 (E, N, K/32 * bytes),
+    one PACKED_TYPES type) -> quantize.Int4Experts (group 32, as packed_linear maps Q4_0 / Q4_1) or a row-scaled
+    Int8Experts (Q8_0). Each expert goes through the module's own pack() alone and into its slot of the buffers:
+    the transient is one expert (~0.5 GB at Scout's width), never a float copy of the experts (8 GB per layer)."""
+    E, F, D = gate.shape[0], gate.shape[1], down.shape[1]
+    mod = Int8Experts(E, D, F) if qtype == "Q8_0" else Int4Experts(E, D, F, BLOCK)
+    for e in range(E):
+        if qtype == "Q8_0":
+            (q1, s1), (q3, s3), (q2, s2) = (int8_rows(q8_0_values(raw[e])) for raw in (gate, up, down))
+            one = Int8Experts.pack(q1[None], s1[None, :, None], q3[None], s3[None, :, None], q2[None],
+                                   s2[None, :, None])
+        else:
+            (q1, s1, z1), (q3, s3, z3), (q2, s2, z2) = (q4_values(raw[e], qtype) for raw in (gate, up, down))
+            zeros = (None, None, None) if z1 is None else (z1[None], z3[None], z2[None])
+            one = Int4Experts.pack(pack_int4(q1)[None], s1[None], pack_int4(q3)[None], s3[None], pack_int4(q2)[None],
+                                   s2[None], *zeros)
+        for name, value in one.items():                  # (1, ...) -> slot e of (E, ...)
+            getattr(mod, name)[e].copy_(value[0])
+    return mod
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The config of a GGUF file, from its metadata and tensor names (no tensor data is read)."""
+    reader = open_gguf(path)
+    return _config_of(reader, metadata(reader), Path(path))
+
+
 def _config_of(reader, meta: dict, path: Path) -> ModelConfig:
     names = {t.name for t in reader.tensors}
     cfg = config_from_metadata(meta, names, str(path))
@@ -278,7 +309,7 @@ def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, packed
     model = build_meta(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     linears = {n + ".weight" for n, m in model.named_modules() if type(m) is nn.Linear}
-    sd = {}
+    sd, experts = {}, {}       # experts: a layer's "experts" module name -> {w1|w3|w2: reader tensor}, until all 3
     for t in tqdm(reader.tensors, desc=f"loading {path.name}", unit="tensor", disable=not progress, leave=False):
         if t.name == "rope_freqs.weight" or t.name.endswith("attn_rot_embd"):
             continue
@@ -292,14 +323,32 @@ def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, packed
         qtype = t.tensor_type.name
         if packed and qtype in PACKED_TYPES and native in linears and shape[0] % 16 == 0 and shape[1] % 16 == 0:
             set_module(model, native.removesuffix(".weight"), packed_linear(qtype, np.asarray(t.data)))
+        elif packed and qtype in PACKED_TYPES and ".experts." in native:
+            _gather_experts(model, experts, native, t)
         elif packed and qtype == "Q8_0" and native == "tok_embeddings.weight" and shape[1] % 16 == 0 \
                 and int8_embeddings:
             model.tok_embeddings = _int8_embedding(np.asarray(t.data), shape)
         else:
             sd[native] = tensor_to_torch(t, path).to(dtype or torch.float32)
+    for name, group in experts.items():       # mixed types or odd shapes: dequantized to fp32 like any other tensor
+        sd.update({f"{name}.{w}": tensor_to_torch(t, path) for w, t in group.items()})
     _tie_and_assign(model, sd, path)
     _release_freed_memory()
     return model.to(device).eval()
+
+
+def _gather_experts(model: nn.Module, experts: dict, native: str, t):
+    """Hold a layer's routed-expert tensors until all three are read, then pack them (same type, shapes the
+    packed modules take) into one Int4Experts / Int8Experts; otherwise they stay in `experts` to be dequantized."""
+    name, w = native.rsplit(".", 1)
+    group = experts.setdefault(name, {})
+    group[w] = t
+    if len(group) == 3 and len({g.tensor_type for g in group.values()}) == 1 and \
+            all(n % 16 == 0 for g in group.values() for n in g.shape[:2]):
+        raws = [np.asarray(group[k].data) for k in ("w1", "w3", "w2")]
+        set_module(model, name, packed_experts(t.tensor_type.name, *raws))
+        del experts[name]
+        _release_freed_memory()        # per layer: the unpacking scratch would pile up in the heap
 
 
 def _int8_embedding(raw: np.ndarray, shape: tuple) -> Int8Embedding:

@@ -633,7 +633,3 @@ def runtime_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[st
         sd.update({prefix + k: v for k, v in buffers.items()})
     return sd
 
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what the weights of a loaded model occupy)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

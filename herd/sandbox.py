@@ -2,9 +2,9 @@
 knows nothing of models, prompts or tools.
 
 Isolation is bubblewrap's (`bwrap`, Debian/Ubuntu package `bubblewrap`): new mount, network, PID, IPC and UTS
-namespaces; the host's file system read-only; a fresh size-limited tmpfs at /tmp holding the working directory (gone when
-the run ends); only a loopback interface, so no connection leaves the sandbox; every process in it is killed
-when the run ends or is stopped. Inside, before the code starts, a launcher sets resource limits (address space,
+namespaces; the host's file system read-only; a fresh size-limited tmpfs at /tmp holding the working directory
+(gone when the run ends); only a loopback interface, so no connection leaves the sandbox; every process in it is
+killed when the run ends or is stopped. Inside, before the code starts, a launcher sets resource limits (address space,
 CPU time, file size, open files, processes) and sets no_new_privs, so no setuid program can regain privileges.
 Run as root (as here and in CI) the launcher also drops to a fresh unprivileged uid: root ignores RLIMIT_NPROC, so
 a fork bomb is only stopped once the code runs as a uid of its own. Without bwrap, or where it cannot create its

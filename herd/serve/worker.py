@@ -40,7 +40,6 @@ class Job:
     constraint: object | None = None
     images: Any = None           # pixel values (n_tiles, 3, S, S) for the prompt's image tokens, or None
     request: Any = None          # engine.Request, set by the engine thread
-    cancel_reason: str = "cancelled"
     done: bool = False           # engine thread only
 
     def push(self, item):
