@@ -164,3 +164,30 @@ def test_lm_eval_local_completions_against_a_live_server(server, tiny):
     assert through_server["n-samples"]["herd_smoke_ci"]["effective"] == 20
     assert a["acc,none"] == b["acc,none"] and a["acc_norm,none"] == b["acc_norm,none"]
     assert not math.isnan(a["acc,none"])
+
+
+def test_default_gguf_logprobs_equal_transformers(tmp_path):
+    """The default GGUF served in fp32 (--dequantize): each echoed prompt token's logprob equals transformers'
+    log-softmax on the same file within 1e-3, prompts of different lengths scored in one batched request."""
+    transformers = pytest.importorskip("transformers")
+    from herd.textgen import default_model_path
+
+    path = default_model_path()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
+                                                           dtype=torch.float32).eval()
+    texts = ["The capital of France is Paris. La capitale de la France est Paris. 法国的首都是巴黎。",
+             "def add(a, b):\n    return a + b\n", "Llamas"]
+    s = LiveServer(["default", "--dequantize", "--api-key", KEY, "--max-batch", "4"], tmp_path / "server.log")
+    try:
+        ids = [post(s, "/tokenize", {"prompt": t, "add_special_tokens": False})[1]["tokens"] for t in texts]
+        status, r = post(s, "/v1/completions", {"prompt": ids, "max_tokens": 0, "echo": True, "logprobs": 1})
+    finally:
+        s.stop()
+    assert status == 200 and [ch["text"] for ch in r["choices"]] == texts
+    for prompt, ch in zip(ids, r["choices"]):
+        with torch.inference_mode():
+            logp = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+        want = logp[:-1].gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0]
+        got = torch.tensor(ch["logprobs"]["token_logprobs"][1:])
+        diff = (want - got).abs().max().item()
+        assert len(got) == len(prompt) - 1 and diff <= 1e-3, diff
