@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import subprocess
 import time
@@ -74,19 +73,6 @@ class ThroughCache(torch.nn.Module):
         cache = KVCache(self.model.config, 1, tokens.shape[1], self.dtype)
         cache.rows = slice(0, 1)
         return self.model(tokens, kv_cache=cache)
-
-
-@torch.inference_mode()
-def perplexity(model, ids: torch.Tensor, window: int) -> float:
-    nll, n = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = ids[start:start + window][None]
-        if chunk.shape[1] < 2:
-            break
-        logp = model(chunk).log_softmax(-1)[0, :-1]                     # (T-1, V)
-        nll -= float(logp.gather(-1, chunk[0, 1:, None]).sum())
-        n += chunk.shape[1] - 1
-    return math.exp(nll / n)
 
 
 def main():
@@ -151,12 +137,13 @@ def score(schemes: dict, ids: torch.Tensor, window: int, targets: dict, digits: 
     """The table's rows: each scheme's model built (`schemes`: name -> a function returning it), its perplexity on
     ids and the change vs the first scheme's, judged against the target (percent) of the first prefix of `targets`
     its name starts with."""
+    from herd.eval.perplexity import perplexity
     from herd.sizes import resident_bytes as weight_bytes
     rows, base = [], None
     for name, make in schemes.items():
         t0 = time.perf_counter()
         model = make()
-        ppl = perplexity(model, ids, window)
+        ppl = perplexity(model, ids, window).ppl       # non-overlapping windows (`herd eval perplexity`)
         base = ppl if base is None else base
         delta = 100 * (ppl / base - 1)
         target = next((v for k, v in targets.items() if name.startswith(k)), None)

@@ -414,6 +414,148 @@ def cmd_eval_niah(args):
     print(f"heatmap written to {args.out}")
 
 
+# ---- herd eval lm / humaneval / perplexity (herd/eval/) ------------------------------------------------------------
+def cmd_eval_lm(args):
+    import contextlib
+    import json
+    import time
+    from .eval import lm
+
+    lm.offline()
+    tasks = [t for t in args.tasks.split(",") if t]
+    _set_threads(args.threads)
+    t0 = time.perf_counter()
+    if args.url or args.server:
+        extra = ["--dequantize"] if args.dequantize else []
+        extra += ["--threads", str(args.threads)] if args.threads else []
+        server = (lm.herd_server(args.model, max_batch=args.batch_size, max_seq_len=args.max_seq_len, extra=extra)
+                  if args.server else contextlib.nullcontext(args.url.removesuffix("/").removesuffix("/v1")))
+        with server as base:
+            name = args.served_model or lm.served_model_id(base)
+            how = f"lm-eval local-completions -> {base} (model {name})"
+            print(f"[{how}]", file=sys.stderr)
+            results = lm.evaluate_server(f"{base}/v1/completions", name, tasks, limit=args.limit,
+                                         batch_size=args.batch_size, max_length=args.max_seq_len,
+                                         include=args.include, tokenizer=args.tokenizer,
+                                         tokenizer_backend="huggingface" if args.tokenizer else "remote",
+                                         tokenized_requests=not args.text_prompts, api_key=args.api_key)
+    else:
+        path, model, tok = _load(args.model, args.verbose, args.dequantize)
+        how = f"in process, {path}"
+        results = lm.evaluate_in_process(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
+                                         max_seq_len=args.max_seq_len, include=args.include)
+    settings = {"model": args.model, "how": how, "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size,
+                "max_seq_len": args.max_seq_len, "dequantize": args.dequantize, "threads": args.threads,
+                "seconds": round(time.perf_counter() - t0, 1)}
+    print(lm.format_results(results))
+    lm.write_json(results, args.out, settings)
+    print(f"{json.dumps(settings)}\nresults written to {args.out}")
+
+
+def cmd_eval_humaneval(args):
+    import json
+    import time
+    from .eval import humaneval
+
+    _set_threads(args.threads)
+    path, model, tok = _load(args.model, args.verbose, args.dequantize)
+    t0 = time.perf_counter()
+    outcomes = humaneval.run_humaneval(model, tok, limit=args.limit, batch_size=args.batch_size,
+                                       max_tokens=args.max_tokens)
+    settings = {"model": str(path), "limit": args.limit, "max_tokens": args.max_tokens, "greedy": True,
+                "stop": humaneval.STOP, "dequantize": args.dequantize, "threads": args.threads,
+                "seconds": round(time.perf_counter() - t0, 1)}
+    print(humaneval.format_summary(humaneval.summary(outcomes)))
+    with open(args.out, "w") as f:
+        json.dump(humaneval.as_json(outcomes, settings), f, indent=2)
+    print(f"results written to {args.out}")
+
+
+def cmd_eval_perplexity(args):
+    import json
+    import time
+    from pathlib import Path
+
+    import torch
+    from .eval.perplexity import perplexity
+
+    _set_threads(args.threads)
+    text = Path(args.file).read_text(encoding="utf-8")
+    path, model, tok = _load(args.model, args.verbose, args.dequantize)
+    ids = tok.encode(text, bos=tok.add_bos, allow_special=False)
+    if args.tokens:
+        ids = ids[:args.tokens]
+    t0 = time.perf_counter()
+    res = perplexity(model, torch.tensor(ids), args.window, args.stride, progress=True)
+    out = {"model": str(path), "file": args.file, "bytes": len(text.encode()), "text_tokens": len(ids),
+           **res.as_dict(), "dequantize": args.dequantize, "seconds": round(time.perf_counter() - t0, 1)}
+    print("| model | file | tokens scored | window | stride | perplexity | bits/token |\n|---|---|---|---|---|---|---|")
+    print(f"| {Path(str(path)).name} | {args.file} | {res.tokens} | {res.window} | {res.stride} | {res.ppl:.4f} | "
+          f"{res.bits_per_token:.4f} |")
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(f"results written to {args.out}")
+
+
+def _set_threads(n):
+    if n:
+        import torch
+        torch.set_num_threads(n)
+
+
+def _add_eval_suite_parsers(evals):
+    """`herd eval lm | humaneval | perplexity`."""
+    p = evals.add_parser("lm", help="lm-evaluation-harness tasks (default: herd's local suite), in process or through "
+                                    "a server, offline")
+    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
+    p.add_argument("--tasks", default="herd_smoke", help="comma-separated lm-eval tasks or groups (herd_smoke, "
+                   "herd_smoke_ci: herd/eval/tasks; others from --include folders or lm-eval's cached tasks)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    p.add_argument("--server", action="store_true", help="start `herd serve MODEL` and measure it through lm-eval's "
+                   "local-completions client (token-id prompts, echo + logprobs, the server's tokenizer endpoints)")
+    p.add_argument("--url", default=None, help="measure an already running OpenAI-compatible server instead "
+                   "(http://host:port); its model id from /v1/models unless --served-model")
+    p.add_argument("--served-model", default=None, help="the `model` to send to --url")
+    p.add_argument("--tokenizer", default=None, help="a local HF tokenizer folder for a --url server without "
+                   "/tokenize and /tokenizer_info")
+    p.add_argument("--text-prompts", action="store_true", help="send --url text prompts, not token-id arrays (for "
+                   "servers that take no token arrays; they then tokenize it again themselves)")
+    p.add_argument("--api-key", default=None, help="bearer token of a --url server")
+    p.add_argument("--include", action="append", default=[], help="another folder of lm-eval task YAMLs")
+    p.add_argument("--batch-size", type=int, default=16, help="sequences scored together (engine rows, or prompts "
+                   "per request to the server)")
+    p.add_argument("--max-seq-len", type=int, default=2048, help="context; longer inputs are left-truncated")
+    p.add_argument("--out", default="eval_lm.json", help="JSON results to write")
+    _eval_runtime_flags(p)
+    p.set_defaults(func=cmd_eval_lm)
+
+    p = evals.add_parser("humaneval", help="HumanEval pass@1 (greedy); the code runs only in herd's sandbox")
+    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
+    p.add_argument("--limit", type=int, default=None, help="the first N of the 164 problems")
+    p.add_argument("--batch-size", type=int, default=8, help="problems completed together on the engine")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per completion")
+    p.add_argument("--out", default="eval_humaneval.json", help="JSON results (every completion and outcome)")
+    _eval_runtime_flags(p)
+    p.set_defaults(func=cmd_eval_humaneval)
+
+    p = evals.add_parser("perplexity", help="perplexity of a UTF-8 text file, in (sliding) windows")
+    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
+    p.add_argument("file", help="UTF-8 text file")
+    p.add_argument("--window", type=int, default=512, help="tokens per forward")
+    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window, "
+                   "non-overlapping; smaller: a sliding window, each scored token sees >= window - stride before it)")
+    p.add_argument("--tokens", type=int, default=None, help="score only the first N tokens of the file")
+    p.add_argument("--out", default="eval_perplexity.json", help="JSON result to write")
+    _eval_runtime_flags(p)
+    p.set_defaults(func=cmd_eval_perplexity)
+
+
+def _eval_runtime_flags(p):
+    _dequantize_arg(p)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--verbose", action="store_true", help="print load time and the weights' form")
+
+
 def _add_sampling_flags(p, temperature):
     # Sampling
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
@@ -632,6 +774,7 @@ def _add_eval_parsers(sub):
     p.add_argument("--out", default="niah.png", help="heatmap PNG to write")
     p.add_argument("--verbose", action="store_true", help="print load time")
     p.set_defaults(func=cmd_eval_niah)
+    _add_eval_suite_parsers(evals)
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------------------

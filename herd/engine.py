@@ -20,6 +20,11 @@ from .config import ModelConfig
 from .ops import QuantizedKV, quantize_kv
 
 
+# Scoring a prompt (prompt_logprobs) needs the logits of every prompt position, (B, piece, V) fp32: prefill pieces
+# are shortened so that one piece's logits stay under this many bytes.
+SCORING_LOGITS_BYTES = 256 << 20
+
+
 class ContextLengthError(ValueError):
     """A prompt that does not fit the context window; the message gives the limits."""
 
@@ -38,16 +43,20 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None       # None: none; 0: the chosen token's; n: also the top n
+    prompt_logprobs: int | None = None   # the same for each prompt token given those before it (scoring)
 
     def validate(self):
-        checks = [(self.max_tokens >= 1, "max_tokens must be >= 1"),
+        scoring = self.prompt_logprobs is not None
+        checks = [(self.max_tokens >= (0 if scoring else 1),
+                   "max_tokens must be >= 1 (0 only to score a prompt: with prompt_logprobs)"),
                   (self.temperature >= 0, "temperature must be >= 0"),
                   (self.top_k >= 0, "top_k must be >= 0"), (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
                   (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
                   (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
                   (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
                   (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
-                  (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]")]
+                  (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+                  (not scoring or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -241,6 +250,7 @@ class Request:
     id: int = 0
     output: list[int] = field(default_factory=list)
     logprobs: list[dict] = field(default_factory=list)   # per output token: {"logprob", "top": [(id, lp), ...]}
+    prompt_logprobs: list[dict | None] = field(default_factory=list)   # the same per prompt token; None for the first
     row: int | None = None
     finish_reason: str | None = None   # "stop" (eos / stop token / stop string), "length", "cancelled"
     generator: torch.Generator | None = None
@@ -290,10 +300,11 @@ class Engine:
         bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:5]} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
-        if len(prompt) >= self.max_seq_len:
+        room = 1 if params.max_tokens else 0            # a prompt only scored (max_tokens 0) may fill the context
+        if len(prompt) > self.max_seq_len - room:
             raise ContextLengthError(
                 f"prompt is {len(prompt)} tokens; this model's context here is {self.max_seq_len} tokens "
-                f"(prompt + generated), so at most {self.max_seq_len - 1} prompt tokens fit")
+                f"(prompt + generated), so at most {self.max_seq_len - room} prompt tokens fit")
         if images is not None:
             from .vision import image_token_mask     # raises for text-only models and count mismatches
             image_token_mask(torch.tensor([prompt]), images, self.cfg)
@@ -371,17 +382,53 @@ class Engine:
         embeddings = self.model.embed(tokens, torch.cat(images)) if images else None
         for r in reqs:
             r.images = None
+        # Scoring needs every position's logits (B, piece, V), not one per row: pieces shrink to bound them.
+        scoring = any(r.params.prompt_logprobs is not None for r in reqs)
+        piece_len = self.prefill_chunk if not scoring else max(
+            1, min(self.prefill_chunk, SCORING_LOGITS_BYTES // (4 * len(reqs) * self.cfg.vocab_size)))
         last_logits = None
-        for start in range(0, T, self.prefill_chunk):
-            end = min(start + self.prefill_chunk, T)
+        for start in range(0, T, piece_len):
+            end = min(start + piece_len, T)
             # each row's last prompt token, if it falls inside this piece
             idx = (lengths - 1 - start).clamp(0, end - start - 1)
             piece = embeddings[:, start:end] if embeddings is not None else None
             logits = self.model(tokens[:, start:end], input_pos=pos[:, start:end], kv_cache=self.cache,
-                                embeddings=piece, logit_index=idx)[:, 0]     # (B, V)
+                                embeddings=piece, logit_index=None if scoring else idx)     # (B, 1 or piece, V)
+            if scoring:
+                self._record_prompt_logprobs(reqs, tokens, logits, start)
+                logits = logits[torch.arange(len(reqs), device=self.device), idx]         # (B, V)
+            else:
+                logits = logits[:, 0]
             here = (lengths - 1 >= start) & (lengths - 1 < end)
             last_logits = logits if last_logits is None else torch.where(here[:, None], logits, last_logits)
-        return self._sample_and_advance(reqs, last_logits)
+        generating = [i for i, r in enumerate(reqs) if r.params.max_tokens > 0]
+        for r in reqs:
+            if r.params.max_tokens == 0:             # scored only: done, its row free for the next request
+                r.finish_reason = "length"
+                self._release(r)
+        if not generating:
+            return []
+        return self._sample_and_advance([reqs[i] for i in generating], last_logits[generating])
+
+    def _record_prompt_logprobs(self, reqs, tokens, logits, start: int):
+        """Append to each scoring request the logprob (and top alternatives) of its prompt tokens start+1 ..
+        start+piece, predicted by the logits at positions start .. start+piece-1. tokens (B, T); logits (B, piece,
+        V) in fp32. A prompt's first token has nothing before it: None."""
+        for i, r in enumerate(reqs):
+            k = r.params.prompt_logprobs
+            if k is None:
+                continue
+            if start == 0:
+                r.prompt_logprobs.append(None)
+            n = min(logits.shape[1], len(r.prompt) - 1 - start)         # positions here with a next prompt token
+            if n <= 0:
+                continue
+            logp = logits[i, :n].log_softmax(-1)                                     # (n, V)
+            chosen = logp.gather(-1, tokens[i, start + 1:start + 1 + n, None])[:, 0].tolist()   # (n,)
+            top = logp.topk(k, -1) if k else None
+            top_ids, top_lps = (top.indices.tolist(), top.values.tolist()) if k else ([[]] * n, [[]] * n)
+            r.prompt_logprobs += [{"logprob": lp, "top": list(zip(ids, lps))}
+                                  for lp, ids, lps in zip(chosen, top_ids, top_lps)]
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
         n = max(r.row for r in reqs) + 1           # rows 0..n-1 as a view; idle rows ride along as padding

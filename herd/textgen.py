@@ -104,3 +104,28 @@ def stream_completion(engine: Engine, tok: Tokenizer, prompt: list[int], params:
             timing.prompt_tokens, timing.output_tokens = len(prompt), len(req.output)
             timing.prefill_s = (t_first or end) - t0
             timing.decode_s = end - (t_first or end)
+
+
+def complete_all(engine: Engine, tok: Tokenizer, prompts: list[list[int]], params: SamplingParams,
+                 stop: list[str] | tuple[str, ...] = (), on_done=None) -> list[str]:
+    """Each prompt's completion text (cut before the first stop string), the prompts run together through the
+    engine's continuous batching with no more than max_batch of them waiting at a time. on_done(i, text) is called
+    as prompt i finishes (progress bars)."""
+    texts: list[str | None] = [None] * len(prompts)
+    todo = list(enumerate(prompts))[::-1]
+    live: dict[Request, tuple[int, TextStream, list[str]]] = {}
+    while todo or live:
+        while todo and len(engine.waiting) < engine.max_batch:
+            i, prompt = todo.pop()
+            live[engine.add(prompt, params)] = (i, TextStream(tok, stop), [])
+        for req, token in engine.step():
+            _, stream, parts = live[req]
+            parts.append(stream.push(token))
+            if stream.stopped:
+                engine.cancel(req, "stop")
+        for req in [r for r in live if r.finished]:
+            i, stream, parts = live.pop(req)
+            texts[i] = "".join(parts) + stream.finish()
+            if on_done is not None:
+                on_done(i, texts[i])
+    return texts

@@ -214,7 +214,10 @@ def test_completions_endpoint(tiny_server, tiny_folders):
     r = c.completions.create(model="tiny", prompt="The quick brown", max_tokens=6, temperature=0, logprobs=2,
                              echo=True)
     assert r.choices[0].text == "The quick brown" + tok.decode(out.output)
-    assert len(r.choices[0].logprobs.tokens) == len(out.output) == r.usage.completion_tokens
+    # echo + logprobs: the prompt's tokens (first logprob null) and then the generated ones
+    n_prompt = len(tok.encode("The quick brown"))
+    assert len(r.choices[0].logprobs.tokens) == n_prompt + len(out.output) == n_prompt + r.usage.completion_tokens
+    assert r.choices[0].logprobs.token_logprobs[0] is None
     r = c.completions.create(model="tiny", prompt=["a", "b"], max_tokens=3, temperature=0, n=2)
     assert [ch.index for ch in r.choices] == [0, 1, 2, 3]
     text = "".join(ch.choices[0].text for ch in c.completions.create(

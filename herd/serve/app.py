@@ -39,9 +39,10 @@ from .inputs import (chat_chars, chat_images, chat_messages, check_context, chec
                      completion_prompts, make_jobs, stop_strings, tool_setup)
 from .limits import Limits
 from .metrics import CountRequests, Metrics
-from .schemas import (APIError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse,
-                      ModelCard, ModelList)
-from .stream import ChoiceStream, Run, new_envelope, respond, stream_chunks
+from .schemas import (APIError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
+                      DetokenizeResponse, ErrorResponse, ModelCard, ModelList, TokenizeResponse, TokenizerInfo)
+from .stream import ChoiceStream, Run, new_envelope, prompt_entries, respond, stream_chunks
+from .tokenize import detokenize, tokenize, tokenizer_info
 from .webui import chat_page, webui_asset
 from .worker import ServedModel
 
@@ -75,6 +76,13 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
                       response_model=ChatCompletion, responses=STREAMED)
     app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=key,
                       response_model=Completion, responses=STREAMED)
+    # the tokenizer, as vLLM serves it and lm-eval's local-completions probes it (tokenize.py)
+    app.add_api_route("/tokenize", tokenize, methods=["POST"], dependencies=key, response_model=TokenizeResponse,
+                      response_model_exclude_none=True, responses=ERRORS)
+    app.add_api_route("/detokenize", detokenize, methods=["POST"], dependencies=key,
+                      response_model=DetokenizeResponse, responses=ERRORS)
+    app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=key,
+                      response_model=TokenizerInfo, responses=ERRORS)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -234,6 +242,9 @@ async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
     t0 = time.perf_counter()
     server = _server(request)
     sm = server.pick(body.model)
+    if body.echo:
+        raise APIError(400, "echo is a /v1/completions parameter (the prompt and, with logprobs, its tokens' "
+                            "logprobs); chat completions do not echo", param="echo")
     sm.check_capacity(body.n)
     tok = sm.tok
     messages = chat_messages(body.messages)
@@ -300,6 +311,9 @@ def _chat_choice(s: ChoiceStream, with_logprobs: bool) -> dict:
 
 
 async def completions(body: CompletionRequest, request: HTTPRequest):
+    """Completions of one or more prompts. echo: each choice's text starts with its prompt; with logprobs too, the
+    logprobs object starts with the prompt's tokens (null for the first), computed in the engine's batched prefill;
+    max_tokens 0 (echo only) scores the prompt and generates nothing."""
     t0 = time.perf_counter()
     server = _server(request)
     sm = server.pick(body.model)
@@ -309,31 +323,43 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     prompts = await run_in_threadpool(completion_prompts, body, sm)      # tokenizing: in a thread
     max_tokens = completion_max_tokens(body, sm, prompts)
     states = [ChoiceStream(i, sm.tok, stop, "off", None) for i in range(len(prompts) * body.n)]
-    jobs = make_jobs(sm, body, prompts, max_tokens, body.logprobs, None)
+    scoring = body.echo and body.logprobs is not None
+    jobs = make_jobs(sm, body, prompts, max_tokens, body.logprobs, None,
+                     prompt_logprobs=body.logprobs if scoring else 0 if max_tokens == 0 else None)
     n_prompt = sum(map(len, prompts))
     run = _submit(sm, jobs, states, t0, "completions", n_prompt)
     head = new_envelope("cmpl", "text_completion", sm.name)
-    echoed = [sm.tok.decode(prompts[s.index // body.n]) if body.echo else "" for s in states]
+    echoed = [sm.tok.decode(prompts[s.index // body.n], skip_special=False) if body.echo else "" for s in states]
     usage = lambda: _usage(n_prompt, states)
+
+    def echo_entries(s: ChoiceStream) -> list[dict]:      # the prompt's logprob entries (ready once it is prefilled)
+        return prompt_entries(prompts[s.index // body.n], jobs[s.index].request.prompt_logprobs) if scoring else []
     if body.stream:
-        offsets = [len(e) for e in echoed]
+        offsets = [0] * len(states)
+        pending = [body.echo] * len(states)               # echo goes out with the choice's first chunk
 
         def choice_chunks(s: ChoiceStream, new_lps: list[dict]) -> list[dict]:
-            text, lp = s.content_delta(), None
-            if new_lps:
-                lp = s.completion_logprobs(new_lps, offsets[s.index])
+            text, entries = s.content_delta(), list(new_lps)
+            if pending[s.index]:
+                pending[s.index] = False
+                text, entries = echoed[s.index] + text, echo_entries(s) + entries
+            lp = None
+            if body.logprobs is not None and entries:
+                lp = s.completion_logprobs(entries, offsets[s.index])
                 offsets[s.index] += sum(len(t) for t in lp["tokens"])
             if text or lp is not None or s.finished:
                 return [{"index": s.index, "text": text, "logprobs": lp, "finish_reason": s.finish_reason}]
             return []
-        opening = [{"index": s.index, "text": echoed[s.index], "logprobs": None, "finish_reason": None}
-                   for s in states] if body.echo else []
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return stream_chunks(run, head, opening, choice_chunks, usage, include_usage)
+        return stream_chunks(run, head, [], choice_chunks, usage, include_usage)
     await run.wait(request)
-    choices = [{"index": s.index, "text": echoed[s.index] + s.text, "finish_reason": s.finish_reason,
-                "logprobs": s.completion_logprobs(s.logprobs, len(echoed[s.index]))
-                if body.logprobs is not None else None} for s in states]
+    choices = []
+    for s in states:
+        lp = None
+        if body.logprobs is not None:
+            lp = s.completion_logprobs(echo_entries(s) + s.logprobs, 0)
+        choices.append({"index": s.index, "text": echoed[s.index] + s.text, "finish_reason": s.finish_reason,
+                        "logprobs": lp})
     return respond(head, choices, usage())
 
 

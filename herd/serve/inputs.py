@@ -54,7 +54,7 @@ def check_context(sm: ServedModel, prompt_len: int, max_tokens: int | None, para
 
 
 def sampling_params(req: SamplingFields, sm: ServedModel, max_tokens: int, logprobs: int | None, index: int,
-                     constrained: bool) -> SamplingParams:
+                     constrained: bool, prompt_logprobs: int | None = None) -> SamplingParams:
     ignore_eos = req.ignore_eos and not constrained      # a finished grammar must be able to stop
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
@@ -62,7 +62,8 @@ def sampling_params(req: SamplingFields, sm: ServedModel, max_tokens: int, logpr
         repetition_penalty=req.repetition_penalty or 1.0, presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=None if req.seed is None else (req.seed + index) % 2 ** 63,
-        stop_token_ids=() if ignore_eos else tuple(sm.stop_ids), ignore_eos=ignore_eos, logprobs=logprobs)
+        stop_token_ids=() if ignore_eos else tuple(sm.stop_ids), ignore_eos=ignore_eos, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs)
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -146,7 +147,7 @@ def data_url_bytes(where: str, url: str) -> bytes:
 
 
 def make_jobs(sm: ServedModel, body: SamplingFields, prompts: list[list[int]], max_tokens: int, logprobs,
-               compiled, images=None) -> list[Job]:
+              compiled, images=None, prompt_logprobs: int | None = None) -> list[Job]:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     jobs = []
@@ -154,7 +155,7 @@ def make_jobs(sm: ServedModel, body: SamplingFields, prompts: list[list[int]], m
         for i in range(body.n):
             index = p * body.n + i
             constraint = sm.compiler().constraint(compiled) if compiled is not None else None
-            params = sampling_params(body, sm, max_tokens, logprobs, i, constraint is not None)
+            params = sampling_params(body, sm, max_tokens, logprobs, i, constraint is not None, prompt_logprobs)
             jobs.append(Job(index, prompt, params, events, loop, constraint, images))
     return jobs
 
@@ -226,7 +227,12 @@ def document_start(sm: ServedModel) -> int:
 
 
 def completion_max_tokens(body: CompletionRequest, sm: ServedModel, prompts: list[list[int]]) -> int:
-    max_tokens = body.max_tokens or COMPLETIONS_DEFAULT_MAX_TOKENS
+    """max_tokens as asked (OpenAI's 16 when not given), checked against the context; 0 only with echo (score the
+    prompt, generate nothing)."""
+    max_tokens = COMPLETIONS_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+    if max_tokens == 0 and not body.echo:
+        raise APIError(400, "max_tokens 0 generates nothing: it is for scoring a prompt, with echo: true (and "
+                            "logprobs for the prompt tokens' logprobs)", param="max_tokens")
     for ids in prompts:
         check_context(sm, len(ids), max_tokens, "max_tokens", "prompt")
     return max_tokens

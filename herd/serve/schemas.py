@@ -14,7 +14,7 @@ from .limits import LimitError, check_body, current as current_limits
 # Limits that no flag changes (the others: limits.Limits)
 MAX_N = 8                      # choices per request
 MAX_TOP_LOGPROBS = 20          # chat top_logprobs
-MAX_COMPLETION_LOGPROBS = 5    # completions logprobs
+MAX_COMPLETION_LOGPROBS = 20   # completions logprobs (OpenAI's legacy limit is 5; vLLM's default 20, lm-eval's 1)
 MAX_PROMPTS = 32               # prompts in one /v1/completions request
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16   # OpenAI's default for /v1/completions
 
@@ -224,6 +224,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = True
     response_format: ResponseFormat | None = None
+    echo: bool | None = None       # a /v1/completions field: refused here with a 400 that says so
 
 
 def _prompt_form(prompt) -> str:
@@ -241,9 +242,23 @@ class CompletionRequest(SamplingFields):
                             Annotated[list[int], Field(min_length=1), Tag("ids")],
                             Annotated[list[list[int]], Field(min_length=1), Tag("id lists")]],
                       Discriminator(_prompt_form)]
+    max_tokens: int | None = Field(None, ge=0)    # 0: with echo, score the prompt and generate nothing
     logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
-    echo: bool = False
+    echo: bool = False             # the prompt before the completion; with logprobs, the prompt tokens' logprobs
     suffix: str | None = None
+
+
+class TokenizeRequest(_In):
+    """POST /tokenize, as vLLM serves it and lm-eval's remote tokenizer calls it."""
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True    # the model's BOS, where its tokenizer adds one
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_In):
+    model: str | None = None
+    tokens: list[int]
 
 
 # ---- response schemas (for the OpenAPI document; handlers build the same shapes as dicts) -------------------------
@@ -312,7 +327,7 @@ class ChatCompletion(BaseModel):
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float]] | None = None
+    top_logprobs: list[dict[str, float] | None] | None = None    # None for an echoed prompt's first token
     text_offset: list[int]
 
 
@@ -344,3 +359,26 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"]
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info: what lm-eval's remote tokenizer reads (eos_token is required, the others optional)."""
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int

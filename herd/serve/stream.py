@@ -157,16 +157,34 @@ class ChoiceStream:
 
     def completion_logprobs(self, entries: list[dict], offset: int) -> dict:
         """Engine entries -> OpenAI's completions `logprobs` object; text_offset counts from `offset` (the characters
-        of the choice's text before these tokens)."""
+        of the choice's text before these tokens). An echoed prompt's first token has null logprob and top."""
         toks = [self.tok.decode([e["id"]], skip_special=False) for e in entries]
         offsets, pos = [], offset
         for t in toks:
             offsets.append(pos)
             pos += len(t)
         return {"tokens": toks, "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{self.tok.decode([i], skip_special=False): lp for i, lp in e["top"]}
-                                 for e in entries],
+                "top_logprobs": [None if e["top"] is None else self._top_dict(e["top"]) for e in entries],
                 "text_offset": offsets}
+
+    def _top_dict(self, top: list[tuple[int, float]]) -> dict[str, float]:
+        """OpenAI's {token text: logprob}. Two ids can decode to the same text (two halves of a character both show
+        as U+FFFD): the larger logprob keeps the key, so max() of the dict is still the top logprob (lm-eval's
+        is_greedy test)."""
+        out: dict[str, float] = {}
+        for i, lp in top:                        # largest first
+            out.setdefault(self.tok.decode([i], skip_special=False), lp)
+        return out
+
+    def scored(self, finish: str):
+        """The choice of a prompt only scored (max_tokens 0) ends without a token."""
+        self._close(finish)
+
+
+def prompt_entries(prompt: list[int], prompt_logprobs: list[dict | None]) -> list[dict]:
+    """An engine request's prompt_logprobs as completion_logprobs entries: the first token's logprob and top null."""
+    return [{"id": t, "logprob": None, "top": None} if e is None else {**e, "id": t}
+            for t, e in zip(prompt, prompt_logprobs)]
 
 
 class Run:
@@ -183,6 +201,13 @@ class Run:
             item = await self.events.get()
             if item[0] == "error":
                 raise item[2]
+            if item[0] == "scored":
+                s = self.states[item[1]]
+                if not s.finished:
+                    s.scored(item[2])
+                    m.latency.labels(self.sm.name, self.endpoint).observe(time.perf_counter() - self.t0)
+                    yield s, []
+                continue
             _, index, token, lp, finish = item
             s = self.states[index]
             if s.finished:

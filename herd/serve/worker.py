@@ -30,7 +30,8 @@ DEFAULT_MAX_SEQ_LEN = 4096     # context (prompt + output) per request
 @dataclass(eq=False)
 class Job:
     """One engine request as the HTTP side sees it. The engine thread puts ("token", choice, id, logprob entry,
-    finish reason) and ("error", choice, APIError) on `events` through the request's event loop."""
+    finish reason), ("scored", choice, finish reason) for a prompt only scored (max_tokens 0; its prompt logprobs
+    are then on `request`) and ("error", choice, APIError) on `events` through the request's event loop."""
     choice: int
     prompt: list[int]
     params: SamplingParams
@@ -199,6 +200,10 @@ class ServedModel:
                 job.push(("token", job.choice, token, lp, req.finish_reason))
                 if req.finished:
                     self._finish(job, req.finish_reason)
+            # prompts only scored (max_tokens 0) finish in their prefill without a token: no event above
+            for req, job in [(r, j) for r, j in self._jobs.items() if r.finished and not r.output]:
+                job.push(("scored", job.choice, req.finish_reason))
+                self._finish(job, req.finish_reason)
         self._fail_all(APIError(503, "server shutting down", type="server_error"))
 
     def _fail_all(self, err: APIError):
