@@ -504,6 +504,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_synth)
 
+    from .guard.command import add_guard_command    # `herd guard` (herd/guard/command.py)
+    add_guard_command(sub)
+
     # `herd run MODEL --image a.png "prompt"`: words after an option are still the command's words
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "run" and not any(e.startswith("-") for e in extra):
