@@ -140,8 +140,10 @@ class LlamaGuard:
     the same conversation, and flagged when any window is (score: the maximum)."""
 
     def __init__(self, model, tok, name: str = "llama-guard", categories: dict[str, str] | None = None,
-                 excluded=(), max_new_tokens: int = 32):
+                 excluded=(), max_new_tokens: int = 32, reads_conversations: bool = True):
         self.model, self.tok, self.name = model.eval(), tok, name
+        # False for a guard trained on single texts (the default one): rails give it an answer alone, not a chat
+        self.reads_conversations = reads_conversations
         self.categories = dict(CATEGORIES if categories is None else categories)
         self.excluded = tuple(excluded)
         self.max_new_tokens = max_new_tokens
@@ -250,14 +252,17 @@ def load_llama_guard(path: str | Path, dtype=None, device="cpu", **kw) -> LlamaG
     meta = {}
     if (path / "guard.json").exists():
         meta = json.loads((path / "guard.json").read_text())
+    if dtype is None and "dtype" in meta:           # a small guard stored in bf16, run in fp32
+        dtype = getattr(torch, meta["dtype"])
     try:
         model = herd.load(path, dtype=dtype, device=device)
         tok = load_tokenizer(path, model.config.eos_token_ids)
     except (ValueError, OSError) as e:       # CheckpointError, ConfigError, TokenizerError are ValueErrors
         raise GuardError(f"cannot load the guard {path}: {e}") from None
     kw.setdefault("name", meta.get("name", path.name))
-    if "categories" in meta:
-        kw.setdefault("categories", meta["categories"])
+    for key in ("categories", "max_new_tokens", "reads_conversations"):
+        if key in meta:
+            kw.setdefault(key, meta[key])
     if "context" in meta:
         model.config.max_seq_len = min(model.config.max_seq_len, int(meta["context"]))
     return LlamaGuard(model, tok, **kw)
