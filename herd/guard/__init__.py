@@ -45,6 +45,9 @@ def load_guard(spec: str | Path, device="cpu", **kw):
     if not path.is_dir():
         raise GuardError(f"{spec}: no such guard folder (give an HF folder, or `default`)")
     if guard_kind(path) == "prompt_guard":
+        if kw.get("excluded"):
+            raise GuardError(f"{spec} is a Prompt Guard classifier: it has no categories to exclude")
+        kw.pop("excluded", None)
         from .prompt_guard import load_prompt_guard
         return load_prompt_guard(path, device=device, **kw)
     from .llama_guard import load_llama_guard
