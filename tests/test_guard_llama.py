@@ -201,3 +201,36 @@ def test_long_text_is_windowed(l4tok):
     v = guard.check("word " * 300)              # 1500 bytes: several windows
     assert len(seen) >= 4 and all(len(ids) <= 1198 for ids in seen) and not v.flagged
     assert v.tokens == sum(len(s) for s in seen)
+
+
+def test_load_guard_with_images(tmp_path):
+    """A dense vision checkpoint with Llama 4's tokenizer format, loaded by load_guard: an image goes through the
+    guard's prompt and forward; an unreadable image is a clear error."""
+    import io
+
+    from PIL import Image
+
+    from herd.checkpoint import save_hf
+    from herd.config import VisionConfig
+    from herd.guard import load_guard
+    from herd.tokenizer import llama4_special_tokens
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n"
+                                                      for b in range(256)))
+    special = {name: 256 + i for i, name in enumerate(llama4_special_tokens())}
+    cfg = ModelConfig(vocab_size=256 + 2048, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, moe=None,
+                      attn_chunk_size=None, max_seq_len=4096, rope_theta=10000.0,
+                      bos_token_id=special["<|begin_of_text|>"], eos_token_ids=[special["<|eot|>"]],
+                      pad_token_id=special["<|finetune_right_pad|>"], image_token_id=special["<|patch|>"],
+                      vision=VisionConfig(image_size=28, patch_size=7, dim=32, n_layers=1, n_heads=2, ffn_dim=128,
+                                          projector_dim=48, max_tiles=4))
+    save_hf(Transformer(cfg).init_weights(std=0.3, seed=1), tmp_path)
+    guard = load_guard(tmp_path, max_new_tokens=4)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(buf, format="PNG")
+    v = guard.check("what is in this picture", images=[buf.getvalue()])
+    assert v.tokens > 700 and 0.0 <= v.score <= 1.0           # the prompt holds the image block (2 tiles + global)
+    convo = [{"role": "user", "content": [{"type": "image", "image": buf.getvalue()}, {"type": "text", "text": "hi"}]},
+             {"role": "assistant", "content": "a red square"}]
+    assert guard.check(convo).tokens > 700
+    with pytest.raises(GuardError, match="image the guard cannot read"):
+        guard.check("what is this", images=[b"GIF89a broken"])
