@@ -10,7 +10,7 @@ documentation may well be in the model's training data; it is the same text for 
 
 Schemes:
 - fp32: the GGUF dequantized to fp32 (herd.load(path)), the baseline.
-- fp32, fused + decode steps: the same model as `herd run` loads it (fuse.fuse_model, decode.use_decode_kernels:
+- fp32, fused + decode steps: the same model as `herd run` loads it (herd.cpu's fuse_model, use_decode_kernels:
   C++ RMSNorm and SiLU gating, transposed fp32 matrices); it should equal the baseline to float rounding.
 - int8 / int4 gN: herd.quantize.quantize_model(fp32, scheme, only="all"): every trunk linear (the tied output head
   and the embedding stay fp32), bf16 activations in the quantized matmuls. int4 uses groups of 64 and 32: Meta's
@@ -18,11 +18,11 @@ Schemes:
 - int4 gN asymmetric: the same with symmetric=False (`herd quantize --asymmetric`): a zero point per group, the 16
   levels spanning each group's min..max. SmolLM2's weights are Q4_1 (asymmetric, 32-weight blocks), so g32 can land
   on their own grid; g64 straddles two blocks.
-- packed GGUF: herd.load(path, quant="packed"): Q4_1 blocks mapped exactly to int4 (group 32, scale + zero),
+- packed GGUF: herd.load(path, quant="packed", prepare=True): Q4_1 blocks mapped exactly to int4 (group 32, scale + zero),
   Q8_0 token embedding / tied head re-quantized per row to int8; fused q/k/v and gate/up.
 - packed GGUF, fp32 embedding: the same with the Q8_0 embedding / head kept in fp32 (what int8 costs there).
 - packed GGUF, decode kernels: the packed model with every row forced through herd's own int4/int8 kernels
-  (herd/kernels.py, int16 activations), which otherwise run only for fewer than kernels.DEQUANT_ROWS rows: the
+  (herd/cpu/kernels.py, int16 activations), which otherwise run only for fewer than kernels.DEQUANT_ROWS rows: the
   numerics of a decode step, measured on whole windows. Only where the kernels run (AVX512-VNNI).
 - packed GGUF, f16 / bf16 KV cache: the packed model with each window run through an engine KV cache of that dtype,
   so every query attends over keys and values rounded as the cache stores them (`herd run --kv-dtype`; llama.cpp's
@@ -52,7 +52,7 @@ class ThroughKernels(torch.nn.Module):
         self.model = model
 
     def forward(self, tokens):
-        from herd import kernels
+        from herd.cpu import kernels
         saved, kernels.DEQUANT_ROWS = kernels.DEQUANT_ROWS, 10**9
         try:
             return self.model(tokens)
@@ -99,9 +99,10 @@ def main():
     import pydoc_data.topics as topics
 
     import herd
-    from herd.decode import use_decode_kernels
-    from herd.fuse import fuse_model
-    from herd.gguf_packed import load_gguf_packed
+    from herd.cpu import prepare
+    from herd.cpu.decode import use_decode_kernels
+    from herd.cpu.fuse import fuse_model
+    from herd.gguf import load_gguf
     from herd.quantize import quantize_model
     from herd.textgen import default_model_path
     from herd.tokenizer import load_tokenizer
@@ -125,18 +126,18 @@ def main():
             lambda: quantize_model(copy.deepcopy(fp32), "int4", 64, only="all", symmetric=False),
         "int4 g32 asymmetric (quantize_model, all linears)":
             lambda: quantize_model(copy.deepcopy(fp32), "int4", 32, only="all", symmetric=False),
-        "packed GGUF Q4_1 (herd.load quant='packed')": lambda: herd.load(path, quant="packed"),
-        "packed GGUF Q4_1, fp32 embedding/head": lambda: load_gguf_packed(path, int8_embeddings=False),
+        "packed GGUF Q4_1 (herd.load quant='packed')": lambda: herd.load(path, quant="packed", prepare=True),
+        "packed GGUF Q4_1, fp32 embedding/head": lambda: prepare(load_gguf(path, packed=True, int8_embeddings=False)),
     }
-    from herd import kernels
-    if kernels.available():
+    from herd.cpu import extension
+    if extension.available():
         schemes["packed GGUF Q4_1, decode kernels (every row)"] = (
-            lambda: ThroughKernels(herd.load(path, quant="packed")))
+            lambda: ThroughKernels(herd.load(path, quant="packed", prepare=True)))
     else:
-        print(f"herd kernels {kernels.status()}: no decode-kernel row")
+        print(f"herd kernels {extension.status()}: no decode-kernel row")
     for cache_name, cache_dtype in (("f16", torch.float16), ("bf16", torch.bfloat16)):
         schemes[f"packed GGUF Q4_1, {cache_name} KV cache"] = (
-            lambda d=cache_dtype: ThroughCache(herd.load(path, quant="packed"), d))
+            lambda d=cache_dtype: ThroughCache(herd.load(path, quant="packed", prepare=True), d))
     rows = score(schemes, ids, args.window, {"fp32,": 0.1, "int8": 1.0, "int4": 5.0, "packed": 5.0})
     print(f"\nSmolLM2-135M-Instruct ({path.name}), {len(ids)} tokens of Python's pydoc reference prose, windows of "
           f"{args.window}; {machine()}, {args.threads} threads, torch {torch.__version__}\n")
@@ -149,7 +150,7 @@ def score(schemes: dict, ids: torch.Tensor, window: int, targets: dict, digits: 
     """The table's rows: each scheme's model built (`schemes`: name -> a function returning it), its perplexity on
     ids and the change vs the first scheme's, judged against the target (percent) of the first prefix of `targets`
     its name starts with."""
-    from herd.gguf_packed import weight_bytes
+    from herd.sizes import resident_bytes as weight_bytes
     rows, base = [], None
     for name, make in schemes.items():
         t0 = time.perf_counter()

@@ -4,9 +4,9 @@ each one's speed relative to the dense fp32 matmul (bf16 activations unless mark
 
 Columns: "int8", "int4 gN" are herd.quantize's modules (the packed kernel for few rows, dequantize to bf16 + dense
 matmul from INT8_DEQUANT_ROWS / INT4_DEQUANT_ROWS rows on); "kernel" columns call torch's packed kernel directly;
-"herd int8", "herd int4 g32" are herd.kernels' modules (herd's own kernels for few rows, fp32 in and out), which
-`herd.load(gguf, quant="packed")` uses where the CPU has AVX512-VNNI. Every call here re-reads one matrix that
-stays in cache; in a decode step the weights come from memory (see herd/kernels.cpp for those figures).
+"herd int8", "herd int4 g32" are herd.cpu.kernels' modules (herd's own kernels for few rows, fp32 in and out), which
+`herd.load(gguf, quant="packed", prepare=True)` uses where the CPU has AVX512-VNNI. Every call here re-reads one matrix that
+stays in cache; in a decode step the weights come from memory (see herd/cpu/kernels.cpp for those figures).
 
     python bench/quant_matmul.py [--threads 2] [--rows 1 512] [--fp32-packed]
 
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from herd import kernels
+from herd.cpu import extension, kernels
 from herd.quantize import Int4Linear, Int8Linear, quantize_tensor
 
 SHAPES = {                     # name: (out N, in K)
@@ -72,9 +72,9 @@ def main():
     print(f"torch {torch.__version__}, {args.threads} threads, {platform.processor() or platform.machine()}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print("ms per call; x = speed relative to dense fp32 (higher is faster)")
-    herd_cols = ["herd int8", "herd int4 g32"] if kernels.available() else []
+    herd_cols = ["herd int8", "herd int4 g32"] if extension.available() else []
     if not herd_cols:
-        print(f"herd kernels {kernels.status()}")
+        print(f"herd kernels {extension.status()}")
     cols = ["fp32", "bf16", "int8", "int4 g32", "int4 g64", "int8 kernel", "int4 g32 kernel", *herd_cols] + (
         ["int8 kernel fp32-act", "int4 kernel fp32-act"] if args.fp32_packed else [])
     print(f"{'shape':18s} {'rows':>4s} " + " ".join(f"{c:>20s}" for c in cols))

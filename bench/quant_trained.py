@@ -96,7 +96,7 @@ def main():
     torch.set_num_threads(args.threads)
 
     import herd
-    from herd.data import ByteTokenizer
+    from herd.train.data import ByteTokenizer
     from herd.quantize import quantize_model
 
     out = Path(args.out)

@@ -4,7 +4,7 @@ one client's, on the default model (SmolLM2-135M-Instruct). The issue's target i
 
     python -m bench.serve_batching [--threads N] [--max-tokens 64] [--clients 16] [--usd-per-hour 0.10]
 
-Starts `herd serve` on a free 127.0.0.1 port, runs `herd bench-serve`'s load generator (herd.bench_serve) with
+Starts `herd serve` on a free 127.0.0.1 port, runs `herd bench-serve`'s load generator (herd.serve.bench) with
 concurrency 1, then with concurrency --clients, every request producing exactly --max-tokens tokens (ignore_eos),
 prints both reports and the ratio, and stops the server.
 """
@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.request
 
-from herd.bench_serve import format_report, run_bench
+from herd.serve.bench import format_report, run_bench
 
 
 def main():

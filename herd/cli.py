@@ -45,34 +45,28 @@ def cmd_info(args):
 
 def _load(model_arg, verbose=False, dequantize=False):
     """(model path, model, tokenizer) for a CLI model argument; None means the default model. A GGUF file's Q4_0 /
-    Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf_packed.py: ~2x the fp32 decode speed
-    on SmolLM2 in ~1/5 of the memory, +0.06% perplexity, bench/speed.py and bench/perplexity.py) unless
-    `dequantize`, which loads every weight as fp32."""
+    Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf.py: ~2x the fp32 decode speed on
+    SmolLM2 in ~1/5 of the memory, +0.06% perplexity, bench/speed.py and bench/perplexity.py) unless `dequantize`,
+    which loads every weight as fp32. Every model is then prepared for the CPU (herd.cpu.prepare)."""
     import time
     import herd
+    from .gguf import is_gguf
     from .textgen import default_model_path
     from .tokenizer import load_tokenizer
 
     path = default_model_path() if model_arg in (None, "default") else model_arg
     t0 = time.perf_counter()
-    from .decode import use_decode_kernels
-    from .fuse import fuse_model
-    from .gguf_loader import is_gguf
-    from .kernels import status, use_herd_kernels
     packed = is_gguf(path) and not dequantize
-    model = herd.load(path, progress=True, quant="packed" if packed else None)
-    if not packed:                          # (load_gguf_packed does all three itself)
-        fuse_model(model)                   # one q/k/v and one gate/up matmul per layer (fuse.py)
-        use_herd_kernels(model)             # `herd quantize` int4/int8 linears on herd's kernels (kernels.py)
-        use_decode_kernels(model)           # decode steps in C++ where the extension runs (decode.py)
+    model = herd.load(path, progress=True, quant="packed" if packed else None, prepare=True)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     if verbose:
-        from .gguf_packed import weight_bytes
+        from .cpu import status
+        from .sizes import resident_bytes
         how = ("GGUF Q4_0/Q4_1/Q8_0 kept packed" if packed else
                "GGUF dequantized to fp32 (--dequantize)" if is_gguf(path) else "as stored")
-        print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s: weights {weight_bytes(model) / 2**20:,.1f} MiB, "
+        print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s: weights {resident_bytes(model) / 2**20:,.1f} MiB, "
               f"{how}]", file=sys.stderr)
-        print(f"[herd decode kernels {status()}]", file=sys.stderr)
+        print(f"[{status(model)}]", file=sys.stderr)
     return path, model, tok
 
 
@@ -111,12 +105,8 @@ def _print_stream(chunks) -> str:
 
 
 def cmd_run(args):
-    import torch
     from pathlib import Path
-    from .chat import format_chat
     from .config import PRESETS
-    from .engine import Engine
-    from .textgen import Timing, stream_completion
 
     # `herd run PROMPT` and `herd run MODEL [PROMPT]`: the first word is a model when it names one.
     words = list(args.words)
@@ -126,41 +116,66 @@ def cmd_run(args):
     elif words and words[0] in PRESETS:
         raise SystemExit(f"herd: error: {words[0]!r} is a shape preset without weights; give a checkpoint path")
     prompt = " ".join(words) if words else None
-    _, model, tok = _load(model_arg, args.verbose, args.dequantize)
-    engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8,
-                    cache_dtype=_cache_dtype(args))
-    if args.verbose:
-        _print_kv_cache(engine)
-    history = [{"role": "system", "content": args.system}] if args.system else []
-    # Images go with the first user message; the engine re-prefills the conversation each turn, so every image
-    # block and its pixels are sent again with each prompt.
-    image_blocks, pixels, pending = [], [], list(args.image)
+    session = ChatSession(args, *_load(model_arg, args.verbose, args.dequantize)[1:])
+    if prompt is not None:
+        session.ask(prompt)
+    else:
+        chat_loop(session)
 
-    def answer(text):
-        nonlocal pending
-        content = text
-        if pending:
-            if model.config.vision is None:
-                raise ValueError("--image given, but this model is text-only (its config has no vision_config)")
-            from .images import ImageTokenIds, prepare_images
-            values, blocks = prepare_images(pending, model.config.vision, ImageTokenIds.from_tokenizer(tok))
-            image_blocks.extend(blocks)
-            pixels.append(values)
-            content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": text}]
-            pending = []
-        history.append({"role": "user", "content": content})
-        ids = format_chat(tok, history, image_blocks=image_blocks or None)
-        timing = Timing()
-        images = torch.cat(pixels) if pixels else None
-        reply = _print_stream(stream_completion(engine, tok, ids, _sampling(args, tok), timing=timing,
-                                                images=images))
-        history.append({"role": "assistant", "content": reply})
+
+class ChatSession:
+    """One conversation with a model for `herd run`: its history, images and engine. The engine re-prefills the
+    conversation each turn, so every image block and its pixels are sent again with each prompt."""
+
+    def __init__(self, args, model, tok):
+        from .engine import Engine
+
+        self.args, self.model, self.tok = args, model, tok
+        self.engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len, kv_int8=args.kv_int8,
+                             cache_dtype=_cache_dtype(args))
         if args.verbose:
+            _print_kv_cache(self.engine)
+        self.history = [{"role": "system", "content": args.system}] if args.system else []
+        self.image_blocks, self.pixels, self.pending = [], [], list(args.image)   # images go with the first message
+
+    def ask(self, text: str):
+        """Send one user message and print the streamed answer."""
+        import torch
+        from .chat import format_chat
+        from .textgen import Timing, stream_completion
+
+        content = text
+        if self.pending:
+            content = self._attach_images(text)
+        self.history.append({"role": "user", "content": content})
+        ids = format_chat(self.tok, self.history, image_blocks=self.image_blocks or None)
+        timing = Timing()
+        images = torch.cat(self.pixels) if self.pixels else None
+        reply = _print_stream(stream_completion(self.engine, self.tok, ids, _sampling(self.args, self.tok),
+                                                timing=timing, images=images))
+        self.history.append({"role": "assistant", "content": reply})
+        if self.args.verbose:
             print(f"[{timing.summary()}]", file=sys.stderr)
 
-    if prompt is not None:
-        answer(prompt)
-        return
+    def _attach_images(self, text: str) -> list[dict]:
+        if self.model.config.vision is None:
+            raise ValueError("--image given, but this model is text-only (its config has no vision_config)")
+        from .images import ImageTokenIds, prepare_images
+        values, blocks = prepare_images(self.pending, self.model.config.vision, ImageTokenIds.from_tokenizer(self.tok))
+        self.image_blocks.extend(blocks)
+        self.pixels.append(values)
+        content = [{"type": "image"} for _ in self.pending] + [{"type": "text", "text": text}]
+        self.pending = []
+        return content
+
+    def reset(self):
+        del self.history[1 if self.args.system else 0:]
+        self.image_blocks.clear()
+        self.pixels.clear()
+
+
+def chat_loop(session: ChatSession):
+    """The interactive chat of `herd run` without a prompt: /reset, /exit, Ctrl-D; Ctrl-C stops one answer."""
     print("herd chat: /reset clears the conversation, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         try:
@@ -171,16 +186,14 @@ def cmd_run(args):
         if line.strip() in ("/exit", "/quit"):
             return
         if line.strip() == "/reset":
-            del history[1 if args.system else 0:]
-            image_blocks.clear()
-            pixels.clear()
+            session.reset()
             print("[conversation cleared]", file=sys.stderr)
             continue
         if line.strip():
             try:
-                answer(line)
+                session.ask(line)
             except KeyboardInterrupt:      # stop this answer, keep the chat
-                history.pop()
+                session.history.pop()
                 print("\n[interrupted]", file=sys.stderr)
 
 
@@ -235,7 +248,8 @@ def cmd_plan(args):
 
 def cmd_serve(args):
     import torch
-    from .server import ServedModel, serve, short_name
+    from .serve.app import serve
+    from .serve.worker import ServedModel, short_name
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -255,7 +269,7 @@ def cmd_serve(args):
 
 
 def cmd_bench_serve(args):
-    from .bench_serve import format_report, run_bench
+    from .serve.bench import format_report, run_bench
 
     result = run_bench(args.url, concurrency=args.concurrency, requests=args.requests, max_tokens=args.max_tokens,
                        model=args.model, api_key=args.api_key, prompt=args.prompt, ignore_eos=args.ignore_eos,
@@ -267,8 +281,11 @@ def cmd_bench_serve(args):
 
 def cmd_train(args):
     import json
-    from .train import train
-    summary = train(args)
+    from .train.train import TrainingError, train
+    try:
+        summary = train(args)
+    except TrainingError as e:
+        _fail(e)
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
 
 
@@ -277,10 +294,10 @@ def cmd_upcycle(args):
     import torch
     import herd
     from .checkpoint import save_hf
-    from .data import save_tokenizer
+    from .train.data import save_tokenizer
     from .tokenizer import load_tokenizer
     from .textgen import default_model_path
-    from .upcycle import closeness, upcycle
+    from .train.upcycle import closeness, upcycle
 
     src = default_model_path() if args.dense == "default" else args.dense
     dense = herd.load(src, progress=True).float()
@@ -303,7 +320,7 @@ def cmd_synth(args):
     import torch
     import herd
     from .engine import SamplingParams
-    from .synth import read_prompts, synthesize
+    from .train.synth import read_prompts, synthesize
     from .textgen import default_model_path
     from .tokenizer import load_tokenizer
 
@@ -321,7 +338,7 @@ def cmd_synth(args):
 
 def cmd_eval_niah(args):
     from pathlib import Path
-    from .niah import format_grid, parse_depths, parse_length, plot_heatmap, run_niah
+    from .eval.niah import format_grid, parse_depths, parse_length, plot_heatmap, run_niah
 
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     depths = parse_depths(args.depths)
@@ -371,14 +388,29 @@ def _cache_dtype(args):
     return getattr(torch, KV_DTYPES[args.kv_dtype]) if args.kv_dtype else None
 
 
-def main(argv=None):
+
+def _fail(error):
+    print(f"herd: error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+# ---- the parser -----------------------------------------------------------------------------------------------------
+def build_parser(argv=None) -> argparse.ArgumentParser:
+    """The `herd` parser. The training commands' flags are added only when one of them is the command, so that no
+    other command imports anything of herd.train."""
     parser = argparse.ArgumentParser(prog="herd", description="Llama-4-architecture models on one codebase.")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_parsers(sub)
+    _add_model_parsers(sub)
+    _add_serve_parsers(sub)
+    _add_train_parsers(sub, argv if argv is not None else sys.argv[1:])
+    _add_eval_parsers(sub)
+    from .guard.command import add_guard_command    # `herd guard` (herd/guard/command.py)
+    add_guard_command(sub)
+    return parser
 
-    p = sub.add_parser("info", help="parameter counts and weight bytes of a preset or checkpoint")
-    p.add_argument("model", help="preset name (scout, maverick, debug) or checkpoint folder / config.json")
-    p.set_defaults(func=cmd_info)
 
+def _add_run_parsers(sub):
     p = sub.add_parser("run", help="chat with a model (the default model when none is given)")
     p.add_argument("words", nargs="*", metavar="[MODEL] [PROMPT]",
                    help="optional model (GGUF file or HF folder), then a prompt; no prompt = interactive chat")
@@ -396,6 +428,12 @@ def main(argv=None):
     _dequantize_arg(p)
     _add_sampling_flags(p, temperature=0.0)
     p.set_defaults(func=cmd_generate)
+
+
+def _add_model_parsers(sub):
+    p = sub.add_parser("info", help="parameter counts and weight bytes of a preset or checkpoint")
+    p.add_argument("model", help="preset name (scout, maverick, debug) or checkpoint folder / config.json")
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (safetensors + config.json)")
     p.add_argument("src", help="HF checkpoint folder or GGUF file (float weights)")
@@ -420,6 +458,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=1, help="sequences held at once")
     p.set_defaults(func=cmd_plan)
 
+
+def _add_serve_parsers(sub):
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (the default model when none is given)")
     p.add_argument("models", nargs="*", metavar="MODEL",
                    help="GGUF file or HF folder, optionally NAME=PATH to set its id; 'default' = the default model")
@@ -452,13 +492,19 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before one request counts as failed")
     p.set_defaults(func=cmd_bench_serve)
 
-    from .train import add_train_flags
+
+def _add_train_parsers(sub, argv):
+    command = next((a for a in argv if not a.startswith("-")), None)
     p = sub.add_parser("train", help="train a model (MoE router losses on), resumable, DDP/FSDP2 under torchrun")
-    add_train_flags(p)
+    if command == "train":
+        from .train.flags import add_train_flags
+        add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="train a student on a teacher's softened logits (+ cross-entropy)")
-    add_train_flags(p, distill=True)
+    if command == "distill":
+        from .train.flags import add_train_flags
+        add_train_flags(p, distill=True)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("upcycle", help="grow a Llama-4-style MoE from a dense checkpoint's FFNs")
@@ -475,20 +521,6 @@ def main(argv=None):
     p.add_argument("--probe-tokens", type=int, default=256, help="at most this many probe tokens")
     p.set_defaults(func=cmd_upcycle)
 
-    p = sub.add_parser("eval", help="evaluations of a model")
-    evals = p.add_subparsers(dest="eval", required=True)
-    p = evals.add_parser("niah", help="needle in a haystack: recall accuracy by context length and needle depth")
-    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
-    p.add_argument("--lengths", default="1k,4k,16k,64k", help="prompt lengths in tokens (k = 1024)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle positions, 0 = start of the haystack")
-    p.add_argument("--samples", type=int, default=1, help="needles per cell (each a new city and number)")
-    p.add_argument("--seed", type=int, default=0, help="picks the needles")
-    p.add_argument("--no-chat", action="store_true", help="raw prompt even if the model has a chat format")
-    _dequantize_arg(p)
-    p.add_argument("--out", default="niah.png", help="heatmap PNG to write")
-    p.add_argument("--verbose", action="store_true", help="print load time")
-    p.set_defaults(func=cmd_eval_niah)
-
     p = sub.add_parser("synth", help="a teacher model writes training text (JSONL) from a prompt file")
     p.add_argument("teacher", help="GGUF file or HF folder ('default' for the default model)")
     p.add_argument("--prompts", required=True, help="one prompt per line (.txt) or JSONL with 'prompt'")
@@ -504,9 +536,26 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_synth)
 
-    from .guard.command import add_guard_command    # `herd guard` (herd/guard/command.py)
-    add_guard_command(sub)
 
+def _add_eval_parsers(sub):
+    p = sub.add_parser("eval", help="evaluations of a model")
+    evals = p.add_subparsers(dest="eval", required=True)
+    p = evals.add_parser("niah", help="needle in a haystack: recall accuracy by context length and needle depth")
+    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
+    p.add_argument("--lengths", default="1k,4k,16k,64k", help="prompt lengths in tokens (k = 1024)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle positions, 0 = start of the haystack")
+    p.add_argument("--samples", type=int, default=1, help="needles per cell (each a new city and number)")
+    p.add_argument("--seed", type=int, default=0, help="picks the needles")
+    p.add_argument("--no-chat", action="store_true", help="raw prompt even if the model has a chat format")
+    _dequantize_arg(p)
+    p.add_argument("--out", default="niah.png", help="heatmap PNG to write")
+    p.add_argument("--verbose", action="store_true", help="print load time")
+    p.set_defaults(func=cmd_eval_niah)
+
+
+# ---- dispatch -------------------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = build_parser(argv)
     # `herd run MODEL --image a.png "prompt"`: words after an option are still the command's words
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "run" and not any(e.startswith("-") for e in extra):
@@ -517,15 +566,13 @@ def main(argv=None):
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .engine import ContextLengthError
-    from .gguf_loader import GGUFError
+    from .gguf import GGUFError
     from .tokenizer import TokenizerError
-    from .train import TrainingError
     try:
         args.func(args)
     except (ConfigError, CheckpointError, GGUFError, TokenizerError, ChatError, ContextLengthError,
-            FileNotFoundError, ValueError, TrainingError) as e:
-        print(f"herd: error: {e}", file=sys.stderr)
-        sys.exit(2)
+            FileNotFoundError, ValueError) as e:
+        _fail(e)
     except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)

@@ -149,11 +149,7 @@ class ModelConfig:
             for i in range(L)
         ]
 
-    # ---- sizes -----------------------------------------------------------------------------------------------
-    @property
-    def isModelConfig(self) -> bool:
-        return self.source.startswith("llama4") or self.source == "preset"
-
+    # ---- JSON ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         for k in ("moe", "vision", "rope_scaling"):

@@ -86,11 +86,6 @@ class Constraint:
         if not self.matcher.is_terminated():
             self.matcher.accept_token(int(token_id))
 
-    @property
-    def terminated(self) -> bool:
-        """True once the grammar is complete and a stop token has been accepted."""
-        return self.matcher.is_terminated()
-
 
 class Compiler:
     """xgrammar's view of one model's vocabulary (built once; ~1 s for a 200k vocabulary) and a cache of compiled

@@ -137,7 +137,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def project_qkv(self, x):
-        """q (B, T, H, D), k and v (B, T, K, D). quantize.py swaps this for a fused projection."""
+        """q (B, T, H, D), k and v (B, T, K, D). cpu/fuse.py swaps in a fused projection (FusedAttention)."""
         B, T, _ = x.shape
         return (self.wq(x).view(B, T, self.n_heads, self.head_dim),
                 self.wk(x).view(B, T, self.n_kv_heads, self.head_dim),

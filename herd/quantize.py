@@ -14,7 +14,8 @@
    int8 and int4 scales and zeros are rounded to bf16 when quantizing: the packed kernels multiply by bf16 scales and
    add bf16 zeros, so a file stores exactly what runs. Scales (and zeros) are always (..., out, groups) fp32,
    groups = 1 except for int4.
-2. Modules, each documenting its buffers: Int8Linear, Int4Linear, Fp8Linear for nn.Linear, and Int8Experts,
+2. Modules, each documenting its buffers: Int8Linear, Int4Linear, Fp8Linear for nn.Linear, Int8Embedding (a
+   GGUF Q8_0 token embedding, gguf.py), and Int8Experts,
    Int4Experts, Fp8Experts for model.Experts (sparse dispatch through ops.dispatch_experts: only routed experts run).
    `linear_reference` is the plain dequantize-then-matmul twin every module is tested against.
    NOTE: bf16 activations. Int8/Int4 modules cast their input to bf16, run torch's packed CPU kernel
@@ -139,7 +140,7 @@ def quantize_tensor(w: torch.Tensor, scheme: str, group_size: int | None = None,
     if not symmetric and scheme in ("int8", "fp8"):
         raise QuantizationError(f"{scheme} is symmetric only; a zero point (symmetric=False) applies to int4 only")
     if scheme == "int8":
-        scale = _bf16(wf.abs().amax(-1, keepdim=True) / 127).clamp(min=_MIN_SCALE)
+        scale = round_bf16(wf.abs().amax(-1, keepdim=True) / 127).clamp(min=_MIN_SCALE)
         return (wf / scale).round().clamp(-127, 127).to(torch.int8), scale, None
     if scheme == "int4":
         q, scale, zero = quantize_int4(wf, group_size, symmetric)
@@ -159,11 +160,11 @@ def quantize_int4(w: torch.Tensor, group_size: int, symmetric: bool = True):
         raise QuantizationError(f"int4 group size {group_size} does not divide the input dim {K}")
     wg = w.float().unflatten(-1, (K // group_size, group_size))             # (..., N, G, group)
     if symmetric:
-        scale = _bf16(wg.abs().amax(-1) / 8).clamp(min=_MIN_SCALE)          # (..., N, G)
+        scale = round_bf16(wg.abs().amax(-1) / 8).clamp(min=_MIN_SCALE)          # (..., N, G)
         q = (wg / scale[..., None]).round().clamp(-8, 7).to(torch.int8)
         return q.flatten(-2), scale, None
     lo, hi = wg.amin(-1), wg.amax(-1)                                       # (..., N, G)
-    zero = _bf16(lo + 8 * (hi - lo) / 15)                                   # q = -8 at lo, 7 at hi
+    zero = round_bf16(lo + 8 * (hi - lo) / 15)                                   # q = -8 at lo, 7 at hi
     # The bf16 zero moves the grid [zero - 8 scale, zero + 7 scale] off [lo, hi] by up to 2^-8 |zero|, so the step
     # is widened (and rounded up to bf16) until the grid covers [lo, hi] again: no weight saturates. A constant
     # group gets the tiny step, or the one that reaches the bf16-rounded zero: no division by 0.
@@ -202,7 +203,7 @@ def linear_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero
     return x.float() @ dequantize(q, scale, zero).t()
 
 
-def _bf16(t: torch.Tensor) -> torch.Tensor:
+def round_bf16(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.bfloat16).float()
 
 
@@ -224,15 +225,15 @@ def _int8_mm(x2, weight, scale):
 def _int4_mm(x2, weight, scales_and_zeros, group_size: int):
     """x2 (M, K) bf16 @ dequantized int4 weight^T -> (M, N) bf16; weight in the CPU kernel's packed layout.
     Like _int8_mm: the packed kernel for few rows, a transient bf16 copy and a dense matmul for many."""
-    if x2.shape[0] >= INT4_DEQUANT_ROWS and _cpu_int4_block() is not None:
+    if x2.shape[0] >= INT4_DEQUANT_ROWS and cpu_int4_block() is not None:
         return x2 @ _int4_dequantize_packed(weight, scales_and_zeros, group_size).t()
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x2, weight, group_size, scales_and_zeros)
 
 
-def _int4_unpack_cpu(packed: torch.Tensor, block: int, dtype=torch.uint8) -> torch.Tensor:
+def int4_unpack_cpu(packed: torch.Tensor, block: int, dtype=torch.uint8) -> torch.Tensor:
     """torch's CPU int4 layout -> u (N, K) in 0..15 as `dtype`. Full blocks of `block` rows are stored
     (K, block/2), byte j holding row j (low nibble) and row j + block/2 (high); a last partial block of n rows is
-    stored (K, n/2) with rows 2i, 2i + 1 in one byte. `_cpu_int4_block` checks this against torch's packer.
+    stored (K, n/2) with rows 2i, 2i + 1 in one byte. `cpu_int4_block` checks this against torch's packer.
     The result is the transposed view of a contiguous (K, N) buffer: that order is the layout's own (no element
     transpose while unpacking), and dequantize + x @ w^T on it measured 20-25% faster at SmolLM2's shapes with 512
     rows than building (N, K) first."""
@@ -253,25 +254,25 @@ def _int4_unpack_cpu(packed: torch.Tensor, block: int, dtype=torch.uint8) -> tor
     return ut.t()
 
 
-_CPU_INT4_BLOCK: list = []
+_cpu_int4_block_found: list = []
 
 
-def _cpu_int4_block() -> int | None:
+def cpu_int4_block() -> int | None:
     """The row block of this machine's CPU int4 layout (64 on AVX512, 32 on AVX2), found by packing a probe with
     torch's own packer; None (always use the packed kernel) if neither matches."""
-    if not _CPU_INT4_BLOCK:
+    if not _cpu_int4_block_found:
         u = torch.randint(0, 16, (112, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-        found = [b for b in (64, 32) if torch.equal(_int4_unpack_cpu(packed, b).to(torch.int32), u)]
-        _CPU_INT4_BLOCK.append(found[0] if found else None)
-    return _CPU_INT4_BLOCK[0]
+        found = [b for b in (64, 32) if torch.equal(int4_unpack_cpu(packed, b).to(torch.int32), u)]
+        _cpu_int4_block_found.append(found[0] if found else None)
+    return _cpu_int4_block_found[0]
 
 
 def _int4_dequantize_packed(packed, scales_and_zeros, group_size: int) -> torch.Tensor:
     """Packed int4 + (G, N, 2) scales/zeros -> bf16 weight (N, K): (u - 8) * scale + zero, as the kernel does.
-    A transposed view of a contiguous (K, N) tensor, like `_int4_unpack_cpu`."""
+    A transposed view of a contiguous (K, N) tensor, like `int4_unpack_cpu`."""
     # fp32 arithmetic (faster than bf16 on CPU and exact up to the final rounding), one rounding to bf16
-    ut = _int4_unpack_cpu(packed, _cpu_int4_block(), torch.float32).t()             # (K, N) u, contiguous
+    ut = int4_unpack_cpu(packed, cpu_int4_block(), torch.float32).t()             # (K, N) u, contiguous
     K, N = ut.shape
     scale, zero = scales_and_zeros[..., 0].float(), scales_and_zeros[..., 1].float()   # (G, N) each
     ut.view(K // group_size, group_size, N).sub_(8).mul_(scale[:, None]).add_(zero[:, None])
@@ -299,16 +300,16 @@ def _check_int4(name: str, in_features: int, out_features: int, group_size: int)
                                 "torch's CPU int4 packing needs; leave this module unquantized")
 
 
-def _aligned(t: torch.Tensor) -> torch.Tensor:
+def aligned_copy(t: torch.Tensor) -> torch.Tensor:
     """A fresh contiguous copy. NOTE: the packed kernels use aligned vector loads and crash (segfault) on tensors
     that alias a file buffer at an unaligned offset, as safetensors / mmap loads do; torch's allocator aligns."""
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _flat(x, in_features):
-    """x (..., K) -> (M, K) bf16, contiguous and 64-byte aligned (see _aligned)."""
+    """x (..., K) -> (M, K) bf16, contiguous and 64-byte aligned (see aligned_copy)."""
     x2 = x.reshape(-1, in_features).to(COMPUTE_DTYPE).contiguous()
-    return _aligned(x2) if x2.data_ptr() % 64 else x2
+    return aligned_copy(x2) if x2.data_ptr() % 64 else x2
 
 
 def _check_int8(name: str, in_features: int):
@@ -331,11 +332,25 @@ class Int8Linear(nn.Module):
     @staticmethod
     def pack(weight, weight_scale) -> dict:
         """On-disk (q (N, K) int8, scale (N, 1)) -> this module's buffers."""
-        return {"weight": _aligned(weight.to(torch.int8)), "scale": weight_scale.reshape(-1).to(COMPUTE_DTYPE)}
+        return {"weight": aligned_copy(weight.to(torch.int8)), "scale": weight_scale.reshape(-1).to(COMPUTE_DTYPE)}
 
     def forward(self, x):
         y = _int8_mm(_flat(x, self.in_features), self.weight, self.scale)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding stored int8 with one scale per row: weight (V, D) int8, scale (V,) bf16. The lookup returns
+    weight[t] * scale[t] in `dtype`. Tied models share these buffers with an Int8Linear output head."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype=torch.float32, device=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.register_buffer("weight", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.empty(num_embeddings, dtype=COMPUTE_DTYPE, device=device))
+
+    def forward(self, tokens):
+        return (self.weight[tokens].to(self.dtype) * self.scale[tokens, None].to(self.dtype))
 
 
 class Int4Linear(nn.Module):
@@ -409,7 +424,7 @@ class Int8Experts(nn.Module):
         """On-disk per-matrix (q (E, N, K) int8, scale (E, N, 1)) -> fused buffers."""
         return {"w13": torch.cat((w1, w3), dim=1).to(torch.int8).contiguous(),
                 "w13_scale": torch.cat((w1_scale, w3_scale), dim=1).flatten(1).to(COMPUTE_DTYPE),
-                "w2": _aligned(w2.to(torch.int8)), "w2_scale": w2_scale.flatten(1).to(COMPUTE_DTYPE)}
+                "w2": aligned_copy(w2.to(torch.int8)), "w2_scale": w2_scale.flatten(1).to(COMPUTE_DTYPE)}
 
     def expert(self, e: int, seg):
         h = _int8_mm(_flat(seg, self.dim), self.w13[e], self.w13_scale[e])             # (n, 2F)
@@ -542,7 +557,7 @@ def _disk_tensors(mod: nn.Module, spec: QuantSpec) -> dict:
     return out
 
 
-def _set_module(model: nn.Module, name: str, new: nn.Module):
+def set_module(model: nn.Module, name: str, new: nn.Module):
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
@@ -559,7 +574,7 @@ def quantize_model(model: nn.Module, scheme: str | QuantSpec, group_size: int | 
     for (name, mod), new in zip(targets, meta):
         if not _is_meta(mod):
             new.load_state_dict(type(new).pack(**_disk_tensors(mod, spec)), assign=True)
-        _set_module(model, name, new)
+        set_module(model, name, new)
     return model
 
 
@@ -618,7 +633,3 @@ def runtime_state_dict(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[st
         sd.update({prefix + k: v for k, v in buffers.items()})
     return sd
 
-
-def quantized_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (what the weights of a loaded model occupy)."""
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))

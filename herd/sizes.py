@@ -1,4 +1,5 @@
-"""Parameter and byte counts of a config, from a model built on the meta device (no memory is allocated)."""
+"""Parameter and byte counts: of a config, from a model built on the meta device (no memory is allocated), and of a
+built model's resident weights."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -56,3 +57,15 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.1f}{suffix}{unit}"
     return f"{n:.0f}{unit}"
+
+
+def resident_bytes(model) -> int:
+    """Bytes of storage behind a built model's parameters and buffers, each storage counted once (tied weights
+    share one)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total

@@ -141,7 +141,7 @@ class StreamDecoder:
 def tokenizer_from_gguf(path: str | Path) -> Tokenizer:
     from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models
 
-    from .gguf_loader import metadata, open_gguf
+    from .gguf import metadata, open_gguf
 
     meta = metadata(open_gguf(path))
     kind = meta.get("tokenizer.ggml.model")
@@ -240,7 +240,7 @@ def llama4_tiktoken(path: Path):
 
 def load_tokenizer(path: str | Path, eos_ids: list[int] | None = None) -> Tokenizer:
     """The tokenizer that belongs to a model path (a GGUF file or an HF folder)."""
-    from .gguf_loader import is_gguf
+    from .gguf import is_gguf
 
     path = Path(path)
     if is_gguf(path):

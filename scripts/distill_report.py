@@ -35,7 +35,7 @@ def student_config(vocab_size: int, bos: int, eos: int) -> dict:
 
 
 def train_args(extra: list[str]):
-    from herd.train import add_train_flags
+    from herd.train.flags import add_train_flags
     return add_train_flags(argparse.ArgumentParser(), distill="--teacher" in extra).parse_args(extra)
 
 
@@ -73,12 +73,12 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import herd
-    from herd.data import TokenLoader, load_tokens
+    from herd.train.data import TokenLoader, load_tokens
     from herd.engine import SamplingParams
-    from herd.synth import read_prompts, synthesize
+    from herd.train.synth import read_prompts, synthesize
     from herd.textgen import default_model_path
     from herd.tokenizer import load_tokenizer
-    from herd.train import train
+    from herd.train.train import train
 
     times, t_all = {}, time.perf_counter()
     teacher_path = default_model_path()

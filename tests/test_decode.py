@@ -6,15 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from herd import decode, kernels
+from herd.cpu import decode, kernels, extension
 from herd.config import preset
 from herd.engine import Engine, SamplingParams
-from herd.fuse import fuse_model
+from herd.cpu.fuse import fuse_model
 from herd.model import RMSNorm, rope_angles
 from herd.model import Transformer
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"herd kernels {kernels.status()}")
-ext = kernels._load
+needs_kernels = pytest.mark.skipif(not extension.available(), reason=f"herd kernels {extension.status()}")
+ext = extension.ext
 
 
 @needs_kernels
@@ -169,7 +169,7 @@ def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
     assert type(model.layers[0]) is decode.HerdBlock
     prompt = torch.randint(3, 512, (20,), generator=torch.Generator().manual_seed(1)).tolist()
     calls = []
-    one_call = kernels._ext.decode_layer
+    one_call = extension.ext().decode_layer
 
     def run():
         engine = Engine(model, max_batch=1)
@@ -179,7 +179,7 @@ def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
                 engine.step()
         return req.output, torch.tensor([x["logprob"] for x in req.logprobs])
 
-    monkeypatch.setattr(kernels._ext, "decode_layer", lambda *a: calls.append(1) or one_call(*a))
+    monkeypatch.setattr(extension.ext(), "decode_layer", lambda *a: calls.append(1) or one_call(*a))
     tokens, lp = run()
     if kind == "llama4":
         experts = {"int4": kernels.HerdInt4Experts, "int8": kernels.HerdInt8Experts, "fp32": decode.HerdExperts}
@@ -208,7 +208,7 @@ def test_whole_layer_decode_refuses_a_slot_outside_the_cache():
     args = list(block._one_call_args(*step))
     args[-4] = 64                                       # slot
     with pytest.raises(RuntimeError, match="do not fit a cache"):
-        kernels._ext.decode_layer(*args)
+        extension.ext().decode_layer(*args)
 
 
 @needs_kernels
@@ -236,20 +236,20 @@ def test_whole_layer_decode_refuses_mismatched_shapes():
     bad = list(args)
     bad[21] = args[21][:2]                              # experts_w13 with 2 of the router's 4 experts
     with pytest.raises(RuntimeError, match="router's 4 outputs"):
-        kernels._ext.decode_layer(*bad)
+        extension.ext().decode_layer(*bad)
     bad = list(args)
     bad[25] = args[25] * 2                              # an expert hidden dim the matrices do not have
     with pytest.raises(RuntimeError, match="experts_w13 has 128 outputs, expected 256"):
-        kernels._ext.decode_layer(*bad)
+        extension.ext().decode_layer(*bad)
     bad = list(args)
     bad[28] = args[28] + args[29]                       # more query heads than wqkv has outputs for
     with pytest.raises(RuntimeError, match="do not match wqkv's"):
-        kernels._ext.decode_layer(*bad)
+        extension.ext().decode_layer(*bad)
     bad = list(args)
     bad[1] = args[1][:-1]                               # a norm weight one short
     with pytest.raises(RuntimeError, match=r"attn_norm must be a contiguous fp32 \(64,\)"):
-        kernels._ext.decode_layer(*bad)
-    kernels._ext.decode_layer(*args)                    # the untouched arguments run
+        extension.ext().decode_layer(*bad)
+    extension.ext().decode_layer(*args)                    # the untouched arguments run
 
 
 @needs_kernels
@@ -260,12 +260,12 @@ def test_whole_layer_decode_refuses_mismatched_quantized_experts():
     bad = list(args)
     bad[24] = args[24][:3]                              # row scales of 3 of the 4 experts
     with pytest.raises(RuntimeError, match=r"experts_w2 must stack one expert per router output \(the router's 4"):
-        kernels._ext.decode_layer(*bad)
+        extension.ext().decode_layer(*bad)
     bad = list(args)
     bad[22] = args[22][:, :-16].contiguous()            # each expert's gate/up row scales 16 short
     with pytest.raises(RuntimeError, match="experts_w13 has 112 row scales, expected 128"):
-        kernels._ext.decode_layer(*bad)
-    kernels._ext.decode_layer(*args)
+        extension.ext().decode_layer(*bad)
+    extension.ext().decode_layer(*args)
 
 
 @needs_kernels
@@ -321,10 +321,11 @@ def test_herd_linear_and_experts_match_their_twins():
 
 
 def test_use_decode_kernels_is_a_no_op_where_the_extension_cannot_run(monkeypatch):
-    monkeypatch.setattr(kernels, "available", lambda: False)
+    monkeypatch.setattr(extension, "_ext", None)           # as extension.ext() leaves it where the build fails
+    monkeypatch.setattr(extension, "_status", "off: the test says so")
     model = fuse_model(tiny("llama4"))
     assert decode.use_decode_kernels(model) == 0
-    assert not any(type(m).__module__ == "herd.decode" for m in model.modules())
+    assert not any(type(m).__module__ == "herd.cpu.decode" for m in model.modules())
 
 
 def test_host_temperature_matches_model():
@@ -332,7 +333,7 @@ def test_host_temperature_matches_model():
     from herd.model import attention_temperature
     model = fuse_model(tiny("llama4"))
     nope = next(layer.attention for layer in model.layers if layer.attention.spec.temperature_tuning)
-    attn = decode._retype(nope, decode.HerdAttention, ())
+    attn = decode.retype(nope, decode.HerdAttention, ())
     for p in (0, 6, 7, 8, 100, 8191, 8192, 10 ** 6):
         _, host = attn.rotation_and_q_scale(None, p)
         ref = float(attention_temperature(torch.tensor([[p]]), attn.floor_scale, attn.attn_scale))

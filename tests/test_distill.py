@@ -9,11 +9,11 @@ import torch
 from herd.checkpoint import save_hf
 from herd.cli import main as cli
 from herd.config import preset
-from herd.data import ByteTokenizer, TokenLoader, load_tokens, read_documents
-from herd.distill import DistillError, TeacherCache, build_teacher_cache, check_same_tokenizer, kl_full, kl_topk
+from herd.train.data import ByteTokenizer, TokenLoader, load_tokens, read_documents
+from herd.train.distill import DistillError, TeacherCache, build_teacher_cache, check_same_tokenizer, kl_full, kl_topk
 from herd.model import Transformer
 from herd.tokenizer import load_tokenizer
-from herd.train import add_train_flags, train
+from herd.train.train import add_train_flags, train
 from test_upcycle import WORDS, make_tokenizer
 
 

@@ -6,7 +6,7 @@ from gguf import GGMLQuantizationType as Q, GGUFWriter, quants
 
 import herd
 from herd.config import preset
-from herd.gguf_loader import GGUF_TO_NATIVE, GGUFError, open_gguf
+from herd.gguf import GGUF_TO_NATIVE, GGUFError, open_gguf
 from herd.model import Transformer
 
 NATIVE_TO_GGUF = {v: k for k, v in GGUF_TO_NATIVE.items()}

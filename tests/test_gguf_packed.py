@@ -1,5 +1,5 @@
-"""GGUF Q4_0 / Q4_1 / Q8_0 repacked into herd's packed modules (herd/gguf_packed.py) against gguf's own dequantized
-reference, the fused QKV / gate-up modules (herd/fuse.py) against the unfused ones, and the repacked SmolLM2 against
+"""GGUF Q4_0 / Q4_1 / Q8_0 repacked into herd's packed modules (herd/gguf.py) against gguf's own dequantized
+reference, the fused QKV / gate-up modules (herd/cpu/fuse.py) against the unfused ones, and the repacked SmolLM2 against
 the fp32-dequantized model."""
 import numpy as np
 import pytest
@@ -7,8 +7,9 @@ import torch
 
 import herd
 from herd.config import preset
-from herd.fuse import FusedAttention, FusedFeedForward, fuse_model
-from herd.gguf_packed import Int8Embedding, int8_rows, packed_linear, q4_values, q8_0_values
+from herd.cpu.fuse import FusedAttention, FusedFeedForward, fuse_model
+from herd.gguf import int8_rows, packed_linear, q4_values, q8_0_values
+from herd.quantize import Int8Embedding
 from herd.model import Transformer
 from herd.quantize import Int4Linear, Int8Linear, dequantize, quantize_model
 
@@ -116,7 +117,7 @@ def test_repacked_smollm2_close_to_fp32(matmuls, monkeypatch):
     Measured on this 79-token text (prefill): relative Frobenius logit error 1.2e-2 (8.5e-3 with the embedding /
     head kept fp32: the rest is bf16 scales, zeros and activations), top-1 agreement 95%, perplexity 0.7% apart (on
     4096 tokens, bench/perplexity.py: +0.13%). Stated: 2.5e-2, 90%, 1.5%."""
-    from herd import kernels
+    from herd.cpu import extension, kernels
     from herd.textgen import default_model_path
     from herd.tokenizer import load_tokenizer
 
@@ -130,11 +131,11 @@ def test_repacked_smollm2_close_to_fp32(matmuls, monkeypatch):
             "because reading memory, not arithmetic, limits the speed of a small model on an ordinary processor.")
     ids = torch.tensor([load_tokenizer(path).encode(text)[:128]])
     if matmuls == "decode kernels":
-        if not kernels.available():
-            pytest.skip(f"herd kernels {kernels.status()}")
+        if not extension.available():
+            pytest.skip(f"herd kernels {extension.status()}")
         monkeypatch.setattr(kernels, "DEQUANT_ROWS", 10**9)
-    packed = herd.load(path, quant="packed")
-    if kernels.available():      # the head and the embedding share one int8 matrix, in the kernels' layout
+    packed = herd.load(path, quant="packed", prepare=True)
+    if extension.available():      # the head and the embedding share one int8 matrix, in the kernels' layout
         assert isinstance(packed.output, kernels.HerdInt8Linear)
         assert isinstance(packed.tok_embeddings, kernels.HerdInt8Embedding)
         assert packed.tok_embeddings.head[0] is packed.output

@@ -1,13 +1,13 @@
-"""herd's AVX512-VNNI decode kernels (herd/kernels.cpp) against their float64 twins in herd/kernels.py, the stream
+"""herd's AVX512-VNNI decode kernels (herd/cpu/kernels.cpp) against their float64 twins in herd/cpu/kernels.py, the stream
 layouts against torch's packed layout, and the Herd* modules against the quantize.py modules they replace."""
 import pytest
 import torch
 
-from herd import kernels
-from herd.quantize import (Int4Linear, Int8Linear, _cpu_int4_block, _int4_dequantize_packed, _int4_unpack_cpu,
+from herd.cpu import kernels, extension
+from herd.quantize import (Int4Linear, Int8Linear, cpu_int4_block, _int4_dequantize_packed, int4_unpack_cpu,
                            linear_reference, quantize_tensor, unpack_int4)
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"herd kernels {kernels.status()}")
+needs_kernels = pytest.mark.skipif(not extension.available(), reason=f"herd kernels {extension.status()}")
 
 
 def int4_weights(N, K, G, seed=0, zero=True):
@@ -39,7 +39,7 @@ def test_int8_stream_round_trip():
 def test_activation_quantization_matches_reference():
     x = rows(5, 96)
     x[1, 32:64] = 0                                                  # an all-zero block: scale 0, no division by 0
-    xq, xs = kernels._load().quantize_x(x)
+    xq, xs = extension.ext().quantize_x(x)
     rq, rs = kernels.quantize_activations_reference(x)
     assert torch.equal(xq, rq)
     torch.testing.assert_close(xs, rs, rtol=1e-6, atol=0)
@@ -82,7 +82,7 @@ def test_kernels_refuse_mismatched_inputs():
     with pytest.raises(RuntimeError, match="int4 stream has the wrong size"):
         kernels.int4_mm(rows(1, 64), stream[:-64], 32, 32)
     with pytest.raises(RuntimeError, match=r"fp32 \(M, 64\)"):
-        kernels._load().int4_mm(rows(1, 64).double(), stream, 32, 32)
+        extension.ext().int4_mm(rows(1, 64).double(), stream, 32, 32)
     with pytest.raises(RuntimeError, match="output dim a multiple of 16; got input 64, group 32, output 24"):
         kernels.int4_mm(rows(1, 64), stream, 24, 32)
     with pytest.raises(RuntimeError, match="multiple of 32"):
@@ -158,7 +158,7 @@ def test_int4_dequantize_matches_its_twin(N, K, G):
     finally:
         torch.set_num_threads(before)
     with pytest.raises(RuntimeError, match="int4 stream has the wrong size"):
-        kernels._load().int4_dequantize(mod.stream[:-1], N, K, G)
+        extension.ext().int4_dequantize(mod.stream[:-1], N, K, G)
 
 
 @needs_kernels
@@ -189,7 +189,7 @@ def quantized_experts(scheme: str):
     F = mod.hidden_dim
     if scheme == "int4":            # (u - 8) * scale + zero in fp32 (a bf16 rounding of it would add ~4e-3 here)
         def weight(packed, sz):
-            u = _int4_unpack_cpu(packed, _cpu_int4_block(), torch.uint8).float()             # (N, K)
+            u = int4_unpack_cpu(packed, cpu_int4_block(), torch.uint8).float()             # (N, K)
             G = u.shape[1] // sz.shape[0]
             s, z = sz[..., 0].t().float().repeat_interleave(G, 1), sz[..., 1].t().float().repeat_interleave(G, 1)
             return (u - 8) * s + z
@@ -243,7 +243,7 @@ def test_use_herd_kernels_converts_experts_the_kernels_take():
 
 @needs_kernels
 def test_tied_int8_embedding_reads_the_head_stream():
-    from herd.gguf_packed import Int8Embedding
+    from herd.quantize import Int8Embedding
 
     class Tiny(torch.nn.Module):
         def __init__(self):
@@ -265,10 +265,10 @@ def test_tied_int8_embedding_reads_the_head_stream():
 
 
 def test_status_explains_itself(monkeypatch):
-    monkeypatch.setattr(kernels, "_status", None)
-    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(extension, "_status", None)
+    monkeypatch.setattr(extension, "_ext", None)
     monkeypatch.setenv("HERD_KERNELS", "0")
-    assert not kernels.available() and "HERD_KERNELS=0" in kernels.status()
+    assert not extension.available() and "HERD_KERNELS=0" in extension.status()
     model = torch.nn.Sequential(Int8Linear(32, 16, device="meta"))
     assert kernels.use_herd_kernels(model) == 0 and isinstance(model[0], Int8Linear)
 
@@ -279,7 +279,7 @@ def test_kernels_give_the_same_numbers_on_any_thread_count():
     computed by one thread with the same arithmetic, so 2 and 3 threads (pool rebuilt at each change) give
     bit-identical matmuls; the pool is used over and over. attend_one splits the keys into ranges merged by
     log-sum-exp, so its sums move by float rounding only."""
-    from herd import decode
+    from herd.cpu import decode
     u, sz = int4_weights(1536, 576, 32, zero=True)
     stream = kernels.int4_stream(u, sz, 32)
     w8 = torch.randint(-127, 128, (1024, 576), generator=torch.Generator().manual_seed(1), dtype=torch.int8)
@@ -289,7 +289,7 @@ def test_kernels_give_the_same_numbers_on_any_thread_count():
 
     def outputs():
         return (kernels.int4_mm(x, stream, 1536, 32), kernels.int8_mm(x, s8, scale),
-                kernels._load().attend_one(q, k, v, torch.arange(600), 599, 0))
+                extension.ext().attend_one(q, k, v, torch.arange(600), 599, 0))
 
     before = torch.get_num_threads()
     try:

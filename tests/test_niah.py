@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from herd import niah
+from herd.eval import niah
 from herd.cli import main
 from herd.engine import Request
 from herd.tokenizer import load_tokenizer

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from herd.data import ByteTokenizer, DataError
-from herd.pairs import IGNORE, PairLoader, is_pairs, load_pairs
+from herd.train.data import ByteTokenizer, DataError
+from herd.train.pairs import IGNORE, PairLoader, is_pairs, load_pairs
 from test_train import run
 
 KEYS = {"red": "warm", "blue": "cold", "green": "calm", "black": "dark"}

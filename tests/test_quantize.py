@@ -13,7 +13,7 @@ from herd.cli import main as cli_main
 from herd.config import preset
 from herd.model import Experts, Transformer
 from herd.quantize import (
-    INT4_DEQUANT_ROWS, INT8_DEQUANT_ROWS, _cpu_int4_block, _int4_unpack_cpu,
+    INT4_DEQUANT_ROWS, INT8_DEQUANT_ROWS, cpu_int4_block, int4_unpack_cpu,
     EXPERT_MODULES, Fp8Experts, Fp8Linear, Int4Experts, Int4Linear, Int8Experts, Int8Linear, QuantizationError,
     QuantSpec, dequantize, linear_reference, make_spec, pack_int4, quantize_int4, quantize_model, quantize_tensor,
     quantized_shapes, quantized_state_dict, spec_from_hf_config, unpack_int4,
@@ -182,13 +182,13 @@ def test_int4_linear_matches_reference(group_size, M, symmetric):
 @pytest.mark.parametrize("N", [16, 48, 64, 112, 256])
 def test_cpu_int4_layout_unpacks_exactly(N):
     """The dequantize path reads torch's packed layout; the block size is detected against torch's own packer."""
-    block = _cpu_int4_block()
+    block = cpu_int4_block()
     assert block in (64, 32, None)
     if block is None:
         pytest.skip("this CPU's int4 layout is unknown; the packed kernel runs for every row count")
     u = torch.randint(0, 16, (N, 96), dtype=torch.int32)
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u, 1)
-    assert torch.equal(_int4_unpack_cpu(packed, block).to(torch.int32), u)
+    assert torch.equal(int4_unpack_cpu(packed, block).to(torch.int32), u)
 
 
 def test_int4_linear_with_zero_points():

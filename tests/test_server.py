@@ -319,11 +319,11 @@ def test_64_concurrent_streams(tiny_server, tiny_ref):
 
 def test_streamed_auto_tool_calls_hold_back_the_call(tiny_folders):
     """tool_choice auto, streaming: prose goes out as it comes, a call is never streamed as text."""
-    from herd.server import _Choice
+    from herd.serve.stream import ChoiceStream
     tok = load_tokenizer(tiny_folders[0])
 
     def stream(text):
-        s = _Choice(0, tok, [], "auto", {"get_weather"})
+        s = ChoiceStream(0, tok, [], "auto", {"get_weather"})
         ids = tok.encode(text) + [2]
         sent = ""
         for k, t in enumerate(ids):
@@ -342,11 +342,11 @@ def test_streamed_auto_tool_calls_hold_back_the_call(tiny_folders):
 def test_streamed_forced_call_arguments_add_up(tiny_folders):
     """A forced call streams its arguments as the JSON grows; the pieces add up to the final `arguments`, which is
     the generated text itself (json.dumps would respell the escape and turn 1e400 into Infinity, not JSON)."""
-    from herd.server import _Choice
+    from herd.serve.stream import ChoiceStream
     tok = load_tokenizer(tiny_folders[0])
     args = '{"city": "Z\\u00fcrich", "n": 1e400, "tags": ["a}", "b\\""]}'
     ids = tok.encode('{"name": "pick", "arguments": ' + args + "}") + [2]
-    s = _Choice(0, tok, [], "forced", {"pick"})
+    s = ChoiceStream(0, tok, [], "forced", {"pick"})
     deltas = []
     for k, t in enumerate(ids):
         s.push(t, None, "stop" if k == len(ids) - 1 else None)
@@ -685,7 +685,7 @@ def test_16_clients_share_decode_steps(default_server):
     """16 concurrent clients are decoded together (the batch-size histogram), and their aggregate tokens/s is
     reported against one client's. The >= 6x target is measured by bench/serve_batching.py: on a shared 2-core
     machine a timing ratio is too noisy to assert here."""
-    from herd.bench_serve import run_bench
+    from herd.serve.bench import run_bench
 
     s = default_server
     one = run_bench(s.url, concurrency=1, requests=2, max_tokens=16, ignore_eos=True, api_key="unused")

@@ -14,12 +14,12 @@ import torch
 from safetensors.torch import load_file
 
 import herd
-from herd import losses
+from herd.train import losses
 from herd.checkpoint import save_hf
 from herd.config import preset
-from herd.data import DataError
+from herd.train.data import DataError
 from herd.model import Transformer
-from herd.train import TrainingError, add_train_flags, train
+from herd.train.train import TrainingError, add_train_flags, train
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ("the cat sat on a mat while dog ran to big red house and small blue car went far away over "
@@ -143,7 +143,7 @@ def test_torchrun_two_processes_match_one(tmp_path, mode):
 
 DIST_SCRIPT = """
 import torch, torch.distributed as dist
-from herd.parallel import all_reduce, distributed
+from herd.train.parallel import all_reduce, distributed
 with distributed("cpu") as d:                  # joins the group here: leaves it destroyed
     t = all_reduce(torch.ones(1))
 print(f"rank {d.rank}: sum {t.item():.0f}, group destroyed: {not dist.is_initialized()}")
@@ -163,7 +163,7 @@ def test_distributed_destroys_only_the_group_it_joined(tmp_path):
         assert f"rank {rank}: sum 2, group destroyed: True" in p.stdout, p.stdout
     # a group the caller joined (here a 1-process one) is the caller's to destroy
     import torch.distributed as dist
-    from herd.parallel import distributed
+    from herd.train.parallel import distributed
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         with distributed("cpu"):

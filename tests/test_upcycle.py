@@ -10,7 +10,7 @@ from herd.checkpoint import save_hf
 from herd.cli import main as cli
 from herd.config import preset
 from herd.model import MoE, Transformer
-from herd.upcycle import closeness, upcycle
+from herd.train.upcycle import closeness, upcycle
 
 WORDS = "the cat sat on a mat while dog ran to big red house and small blue car went far away".split()
 

@@ -3,10 +3,8 @@
 Why: at batch 1 a decode step reads every weight once, so its matmuls are memory-bound. torch's packed kernels
 (quantize.py) streamed SmolLM2's 66 MB of int4 matrices at ~6 GB/s on this machine (~10.5 GB/s for a plain sum on
 one core); these stream them at ~9.5 GB/s from memory and at 1.5-2.5x torch's speed from cache
-(bench/quant_matmul.py). kernels.cpp is compiled at first use with torch.utils.cpp_extension (a C++ compiler and
-ninja are needed; ~40 s here, cached under ~/.cache/torch_extensions).
-Where it cannot run (no AVX512-VNNI, no compiler, HERD_KERNELS=0) `status()` says why and the model keeps torch's
-kernels: `use_herd_kernels(model)` is a no-op there.
+(bench/quant_matmul.py). kernels.cpp is built by extension.py; where it cannot run, extension.status() says why
+and the model keeps torch's kernels: `use_herd_kernels(model)` is a no-op there.
 
 Math, for activation rows x (M, K) fp32:
 - Activations are quantized per block of 32 inputs: xs = max|x_block| / 32767, xq = round(x / xs) in int16
@@ -34,15 +32,13 @@ bf16 and run a dense matmul, as quantize.py's modules do.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from . import ops
-from .quantize import (COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Experts, Int8Linear, _cpu_int4_block,
-                       _int4_unpack_cpu, _set_module)
+from .. import ops
+from .extension import ext
+from ..quantize import (COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Experts, Int8Linear, cpu_int4_block,
+                       int4_unpack_cpu, set_module)
 
 ROWS = 16            # output rows per block (one 512-bit register of 32-bit lanes)
 X_BLOCK = 32         # inputs per activation scale
@@ -51,58 +47,6 @@ X_BLOCK = 32         # inputs per activation scale
 # at SmolLM2's shapes, 1 thread (bench/quant_matmul.py): the kernels are faster up to 192 rows for every shape
 # (int4: 1.3-1.8x at 192 rows), so the switch is at 256, where quantize.py switches too.
 DEQUANT_ROWS = 256
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512vnni", "-mfma", "-fopenmp"]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni", "fma")
-
-_ext = None
-_status: str | None = None
-
-
-def _load():
-    """Build (once per machine, cached by torch) and import kernels.cpp; None with `_status` saying why not."""
-    global _ext, _status
-    if _status is not None:
-        return _ext
-    if os.environ.get("HERD_KERNELS", "1") == "0":
-        _status = "off: HERD_KERNELS=0"
-        return None
-    missing = _missing_cpu_flags()
-    if missing:
-        _status = f"off: this CPU lacks {', '.join(missing)} (torch's kernels are used)"
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-        # one extension: these matmuls and decode.cpp's norm / rotary / attention steps (decode.py)
-        sources = [Path(__file__).with_name(name).read_text() for name in ("kernels.cpp", "decode.cpp")]
-        _ext = load_inline("herd_kernels", cpp_sources=sources,
-                           functions=["int4_mm", "int8_mm", "fp32_mm", "int4_dequantize", "quantize_x", "rms_norm",
-                                      "decode_qkv", "attend_one", "silu_mul", "decode_layer"],
-                           extra_cflags=_CFLAGS, extra_ldflags=["-fopenmp"], verbose=False)
-        _status = "on: AVX512-VNNI int4/int8 decode kernels and decode steps"
-    except Exception as e:   # no compiler, no ninja, ...: keep torch's kernels, say why
-        _status = f"off: building kernels.cpp failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:200]})"
-    return _ext
-
-
-def _missing_cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ["a readable /proc/cpuinfo (Linux x86)"]
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [f for f in _CPU_FLAGS if f not in flags]
-
-
-def available() -> bool:
-    return _load() is not None
-
-
-def status() -> str:
-    """One line: whether herd's kernels run here, and if not, why."""
-    _load()
-    return _status
-
-
 # ---- layouts --------------------------------------------------------------------------------------------------------
 def int4_stream(u: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """u (N, K) in 0..15 (any integer dtype), scales_and_zeros (K/G, N, 2) bf16 -> the int4 stream, uint8 (bytes,)."""
@@ -118,7 +62,7 @@ def int4_stream(u: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int
 def int4_stream_from_torch(packed: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
     """A matrix in torch's packed CPU int4 layout (quantize.Int4Linear's weight, an Int4Experts expert's w13 / w2)
     with its scales_and_zeros -> the int4 stream."""
-    return int4_stream(_int4_unpack_cpu(packed, _cpu_int4_block(), torch.uint8), scales_and_zeros, group_size)
+    return int4_stream(int4_unpack_cpu(packed, cpu_int4_block(), torch.uint8), scales_and_zeros, group_size)
 
 
 def int4_unstream(stream: torch.Tensor, N: int, K: int, group_size: int):
@@ -145,12 +89,12 @@ def int8_unstream(stream: torch.Tensor, N: int, K: int) -> torch.Tensor:
 # ---- kernels and their twins ----------------------------------------------------------------------------------------
 def int4_mm(x: torch.Tensor, stream: torch.Tensor, N: int, group_size: int) -> torch.Tensor:
     """x (M, K) -> (M, N) fp32 through the int4 kernel."""
-    return _load().int4_mm(x.float().contiguous(), stream, N, group_size)
+    return ext().int4_mm(x.float().contiguous(), stream, N, group_size)
 
 
 def int8_mm(x: torch.Tensor, stream: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) -> (M, N) fp32 through the int8 kernel; row_scale (N,) fp32."""
-    return _load().int8_mm(x.float().contiguous(), stream, row_scale)
+    return ext().int8_mm(x.float().contiguous(), stream, row_scale)
 
 
 def quantize_activations_reference(x: torch.Tensor):
@@ -187,8 +131,8 @@ def int4_linear(x2: torch.Tensor, stream: torch.Tensor, N: int, K: int, group_si
     """x2 (M, K) -> (M, N): the int4 kernel for few rows; from DEQUANT_ROWS rows on the matrix dequantized to bf16
     (kernels.cpp's int4_dequantize gives it as a contiguous (K, N) buffer) and a dense bf16 matmul. fp32 or bf16."""
     if x2.shape[0] >= DEQUANT_ROWS:
-        return x2.to(COMPUTE_DTYPE) @ _ext.int4_dequantize(stream, N, K, group_size)
-    return _ext.int4_mm(x2.float().contiguous(), stream, N, group_size)     # the extension directly: ~120 calls a step
+        return x2.to(COMPUTE_DTYPE) @ ext().int4_dequantize(stream, N, K, group_size)
+    return ext().int4_mm(x2.float().contiguous(), stream, N, group_size)     # the extension directly: ~120 calls a step
 
 
 def int8_linear(x2: torch.Tensor, stream: torch.Tensor, row_scale: torch.Tensor, N: int, K: int) -> torch.Tensor:
@@ -197,7 +141,7 @@ def int8_linear(x2: torch.Tensor, stream: torch.Tensor, row_scale: torch.Tensor,
     if x2.shape[0] >= DEQUANT_ROWS:
         w = int8_unstream(stream, N, K)
         return x2.to(COMPUTE_DTYPE) @ (w.to(COMPUTE_DTYPE) * row_scale.to(COMPUTE_DTYPE)[:, None]).t()
-    return _ext.int8_mm(x2.float().contiguous(), stream, row_scale)
+    return ext().int8_mm(x2.float().contiguous(), stream, row_scale)
 
 
 # ---- modules --------------------------------------------------------------------------------------------------------
@@ -218,7 +162,7 @@ class HerdInt4Linear(nn.Module):
         """The weight (N, K) in bf16, (u - 8) * scale + zero, as the transposed view of a contiguous (K, N) buffer,
         for prefill's dense matmul: kernels.cpp's int4_dequantize, bit-identical to `dequantize_reference` and ~7x
         faster (SmolLM2's 66 MB of int4 matrices: 45 vs 326 ms at 2 threads)."""
-        return _ext.int4_dequantize(self.stream, self.out_features, self.in_features, self.group_size).t()
+        return ext().int4_dequantize(self.stream, self.out_features, self.in_features, self.group_size).t()
 
     def dequantize_reference(self) -> torch.Tensor:
         """dequantize's twin in torch ops: the nibbles are written straight to their (k, n) places and the
@@ -300,7 +244,7 @@ class _HerdExperts(nn.Module):
 
     def expert(self, e: int, seg):                                    # seg (n, D) gated inputs -> (n, D)
         h = self.gate_up(e, seg.reshape(-1, self.dim)).float().contiguous()             # (n, 2F)
-        return self.down(e, _ext.silu_mul(h)).to(seg.dtype)
+        return self.down(e, ext().silu_mul(h)).to(seg.dtype)
 
     def forward(self, x, expert_idx, gate):
         return ops.dispatch_experts(x, expert_idx, gate, self.n_experts, self.expert)
@@ -359,7 +303,7 @@ class HerdInt8Experts(_HerdExperts):
 def can_convert(mod: nn.Module) -> bool:
     """Shapes the kernels take: 16 | out_features, 32 | in_features, 32 | group size (int4); for experts, of both
     their matrices (2F x D and D x F)."""
-    if type(mod) in (Int4Linear, Int4Experts) and _cpu_int4_block() is None:
+    if type(mod) in (Int4Linear, Int4Experts) and cpu_int4_block() is None:
         return False
     if type(mod) in (Int4Experts, Int8Experts):
         shapes = ((2 * mod.hidden_dim, mod.dim), (mod.dim, mod.hidden_dim))
@@ -383,15 +327,15 @@ def _herd_version(mod: nn.Module) -> nn.Module:
 def use_herd_kernels(model: nn.Module) -> int:
     """Swap, in place, every Int4Linear / Int8Linear / Int4Experts / Int8Experts the kernels can run for its Herd*
     version, one module at a time (the old buffers are freed as each is replaced). Returns how many were swapped; 0
-    when the kernels are off here (see status())."""
-    if not available():
+    when the kernels are off here (see extension.status())."""
+    if ext() is None:
         return 0
     swaps = [(name, mod) for name, mod in model.named_modules() if can_convert(mod)]
     emb, head = getattr(model, "tok_embeddings", None), getattr(model, "output", None)
     tied = emb is not None and head is not None and getattr(emb, "weight", None) is getattr(head, "weight", False)
     for name, mod in swaps:
         new = _herd_version(mod)
-        _set_module(model, name, new)
+        set_module(model, name, new)
         if tied and mod is head:        # an int8 embedding sharing the head's matrix: it reads the new stream
             model.tok_embeddings = HerdInt8Embedding(new, getattr(emb, "dtype", torch.float32))
     return len(swaps)

@@ -10,7 +10,7 @@ thread setup), so fewer, larger calls win; the weights are the same bytes, conca
 
 `fuse_linears` concatenates nn.Linear, quantize.Int8Linear or quantize.Int4Linear modules of one kind (Int4 rows are
 unpacked from torch's CPU layout, concatenated and repacked, so the fused module computes exactly the same weights).
-`fuse_model(model)` swaps every Attention / FeedForward whose projections can be fused; tests/test_fuse.py checks
+`fuse_model(model)` swaps every Attention / FeedForward whose projections can be fused; tests/test_gguf_packed.py checks
 fused == unfused.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import Attention, FeedForward
-from .quantize import (COMPUTE_DTYPE, Int4Linear, Int8Linear, _aligned, _cpu_int4_block, _int4_unpack_cpu)
+from ..model import Attention, FeedForward
+from ..quantize import (COMPUTE_DTYPE, Int4Linear, Int8Linear, aligned_copy, cpu_int4_block, int4_unpack_cpu)
 
 
 class FusedAttention(Attention):
@@ -41,7 +41,7 @@ class FusedFeedForward(FeedForward):
         return self.w2(F.silu(gate) * up)
 
 
-def _retype(old: nn.Module, cls: type, drop: tuple[str, ...], **modules) -> nn.Module:
+def retype(old: nn.Module, cls: type, drop: tuple[str, ...], **modules) -> nn.Module:
     """A module of class `cls` (a subclass of type(old)) holding old's attributes and submodules, minus `drop`,
     plus `modules`. `old` is left unchanged."""
     new = cls.__new__(cls)
@@ -61,7 +61,7 @@ def can_fuse(mods: list[nn.Module]) -> bool:
     if type(first) is nn.Linear:
         return all(m.bias is None and m.weight.dtype == first.weight.dtype for m in mods)
     if type(first) is Int4Linear:
-        return _cpu_int4_block() is not None and all(m.group_size == first.group_size for m in mods)
+        return cpu_int4_block() is not None and all(m.group_size == first.group_size for m in mods)
     return type(first) is Int8Linear
 
 
@@ -76,11 +76,11 @@ def fuse_linears(mods: list[nn.Module]) -> nn.Module:
         return out
     if type(first) is Int8Linear:
         out = Int8Linear(K, N, device="meta")
-        out.weight = _aligned(torch.cat([m.weight for m in mods]))
+        out.weight = aligned_copy(torch.cat([m.weight for m in mods]))
         out.scale = torch.cat([m.scale for m in mods])
         return out
     # Int4: back to u (N, K) in 0..15 and (G, N, 2) scales/zeros, concatenated along N, repacked by torch's packer
-    u = torch.cat([_int4_unpack_cpu(m.weight, _cpu_int4_block(), torch.int32) for m in mods])       # (N, K)
+    u = torch.cat([int4_unpack_cpu(m.weight, cpu_int4_block(), torch.int32) for m in mods])       # (N, K)
     out = Int4Linear(K, N, first.group_size, device="meta")
     out.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(u.contiguous(), 1)
     out.scales_and_zeros = torch.cat([m.scales_and_zeros for m in mods], dim=1).to(COMPUTE_DTYPE).contiguous()
@@ -93,10 +93,10 @@ def fuse_model(model: nn.Module) -> nn.Module:
     swaps = []
     for name, mod in model.named_modules():
         if type(mod) is Attention and can_fuse([mod.wq, mod.wk, mod.wv]):
-            swaps.append((name, _retype(mod, FusedAttention, ("wq", "wk", "wv"),
+            swaps.append((name, retype(mod, FusedAttention, ("wq", "wk", "wv"),
                                         wqkv=fuse_linears([mod.wq, mod.wk, mod.wv]))))
         elif type(mod) is FeedForward and can_fuse([mod.w1, mod.w3]):
-            swaps.append((name, _retype(mod, FusedFeedForward, ("w1", "w3"), w13=fuse_linears([mod.w1, mod.w3]))))
+            swaps.append((name, retype(mod, FusedFeedForward, ("w1", "w3"), w13=fuse_linears([mod.w1, mod.w3]))))
     for name, new in swaps:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, new)

@@ -24,12 +24,14 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import build_meta, save_hf, to_hf_config
+from ..config import PRESETS, ModelConfig, from_hf_config, preset
+from ..model import MoE
 from . import losses
-from .checkpoint import build_meta, save_hf, to_hf_config
-from .config import PRESETS, ModelConfig, from_hf_config, preset
 from .data import ByteTokenizer, TokenLoader, fingerprint, load_tokens, save_tokenizer
+from .pairs import PairLoader, is_pairs, load_pairs
 from .distill import TeacherCache, build_teacher_cache, check_same_tokenizer, kl_full, kl_topk
-from .model import MoE
+from .flags import add_train_flags
 from .optim import build_optimizer, load_optimizer_state, lr_at, save_optimizer_state
 from .parallel import Dist, all_reduce, apply_ddp, apply_fsdp, barrier, distributed
 
@@ -41,61 +43,6 @@ class TrainingError(RuntimeError):
 # Settings that define a run: a resume must use the same ones (they fix the model, the data order and the batch).
 IDENTITY = {"config": None, "data": None, "tokenizer": None, "seq_len": 256, "batch_size": 8, "grad_accum": 1,
             "seed": 0, "teacher": None, "kd_top_k": 0}
-
-
-def add_train_flags(p: argparse.ArgumentParser, distill: bool = False):
-    # Model
-    if distill:
-        p.add_argument("--teacher", required=True, help="teacher: HF folder, GGUF file or 'default'")
-        p.add_argument("--student", default=None,
-                       help="student: a preset name or config.json (fresh weights) or a checkpoint to start from")
-    else:
-        p.add_argument("--config", default=None, help="preset name (debug, ...) or config.json (HF or herd)")
-        p.add_argument("--init", default=None, help="start from these weights (HF folder or GGUF) instead of random")
-    p.add_argument("--tokenizer", default=None,
-                   help="model path whose tokenizer to use, or 'bytes' (default: the teacher's / default model's)")
-    # Data
-    p.add_argument("--data", nargs="+", default=None, help="training files: text (one document) or JSONL ('text')")
-    p.add_argument("--val-data", nargs="+", default=None, help="held-out files for the eval loss")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default 256)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per rank (default 8)")
-    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default 1)")
-    p.add_argument("--seed", type=int, default=None, help="weight init and data order seed (default 0)")
-    # Optim
-    p.add_argument("--steps", type=int, required=True, help="optimizer steps in total (a resume continues to it)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final lr as a fraction of the peak (cosine)")
-    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 10%% of --steps, at most 500)")
-    p.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    p.add_argument("--init-std", type=float, default=0.02, help="std of fresh weights")
-    # MoE
-    p.add_argument("--balance-coef", type=float, default=0.01, help="Switch load-balancing loss weight (0 = off)")
-    p.add_argument("--z-coef", type=float, default=0.001, help="router z-loss weight (0 = off)")
-    # Distillation
-    p.add_argument("--kd-weight", type=float, default=0.5, help="loss = w * KL + (1 - w) * cross-entropy")
-    p.add_argument("--temperature", type=float, default=2.0, help="softmax temperature of the KL term")
-    p.add_argument("--kd-top-k", type=int, default=None,
-                   help="0: full-vocabulary KL with the teacher run every step; k: the teacher's top-k, computed once "
-                        "and cached on disk (default 0)")
-    p.add_argument("--teacher-cache", default=None, help="top-k cache file (default OUT/teacher_topk.safetensors)")
-    # Runtime
-    p.add_argument("--out", default=None, help="run folder (default: the --resume run's folder)")
-    p.add_argument("--resume", default=None, help="run folder or checkpoint folder to continue exactly")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--keep", type=int, default=2, help="checkpoints to keep")
-    p.add_argument("--log-every", type=int, default=1, help="log every N steps")
-    p.add_argument("--eval-every", type=int, default=0, help="eval on --val-data every N steps (0: at the end)")
-    p.add_argument("--eval-batches", type=int, default=8, help="micro-batches per eval")
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fp32 master weights and optimizer)")
-    p.add_argument("--parallel", choices=["auto", "ddp", "fsdp"], default="auto",
-                   help="multi-process data parallelism under torchrun (auto = ddp)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    p.add_argument("--memory-limit", type=float, default=None, help="GiB this process may use (default: available)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    return p
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------------
@@ -118,8 +65,8 @@ def is_checkpoint(path: str) -> bool:
 
 
 def load_tok(spec: str | None):
-    from .textgen import default_model_path
-    from .tokenizer import load_tokenizer
+    from ..textgen import default_model_path
+    from ..tokenizer import load_tokenizer
     if spec == "bytes":
         return ByteTokenizer()
     return load_tokenizer(spec or default_model_path())
@@ -272,223 +219,47 @@ def train(args) -> dict:
 
 
 def _train(args, d: Dist) -> dict:
-    distill = hasattr(args, "teacher")
-    if distill and args.teacher == "default":
-        from .textgen import default_model_path
-        args.teacher = str(default_model_path())
-    if distill and args.student is not None:        # a student is either fresh (a config) or a checkpoint
-        args.init, args.config = (args.student, None) if is_checkpoint(args.student) else (None, args.student)
-    elif distill:
-        args.init = None
-
-    # -- run identity: from the flags, or from the checkpoint being resumed (given flags must agree with it)
-    resume = None
-    if args.resume:
-        resume = find_checkpoint(Path(args.resume))
-        if resume is None:
-            raise TrainingError(f"--resume {args.resume}: no complete checkpoint (a folder with state.json) there")
-    saved = json.loads((resume / "state.json").read_text()) if resume else None
-    if distill and args.tokenizer is None:          # the student's own tokenizer if it has one, else the teacher's
-        has_tok = args.init and Path(args.init).is_dir() and (Path(args.init) / "tokenizer.json").exists()
-        args.tokenizer = args.init if has_tok else args.teacher
-    run = {}
-    for key, default in IDENTITY.items():
-        given = getattr(args, key, None)
-        if saved is not None:
-            if given is not None and key not in ("config", "data") and given != saved["run"][key]:
-                raise TrainingError(f"--resume {resume}: that run used {key} = {saved['run'][key]!r}, not "
-                                    f"{given!r}; an exact resume needs the same value (or leave the flag out)")
-            given = saved["run"][key] if given is None else given
-        run[key] = default if given is None else given
-    if saved is not None and saved["world"] != d.world:
-        raise TrainingError(f"--resume {resume}: saved by {saved['world']} process(es), now {d.world}; the data "
-                            "position is per global batch, so resume with the same number of processes")
-    if run["config"] is None and args.init is None and saved is None:
-        raise TrainingError("give --config PRESET_OR_PATH (or --init CHECKPOINT)")
-    if not run["data"]:
-        raise TrainingError("give --data FILES")
-    out = Path(args.out) if args.out else (resume.parent.parent if resume and resume.parent.name == "checkpoints"
-                                           else None)
-    if out is None:
-        raise TrainingError("give --out DIR")
+    """The run: set-up (identity, config, memory, data, model, resume, teacher), then the loop."""
+    run, resume, saved, out = run_identity(args, d)
+    cfg, init_model = run_model_config(args, run, resume, saved)
+    check_memory(cfg, run, args, d)
+    tok, tokens, loader, val_loader = load_data(run, cfg, args, d, resume, saved)
     dev = d.device
+    raw = build_model(cfg, init_model, run, args, dev)
     use_ddp = d.world > 1 and args.parallel in ("auto", "ddp")
     use_fsdp = d.world > 1 and args.parallel == "fsdp"
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
-
-    # -- model config: a resume must match the checkpoint's config exactly
-    import herd
-    init_model = herd.load(args.init) if args.init and not resume else None
-    cfg = model_config(run["config"]) if run["config"] else None
-    if cfg is None:
-        cfg = init_model.config if init_model is not None else model_config(str(resume))
-    elif init_model is not None and to_hf_config(cfg) != to_hf_config(init_model.config):
-        raise TrainingError(f"--init {args.init} has another model config than --config {run['config']}; give one")
-    if saved is not None:
-        want, have = to_hf_config(cfg), saved["model_config"]
-        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-        if diff:
-            raise TrainingError(f"--resume {resume}: the checkpoint's model config differs from --config "
-                                f"{run['config']} in {', '.join(diff[:6])} (e.g. {diff[0]}: {have.get(diff[0])!r} "
-                                f"saved vs {want.get(diff[0])!r} requested); resume with the config it was trained "
-                                "with, or start a new --out")
-
-    # -- memory: refuse a batch that cannot fit, before allocating anything large
-    n_params = sum(p.numel() for p in build_meta(cfg).parameters())
-    teacher_params = 0
-    if run["teacher"]:
-        from .gguf_loader import config_from_metadata, is_gguf, metadata, open_gguf
-        if is_gguf(run["teacher"]):
-            reader = open_gguf(run["teacher"])
-            t_cfg = config_from_metadata(metadata(reader), {t.name for t in reader.tensors}, run["teacher"])
-        else:
-            t_cfg = model_config(run["teacher"])
-        teacher_params = sum(p.numel() for p in build_meta(t_cfg).parameters())
-    B, T, A = run["batch_size"], run["seq_len"], run["grad_accum"]
-    fixed, per_seq = estimate_memory(cfg, n_params, B, T, teacher_params, bool(run["teacher"]) and not run["kd_top_k"])
-    limit = int(args.memory_limit * 2 ** 30) if args.memory_limit else memory_available(d)
-    if fixed + B * per_seq > limit:
-        fits = max(0, (limit - fixed) // per_seq)
-        raise TrainingError(
-            f"--batch-size {B} x --seq-len {T} needs about {gib(fixed + B * per_seq)} per process (weights, "
-            f"gradients and AdamW state {gib(fixed)} + activations {gib(per_seq)} per sequence) but {gib(limit)} is "
-            f"available: at most {fits} sequence(s) of {T} tokens fit per micro-batch. Lower --batch-size (and raise "
-            "--grad-accum to keep the batch) or --seq-len")
-
-    # -- data
-    tok = load_tok(run["tokenizer"])
-    # prompt/completion JSONL: one row per pair, loss on the completion (pairs.py); anything else: a packed stream
-    from .pairs import PairLoader, is_pairs, load_pairs
-    pairs = is_pairs(run["data"])
-    load = (lambda files: load_pairs(files, tok, cfg.vocab_size, T)) if pairs else \
-        (lambda files: load_tokens(files, tok, cfg.vocab_size))
-    Loader = PairLoader if pairs else TokenLoader
-    tokens = load(run["data"])
-    if saved is not None and fingerprint(tokens) != saved["run"]["data_fingerprint"]:
-        raise TrainingError(f"--resume {resume}: the data files tokenize to a different stream than the run's "
-                            f"({run['data']}); resume with the same files and tokenizer")
-    run["data_fingerprint"] = fingerprint(tokens)
-    loader = Loader(tokens, T, B, d.rank, d.world, run["seed"])
-    val_loader = None
-    if args.val_data:
-        val_tokens = load(args.val_data)
-        n_val = len(val_tokens) if pairs else (len(val_tokens) - 1) // T
-        val_b = max(1, min(B, n_val // d.world))                         # a small held-out set: smaller batches
-        val_loader = Loader(val_tokens, T, val_b, d.rank, d.world, shuffle=False)
-
-    # -- model: fresh weights on meta -> device, or the --init checkpoint; fp32 master weights
-    torch.manual_seed(run["seed"])
-    if init_model is not None:
-        raw = init_model.float().to(dev)
-    else:
-        raw = build_meta(cfg)
-        raw.to_empty(device=dev)
-        raw.init_weights(std=args.init_std, seed=run["seed"])
-        if cfg.tie_embeddings:
-            raw.output.weight = raw.tok_embeddings.weight
-    raw.train()
-    moes = [m for m in raw.modules() if isinstance(m, MoE)]
-    moe_layers = [i for i, s in enumerate(cfg.layers) if s.is_moe]
     model = apply_ddp(raw, d) if use_ddp else apply_fsdp(raw) if use_fsdp else raw
     opt = build_optimizer(model, args.lr, args.weight_decay)
-    warmup = args.warmup if args.warmup is not None else min(500, max(1, args.steps // 10))
-
-    # -- resume: weights, optimizer, RNG and data position exactly as saved
-    step = 0
-    if resume is not None:
-        from safetensors.torch import load_file
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        sd = herd.load(resume).state_dict()
-        set_state_dict(model, opt, model_state_dict=sd, optim_state_dict=load_optimizer_state(resume),
-                       options=StateDictOptions(full_state_dict=True))
-        torch.set_rng_state(load_file(str(resume / "rng.safetensors"))[f"cpu.rank{d.rank}"])
-        loader.load_state_dict(saved["data"])
-        step = saved["step"]
+    step = restore(resume, saved, model, opt, loader, d)
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "log.jsonl"
     if d.main:       # drop log lines past the resumed step (a run that went on after its last checkpoint)
         old = log_path.read_text().splitlines() if (resume and log_path.exists()) else []
         log_path.write_text("".join(l + "\n" for l in old if l.strip() and json.loads(l).get("step", 0) <= step))
+    teacher, cache = setup_teacher(run, args, cfg, tok, tokens, out, d)
 
-    # -- teacher: run every step (full-vocabulary KL) or once into a top-k cache
-    teacher, cache = None, None
-    if run["teacher"]:
-        from .distill import DistillError
-        from .tokenizer import load_tokenizer
-        t_path = run["teacher"]
-        t_tok = load_tokenizer(t_path)
-        teacher = herd.load(t_path, device=dev).eval().requires_grad_(False)
-        if isinstance(tok, ByteTokenizer):
-            raise DistillError("a byte-tokenizer student cannot be distilled from a BPE teacher")
-        check_same_tokenizer(t_tok, tok, teacher.config.vocab_size, cfg.vocab_size)
-        if run["kd_top_k"]:
-            cache_path = Path(args.teacher_cache or out / "teacher_topk.safetensors")
-            if d.main and not cache_path.exists():
-                build_teacher_cache(teacher, TokenLoader(tokens, T, 1, shuffle=False), run["kd_top_k"], cache_path,
-                                    str(t_path), run["data_fingerprint"], batch_size=B,
-                                    autocast_dtype=torch.bfloat16 if args.bf16 else None,
-                                    progress=not args.no_progress)
-            barrier()
-            cache = TeacherCache(cache_path, run["data_fingerprint"], T, cfg.vocab_size)
-            teacher = None                               # the cache replaces it: free its memory
-
-    # -- the loop
+    # -- the loop: a straight read of one optimizer step after another (micro-batches, check, step, log, eval, save)
     from tqdm import tqdm
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.bf16)
+    moes = [m for m in raw.modules() if isinstance(m, MoE)]
+    moe_layers = [i for i, s in enumerate(cfg.layers) if s.is_moe]
+    warmup = args.warmup if args.warmup is not None else min(500, max(1, args.steps // 10))
     pbar = tqdm(total=args.steps, initial=step, disable=not d.main or args.no_progress, unit="step",
                 dynamic_ncols=True, file=sys.stderr)
-    tokens_per_step = B * T * A * d.world
+    tokens_per_step = run["batch_size"] * run["seq_len"] * run["grad_accum"] * d.world
     t_log, tokens_since, last_ckpt = time.perf_counter(), 0, resume
     summary = {"out": str(out), "log": str(log_path)}
     while step < args.steps:
         lr = lr_at(step, args.lr, warmup, args.steps, args.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = lr
-        sums = torch.zeros(5)                           # loss, ce, kd, balance, z (averaged over micro-batches)
-        counts = torch.zeros(len(moes), cfg.moe.n_experts if moes else 1)
-        for micro in range(A):
-            x, y, win = loader.next_batch()
-            x, y = x.to(dev), y.to(dev)
-            last = micro == A - 1
-            if use_fsdp:
-                model.set_requires_gradient_sync(last)
-            with (model.no_sync() if use_ddp and not last else contextlib.nullcontext()):
-                with autocast:
-                    logits = model(x)
-                ce = losses.cross_entropy(logits, y)
-                kd = torch.zeros(())
-                if teacher is not None:
-                    with torch.inference_mode(), autocast:
-                        t_logits = teacher(x)
-                    kd = kl_full(logits, t_logits.clone(), args.temperature)
-                elif cache is not None:
-                    t_lp, t_ids = cache.lookup(win)
-                    kd = kl_topk(logits, t_lp.to(dev), t_ids.to(dev), args.temperature)
-                loss = (1 - args.kd_weight) * ce + args.kd_weight * kd if run["teacher"] else ce
-                bal, z = torch.zeros(()), torch.zeros(())
-                if moes:
-                    c = torch.stack([losses.expert_counts(m.router_logits, m.top_k) for m in moes])   # (L, E)
-                    all_reduce(c)                   # balance over the global batch, identical on every rank
-                    bal = sum(losses.load_balancing_loss(m.router_logits, c[i]) for i, m in enumerate(moes)) / len(moes)
-                    z = sum(losses.router_z_loss(m.router_logits) for m in moes) / len(moes)
-                    loss = loss + args.balance_coef * bal + args.z_coef * z
-                    counts += c.cpu()
-                (loss / A).backward()
-            sums += torch.stack([loss.detach(), ce.detach(), kd.detach(), bal.detach(), z.detach()]).float().cpu() / A
-        all_reduce(sums)
-        sums /= d.world
+        sums, counts = accumulate_gradients(model, loader, moes, teacher, cache, run, args, autocast, d,
+                                            use_ddp, use_fsdp)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip or float("inf"))
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         if not (math.isfinite(float(sums[0])) and math.isfinite(grad_norm)):
-            # stop before the optimizer step, so no non-finite value ever reaches the weights or a checkpoint
             pbar.close()
-            where = last_ckpt or "none (no checkpoint was saved yet)"
-            if d.main:
-                with log_path.open("a") as f:
-                    f.write(json.dumps({"step": step + 1, "error": "non-finite loss", "loss": float(sums[0]),
-                                        "grad_norm": grad_norm, "last_checkpoint": str(where)}) + "\n")
-            raise TrainingError(f"loss is {float(sums[0])} (gradient norm {grad_norm}) at step {step + 1}: "
-                                f"stopped before updating the weights. Last good checkpoint: {where}. Resume from "
-                                "it with a lower --lr or a --grad-clip")
+            stop_on_non_finite(float(sums[0]), grad_norm, step, last_ckpt, log_path, d)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -525,6 +296,226 @@ def _train(args, d: Dist) -> dict:
                 write_plots(out)
     pbar.close()
     return summary
+
+
+# ---- set-up ---------------------------------------------------------------------------------------------------------
+def run_identity(args, d: Dist) -> tuple[dict, Path | None, dict | None, Path]:
+    """(the run's identity settings, the checkpoint resumed or None, its state.json or None, the run folder): from
+    the flags, or from the checkpoint being resumed (flags given must agree with it)."""
+    distill = hasattr(args, "teacher")
+    if distill and args.teacher == "default":
+        from ..textgen import default_model_path
+        args.teacher = str(default_model_path())
+    if distill and args.student is not None:        # a student is either fresh (a config) or a checkpoint
+        args.init, args.config = (args.student, None) if is_checkpoint(args.student) else (None, args.student)
+    elif distill:
+        args.init = None
+    resume = None
+    if args.resume:
+        resume = find_checkpoint(Path(args.resume))
+        if resume is None:
+            raise TrainingError(f"--resume {args.resume}: no complete checkpoint (a folder with state.json) there")
+    saved = json.loads((resume / "state.json").read_text()) if resume else None
+    if distill and args.tokenizer is None:          # the student's own tokenizer if it has one, else the teacher's
+        has_tok = args.init and Path(args.init).is_dir() and (Path(args.init) / "tokenizer.json").exists()
+        args.tokenizer = args.init if has_tok else args.teacher
+    run = {}
+    for key, default in IDENTITY.items():
+        given = getattr(args, key, None)
+        if saved is not None:
+            if given is not None and key not in ("config", "data") and given != saved["run"][key]:
+                raise TrainingError(f"--resume {resume}: that run used {key} = {saved['run'][key]!r}, not "
+                                    f"{given!r}; an exact resume needs the same value (or leave the flag out)")
+            given = saved["run"][key] if given is None else given
+        run[key] = default if given is None else given
+    if saved is not None and saved["world"] != d.world:
+        raise TrainingError(f"--resume {resume}: saved by {saved['world']} process(es), now {d.world}; the data "
+                            "position is per global batch, so resume with the same number of processes")
+    if run["config"] is None and args.init is None and saved is None:
+        raise TrainingError("give --config PRESET_OR_PATH (or --init CHECKPOINT)")
+    if not run["data"]:
+        raise TrainingError("give --data FILES")
+    out = Path(args.out) if args.out else (resume.parent.parent if resume and resume.parent.name == "checkpoints"
+                                           else None)
+    if out is None:
+        raise TrainingError("give --out DIR")
+    return run, resume, saved, out
+
+
+def run_model_config(args, run: dict, resume: Path | None, saved: dict | None):
+    """(the model config, the --init model or None); a resume must match the checkpoint's config exactly."""
+    import herd
+    init_model = herd.load(args.init) if args.init and not resume else None
+    cfg = model_config(run["config"]) if run["config"] else None
+    if cfg is None:
+        cfg = init_model.config if init_model is not None else model_config(str(resume))
+    elif init_model is not None and to_hf_config(cfg) != to_hf_config(init_model.config):
+        raise TrainingError(f"--init {args.init} has another model config than --config {run['config']}; give one")
+    if saved is not None:
+        want, have = to_hf_config(cfg), saved["model_config"]
+        diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+        if diff:
+            raise TrainingError(f"--resume {resume}: the checkpoint's model config differs from --config "
+                                f"{run['config']} in {', '.join(diff[:6])} (e.g. {diff[0]}: {have.get(diff[0])!r} "
+                                f"saved vs {want.get(diff[0])!r} requested); resume with the config it was trained "
+                                "with, or start a new --out")
+    return cfg, init_model
+
+
+def check_memory(cfg: ModelConfig, run: dict, args, d: Dist):
+    """Refuse a batch that cannot fit, before allocating anything large, naming the largest that does."""
+    n_params = sum(p.numel() for p in build_meta(cfg).parameters())
+    teacher_params = 0
+    if run["teacher"]:
+        from ..gguf import config_from_metadata, is_gguf, metadata, open_gguf
+        if is_gguf(run["teacher"]):
+            reader = open_gguf(run["teacher"])
+            t_cfg = config_from_metadata(metadata(reader), {t.name for t in reader.tensors}, run["teacher"])
+        else:
+            t_cfg = model_config(run["teacher"])
+        teacher_params = sum(p.numel() for p in build_meta(t_cfg).parameters())
+    B, T = run["batch_size"], run["seq_len"]
+    fixed, per_seq = estimate_memory(cfg, n_params, B, T, teacher_params, bool(run["teacher"]) and not run["kd_top_k"])
+    limit = int(args.memory_limit * 2 ** 30) if args.memory_limit else memory_available(d)
+    if fixed + B * per_seq > limit:
+        fits = max(0, (limit - fixed) // per_seq)
+        raise TrainingError(
+            f"--batch-size {B} x --seq-len {T} needs about {gib(fixed + B * per_seq)} per process (weights, "
+            f"gradients and AdamW state {gib(fixed)} + activations {gib(per_seq)} per sequence) but {gib(limit)} is "
+            f"available: at most {fits} sequence(s) of {T} tokens fit per micro-batch. Lower --batch-size (and raise "
+            "--grad-accum to keep the batch) or --seq-len")
+
+
+def load_data(run: dict, cfg: ModelConfig, args, d: Dist, resume: Path | None, saved: dict | None):
+    """(tokenizer, the training token stream, its loader, the held-out loader or None)."""
+    B, T = run["batch_size"], run["seq_len"]
+    tok = load_tok(run["tokenizer"])
+    # prompt/completion JSONL: one row per pair, loss on the completion (pairs.py); anything else: a packed stream
+    pairs = is_pairs(run["data"])
+    load = (lambda files: load_pairs(files, tok, cfg.vocab_size, T)) if pairs else \
+        (lambda files: load_tokens(files, tok, cfg.vocab_size))
+    Loader = PairLoader if pairs else TokenLoader
+    tokens = load(run["data"])
+    if saved is not None and fingerprint(tokens) != saved["run"]["data_fingerprint"]:
+        raise TrainingError(f"--resume {resume}: the data files tokenize to a different stream than the run's "
+                            f"({run['data']}); resume with the same files and tokenizer")
+    run["data_fingerprint"] = fingerprint(tokens)
+    loader = Loader(tokens, T, B, d.rank, d.world, run["seed"])
+    val_loader = None
+    if args.val_data:
+        val_tokens = load(args.val_data)
+        n_val = len(val_tokens) if pairs else (len(val_tokens) - 1) // T
+        val_b = max(1, min(B, n_val // d.world))                         # a small held-out set: smaller batches
+        val_loader = Loader(val_tokens, T, val_b, d.rank, d.world, shuffle=False)
+    return tok, tokens, loader, val_loader
+
+
+def build_model(cfg: ModelConfig, init_model, run: dict, args, dev):
+    """Fresh weights on meta -> device, or the --init checkpoint; fp32 master weights, in training mode."""
+    torch.manual_seed(run["seed"])
+    if init_model is not None:
+        raw = init_model.float().to(dev)
+    else:
+        raw = build_meta(cfg)
+        raw.to_empty(device=dev)
+        raw.init_weights(std=args.init_std, seed=run["seed"])
+        if cfg.tie_embeddings:
+            raw.output.weight = raw.tok_embeddings.weight
+    return raw.train()
+
+
+def restore(resume: Path | None, saved: dict | None, model, opt, loader: TokenLoader, d: Dist) -> int:
+    """The step to start from: 0, or a resumed checkpoint's, with weights, optimizer, RNG and data position exactly
+    as saved."""
+    if resume is None:
+        return 0
+    import herd
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+    sd = herd.load(resume).state_dict()
+    set_state_dict(model, opt, model_state_dict=sd, optim_state_dict=load_optimizer_state(resume),
+                   options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(load_file(str(resume / "rng.safetensors"))[f"cpu.rank{d.rank}"])
+    loader.load_state_dict(saved["data"])
+    return saved["step"]
+
+
+def setup_teacher(run: dict, args, cfg: ModelConfig, tok, tokens, out: Path, d: Dist):
+    """(teacher model run every step or None, top-k cache or None): full-vocabulary KL runs the teacher each step;
+    --kd-top-k computes its top-k once into a cache and frees it."""
+    if not run["teacher"]:
+        return None, None
+    import herd
+    from ..tokenizer import load_tokenizer
+    from .distill import DistillError
+    t_path = run["teacher"]
+    t_tok = load_tokenizer(t_path)
+    teacher = herd.load(t_path, device=d.device).eval().requires_grad_(False)
+    if isinstance(tok, ByteTokenizer):
+        raise DistillError("a byte-tokenizer student cannot be distilled from a BPE teacher")
+    check_same_tokenizer(t_tok, tok, teacher.config.vocab_size, cfg.vocab_size)
+    if not run["kd_top_k"]:
+        return teacher, None
+    cache_path = Path(args.teacher_cache or out / "teacher_topk.safetensors")
+    if d.main and not cache_path.exists():
+        build_teacher_cache(teacher, TokenLoader(tokens, run["seq_len"], 1, shuffle=False), run["kd_top_k"],
+                            cache_path, str(t_path), run["data_fingerprint"], batch_size=run["batch_size"],
+                            autocast_dtype=torch.bfloat16 if args.bf16 else None, progress=not args.no_progress)
+    barrier()
+    return None, TeacherCache(cache_path, run["data_fingerprint"], run["seq_len"], cfg.vocab_size)
+
+
+# ---- one optimizer step's gradients ----------------------------------------------------------------------------------
+def accumulate_gradients(model, loader: TokenLoader, moes: list, teacher, cache, run: dict, args, autocast, d: Dist,
+                         use_ddp: bool, use_fsdp: bool):
+    """Forward and backward over --grad-accum micro-batches. Returns (loss, ce, kd, balance, z averaged over
+    micro-batches and ranks (5,), expert token counts per MoE layer (L, E))."""
+    A, dev = run["grad_accum"], d.device
+    sums = torch.zeros(5)                               # loss, ce, kd, balance, z
+    counts = torch.zeros(len(moes), moes[0].router.out_features if moes else 1)
+    for micro in range(A):
+        x, y, win = loader.next_batch()
+        x, y = x.to(dev), y.to(dev)
+        last = micro == A - 1
+        if use_fsdp:
+            model.set_requires_gradient_sync(last)
+        with (model.no_sync() if use_ddp and not last else contextlib.nullcontext()):
+            with autocast:
+                logits = model(x)
+            ce = losses.cross_entropy(logits, y)
+            kd = torch.zeros(())
+            if teacher is not None:
+                with torch.inference_mode(), autocast:
+                    t_logits = teacher(x)
+                kd = kl_full(logits, t_logits.clone(), args.temperature)
+            elif cache is not None:
+                t_lp, t_ids = cache.lookup(win)
+                kd = kl_topk(logits, t_lp.to(dev), t_ids.to(dev), args.temperature)
+            loss = (1 - args.kd_weight) * ce + args.kd_weight * kd if run["teacher"] else ce
+            bal, z = torch.zeros(()), torch.zeros(())
+            if moes:
+                c = torch.stack([losses.expert_counts(m.router_logits, m.top_k) for m in moes])   # (L, E)
+                all_reduce(c)                   # balance over the global batch, identical on every rank
+                bal = sum(losses.load_balancing_loss(m.router_logits, c[i]) for i, m in enumerate(moes)) / len(moes)
+                z = sum(losses.router_z_loss(m.router_logits) for m in moes) / len(moes)
+                loss = loss + args.balance_coef * bal + args.z_coef * z
+                counts += c.cpu()
+            (loss / A).backward()
+        sums += torch.stack([loss.detach(), ce.detach(), kd.detach(), bal.detach(), z.detach()]).float().cpu() / A
+    all_reduce(sums)
+    return sums / d.world, counts
+
+
+def stop_on_non_finite(loss: float, grad_norm: float, step: int, last_ckpt, log_path: Path, d: Dist):
+    """Stop before the optimizer step, so no non-finite value ever reaches the weights or a checkpoint."""
+    where = last_ckpt or "none (no checkpoint was saved yet)"
+    if d.main:
+        with log_path.open("a") as f:
+            f.write(json.dumps({"step": step + 1, "error": "non-finite loss", "loss": loss, "grad_norm": grad_norm,
+                                "last_checkpoint": str(where)}) + "\n")
+    raise TrainingError(f"loss is {loss} (gradient norm {grad_norm}) at step {step + 1}: stopped before updating "
+                        f"the weights. Last good checkpoint: {where}. Resume from it with a lower --lr or a "
+                        "--grad-clip")
 
 
 def main(argv=None):

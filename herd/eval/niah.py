@@ -11,9 +11,9 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from .chat import format_chat, stop_token_ids
-from .engine import Engine, SamplingParams
-from .tokenizer import Tokenizer
+from ..chat import format_chat, stop_token_ids
+from ..engine import Engine, SamplingParams
+from ..tokenizer import Tokenizer
 
 FILLER = [
     "The river bends twice before it reaches the old stone bridge.",

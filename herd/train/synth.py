@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .chat import format_chat, stop_token_ids
+from ..chat import format_chat, stop_token_ids
+from ..engine import SamplingParams, generate
 from .data import DataError, jsonl_strings, read_text
-from .engine import SamplingParams, generate
 
 
 def read_prompts(path: str | Path) -> list[str]:

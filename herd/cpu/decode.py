@@ -20,7 +20,7 @@ Modules (swapped in by `use_decode_kernels` after fusing, in place):
   a top-1 MoE of HerdExperts or kernels.py's HerdInt4Experts / HerdInt8Experts, runs a decode step as one C++ call
   (`decode_layer`: the steps above plus the matmuls, the routing, the cache slot write and the residuals);
   Block.forward, its twin, everywhere else.
-Where the extension cannot run (kernels.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
+Where the extension cannot run (extension.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
 C++ step against its torch twin and whole decode steps against the unswapped model.
 """
 from __future__ import annotations
@@ -30,10 +30,12 @@ import math
 import torch
 from torch import nn
 
-from . import kernels, ops
-from .fuse import FusedAttention, FusedFeedForward, _retype
-from .model import MoE, Block, Experts, RMSNorm, apply_rope, attention_mask, rms_normalize
-from .quantize import _set_module
+from .. import ops
+from ..model import MoE, Block, Experts, RMSNorm, apply_rope, attention_mask, rms_normalize
+from ..quantize import set_module
+from . import kernels
+from .extension import ext
+from .fuse import FusedAttention, FusedFeedForward, retype
 
 _EMPTY = torch.empty(0)
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)      # what attend_one reads
@@ -46,7 +48,7 @@ FP32_MM_ROWS = 4
 class HerdRMSNorm(RMSNorm):
     def forward(self, x):
         if x.dtype == self.weight.dtype == torch.float32 and x.is_contiguous() and x.device.type == "cpu":
-            return kernels._ext.rms_norm(x, self.weight, self.eps)
+            return ext().rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
 
@@ -59,11 +61,11 @@ class HerdAttention(FusedAttention):
             return super().forward(x, pos, rope, kv_cache)
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         cos_sin, q_scale = self.rotation_and_q_scale(rope, p)
-        q, k, v = kernels._ext.decode_qkv(self.wqkv(x).reshape(-1), cos_sin, H, K, self.spec.qk_norm,
+        q, k, v = ext().decode_qkv(self.wqkv(x).reshape(-1), cos_sin, H, K, self.spec.qk_norm,
                                           self.norm_eps, q_scale)
         k, v, k_pos = kv_cache.update(self.layer_id, k.view(1, 1, K, D), v.view(1, 1, K, D), pos)
         if type(k) is torch.Tensor and k.dtype in _CACHE_DTYPES and k[0].is_contiguous():
-            out = kernels._ext.attend_one(q, k[0], v[0], k_pos[0], p, self.chunk_size or 0)      # (H*D,)
+            out = ext().attend_one(q, k[0], v[0], k_pos[0], p, self.chunk_size or 0)      # (H*D,)
             return self.wo(out.view(1, 1, H * D))
         return self.wo(self.attend(q.view(1, 1, H, D), k, v, pos, k_pos))
 
@@ -81,7 +83,7 @@ class HerdFeedForward(FusedFeedForward):
     def forward(self, x):
         if x.dtype != torch.float32 or x.device.type != "cpu":
             return super().forward(x)
-        return self.w2(kernels._ext.silu_mul(self.w13(x).contiguous()))          # (..., 2F) -> (..., F)
+        return self.w2(ext().silu_mul(self.w13(x).contiguous()))          # (..., 2F) -> (..., F)
 
 
 class HerdLinear(nn.Module):
@@ -102,7 +104,7 @@ class HerdLinear(nn.Module):
 
     def forward(self, x):
         if x.dtype == torch.float32 and x.device.type == "cpu" and x.numel() <= FP32_MM_ROWS * self.in_features:
-            return kernels._ext.fp32_mm(x.reshape(-1, self.in_features).contiguous(),
+            return ext().fp32_mm(x.reshape(-1, self.in_features).contiguous(),
                                         self.weight_t).view(*x.shape[:-1], self.out_features)
         return x @ self.weight_t
 
@@ -121,9 +123,9 @@ class HerdExperts(nn.Module):
 
     def expert(self, e: int, seg):                                    # seg (n, D) -> (n, D)
         if seg.shape[0] <= FP32_MM_ROWS:
-            return kernels._ext.fp32_mm(kernels._ext.silu_mul(kernels._ext.fp32_mm(seg.contiguous(), self.w13_t[e])),
+            return ext().fp32_mm(ext().silu_mul(ext().fp32_mm(seg.contiguous(), self.w13_t[e])),
                                         self.w2_t[e])
-        return kernels._ext.silu_mul(seg.contiguous() @ self.w13_t[e]) @ self.w2_t[e]
+        return ext().silu_mul(seg.contiguous() @ self.w13_t[e]) @ self.w2_t[e]
 
     def forward(self, x, expert_idx, gate):
         if x.dtype != torch.float32 or x.device.type != "cpu":
@@ -148,7 +150,7 @@ class HerdBlock(Block):
         args = self._one_call_args(x, pos, rope, kv_cache)
         if args is None:
             return super().forward(x, pos, rope, kv_cache)
-        return kernels._ext.decode_layer(*args).view_as(x)
+        return ext().decode_layer(*args).view_as(x)
 
     def _one_call_args(self, x, pos, rope, kv_cache):
         if (kv_cache is None or not hasattr(kv_cache, "decode_slot") or x.shape[:2] != (1, 1)
@@ -245,7 +247,7 @@ def _fp32_cpu(*tensors) -> bool:
 def _herd_version(mod: nn.Module, tied: set[int]) -> nn.Module | None:
     """The decode-path module replacing `mod`, or None to keep it."""
     if type(mod) in _SUBCLASSES:
-        return _retype(mod, _SUBCLASSES[type(mod)], ())
+        return retype(mod, _SUBCLASSES[type(mod)], ())
     if type(mod) is nn.Linear and mod.bias is None and _fp32_cpu(mod.weight) and id(mod.weight) not in tied:
         return HerdLinear(mod.weight.detach().t().contiguous())
     if type(mod) is Experts and _fp32_cpu(mod.w1, mod.w2, mod.w3):
@@ -262,8 +264,8 @@ def use_decode_kernels(model: torch.nn.Module) -> int:
     """Swap, in place, every RMSNorm, FusedAttention and FusedFeedForward for its Herd* subclass (same weights) and
     every fp32 CPU nn.Linear (bias-free, not sharing its matrix with an embedding) and Experts for HerdLinear /
     HerdExperts (transposed copies; each original is dropped as it is replaced). Returns how many were swapped; 0
-    where the extension cannot run here (kernels.status())."""
-    if not kernels.available():
+    where the extension cannot run here (extension.status())."""
+    if ext() is None:
         return 0
     tied = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     names = [name for name, _ in model.named_modules() if name]
@@ -271,7 +273,7 @@ def use_decode_kernels(model: torch.nn.Module) -> int:
     for name in names:                  # one module at a time: a replaced matrix is freed before the next is copied
         new = _herd_version(model.get_submodule(name), tied)
         if new is not None:
-            _set_module(model, name, new)
+            set_module(model, name, new)
             count += 1
     return count
 

@@ -20,8 +20,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import build_meta
-from .config import MoEConfig, ModelConfig
+from ..checkpoint import build_meta
+from ..config import MoEConfig, ModelConfig
 
 
 def upcycled_config(dense: ModelConfig, n_experts: int, top_k: int = 1, moe_every: int = 1) -> ModelConfig:

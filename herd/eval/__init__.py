@@ -1,0 +1,1 @@
+"""`herd eval`: evaluations of a model (niah.py: needle in a haystack)."""

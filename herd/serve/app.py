@@ -1,0 +1,290 @@
+"""herd's OpenAI-compatible HTTP server: the route table, the handlers, errors in OpenAI's shape, and `serve`.
+
+A request travels: a handler (here) checks it and builds the engine's inputs (inputs.py), submits jobs to the model's
+engine thread (worker.py: admission, 429, cancel), and streams or gathers each choice's tokens as text, tool calls
+and logprobs (stream.py). Schemas and limits: schemas.py; metrics: metrics.py.
+- Several models are served at once, picked by `model` (none: the first). Each model's Engine is driven by one
+  background thread with continuous batching.
+- Chat prompts are built in the model's own format (chat.format_chat); replies are split into content and tool
+  calls. `response_format` and `tool_choice` required / named are enforced by grammar-constrained decoding
+  (constrain.py), so such replies always parse, and their arguments stream as they are generated.
+- Images come as base64 `data:` URLs in `image_url` parts, never fetched from elsewhere.
+- A client that disconnects (streaming or not) has its requests cancelled, which frees their cache rows.
+It contains no model code.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..chat import ChatError, format_chat, tool_call_key
+from ..constrain import GrammarError
+from .inputs import (chat_images, chat_messages, check_context, completion_max_tokens, completion_prompts,
+                     make_jobs, stop_strings, tool_setup)
+from .metrics import CountRequests, Metrics
+from .schemas import (APIError, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse,
+                      ModelCard, ModelList)
+from .stream import ChoiceStream, Run, new_envelope, respond, stream_chunks
+from .worker import ServedModel
+
+log = logging.getLogger("herd.serve")
+ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 404, 429, 500)}
+STREAMED = {**ERRORS, 200: {"content": {"text/event-stream": {}}}}
+
+
+def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="herd", version="0.1.0", lifespan=_lifespan,
+                  description="OpenAI-compatible API over herd's engine.")
+    app.state.server = Server(models, api_key)
+    key = [Depends(check_key)]
+    # the route table: path, handler, and what each needs
+    app.add_api_route("/health", health, methods=["GET"], responses={503: {"model": ErrorResponse}})
+    app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], response_class=Response)
+    app.add_api_route("/v1/models", list_models, methods=["GET"], dependencies=key, response_model=ModelList,
+                      responses=ERRORS)
+    app.add_api_route("/v1/models/{model_id}", get_model, methods=["GET"], dependencies=key,
+                      response_model=ModelCard, responses=ERRORS)
+    app.add_api_route("/v1/chat/completions", chat_completions, methods=["POST"], dependencies=key,
+                      response_model=ChatCompletion, responses=STREAMED)
+    app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=key,
+                      response_model=Completion, responses=STREAMED)
+    app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _server_error)
+    endpoints = {r.path for r in app.routes if not r.path.startswith(("/docs", "/openapi", "/redoc"))}
+    endpoints.discard("/v1/models/{model_id}")
+    app.add_middleware(CountRequests, metrics=app.state.server.metrics, endpoints=endpoints)
+    return app
+
+
+def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          log_level: str = "info"):
+    """Run the server until interrupted."""
+    import uvicorn
+    uvicorn.run(create_app(models, api_key), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=5)
+
+
+class Server:
+    """What the handlers share: the served models by name, the API key, the metrics."""
+
+    def __init__(self, models: list[ServedModel], api_key: str | None):
+        if not models:
+            raise ValueError("create_app needs at least one model")
+        self.models, self.api_key = models, api_key
+        self.by_name = {m.name: m for m in models}
+        if len(self.by_name) != len(models):
+            raise ValueError("model names must be unique")
+        self.metrics = Metrics()
+        for m in models:
+            m.metrics = self.metrics
+            self.metrics.queue_depth.labels(m.name).set_function(m.queue_depth)
+            self.metrics.running.labels(m.name).set_function(m.running)
+
+    def pick(self, name: str | None) -> ServedModel:
+        if name is None or name == "":
+            return self.models[0]
+        if name not in self.by_name:
+            raise APIError(404, f"The model {name!r} does not exist. Served models: {', '.join(self.by_name)}",
+                           param="model", code="model_not_found")
+        return self.by_name[name]
+
+
+def _server(request: HTTPRequest) -> Server:
+    return request.app.state.server
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    models = app.state.server.models
+    for m in models:
+        m.start()
+    try:
+        yield
+    finally:
+        for m in models:
+            m.stop()
+
+
+def check_key(request: HTTPRequest):
+    api_key = _server(request).api_key
+    if api_key is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+        raise APIError(401, "Incorrect API key provided." if given else
+                       "Missing API key: send 'Authorization: Bearer KEY'.", code="invalid_api_key")
+
+
+# ---- handlers -----------------------------------------------------------------------------------------------------
+async def health(request: HTTPRequest):
+    models = _server(request).models
+    dead = [m.name for m in models if not m.alive()]
+    if dead:
+        raise APIError(503, f"engine thread not running for {', '.join(dead)}", type="server_error")
+    return {"status": "ok", "models": {m.name: {"running": m.running(), "waiting": m.queue_depth(),
+                                                "max_batch": m.max_batch, "max_queue": m.max_queue}
+                                       for m in models}}
+
+
+async def prometheus_metrics(request: HTTPRequest):
+    from prometheus_client import CONTENT_TYPE_LATEST
+    return Response(_server(request).metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _card(m: ServedModel) -> dict:
+    return {"id": m.name, "object": "model", "created": m.created, "owned_by": "herd", "max_model_len": m.context_len}
+
+
+async def list_models(request: HTTPRequest):
+    return {"object": "list", "data": [_card(m) for m in _server(request).models]}
+
+
+async def get_model(model_id: str, request: HTTPRequest):
+    return _card(_server(request).pick(model_id))
+
+
+async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
+    t0 = time.perf_counter()
+    sm = _server(request).pick(body.model)
+    sm.check_capacity(body.n)
+    tok = sm.tok
+    messages = chat_messages(body.messages)
+    image_blocks, pixels = await run_in_threadpool(chat_images, sm, messages)
+    tools, tool_mode, tool_names, schema, strict = tool_setup(body, tok)
+    try:
+        prompt = format_chat(tok, messages, tools if tool_mode != "off" else None, image_blocks=image_blocks)
+    except ChatError as e:
+        raise APIError(400, str(e), param="messages") from None
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    max_tokens = check_context(sm, len(prompt), body.max_completion_tokens or body.max_tokens, param, "messages")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    stop = stop_strings(body.stop)
+    compiled = None
+    if schema is not None:
+        try:
+            compiled = await run_in_threadpool(lambda: sm.compiler().json_schema(schema, strict))
+        except GrammarError as e:
+            raise APIError(400, str(e), param="tools" if tool_mode == "forced" else "response_format") from None
+    states = [ChoiceStream(i, tok, stop, tool_mode, tool_names, tool_call_key(tok)) for i in range(body.n)]
+    jobs = make_jobs(sm, body, [prompt], max_tokens, logprobs, compiled, pixels)
+    run = _submit(sm, jobs, states, t0, "chat", len(prompt))
+    head = new_envelope("chatcmpl", "chat.completion", sm.name)
+    usage = lambda: _usage(len(prompt), states)
+    if body.stream:
+        opening = [{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    "finish_reason": None} for s in states]
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return stream_chunks(run, {**head, "object": "chat.completion.chunk"}, opening, _chat_chunks, usage,
+                             include_usage)
+    await run.wait(request)
+    return respond(head, [_chat_choice(s, logprobs is not None) for s in states], usage())
+
+
+def _chat_chunks(s: ChoiceStream, new_lps: list[dict]) -> list[dict]:
+    """A chat choice's stream entries after an update: its new content and tool-call deltas and logprobs, then, when
+    it has finished, an empty delta with the finish reason."""
+    out, delta = [], {}
+    text = s.content_delta()
+    if text:
+        delta["content"] = text
+    calls = s.tool_call_deltas()
+    if calls:
+        delta["tool_calls"] = calls
+    lp = {"content": s.chat_logprobs(new_lps)} if new_lps else None
+    if delta or lp is not None:
+        out.append({"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": None})
+    if s.finished:
+        out.append({"index": s.index, "delta": {}, "logprobs": None, "finish_reason": s.finish_reason})
+    return out
+
+
+def _chat_choice(s: ChoiceStream, with_logprobs: bool) -> dict:
+    msg = {"role": "assistant", "content": s.content}
+    if s.calls:
+        msg["tool_calls"] = s.calls
+    return {"index": s.index, "message": msg, "finish_reason": s.finish_reason,
+            "logprobs": {"content": s.chat_logprobs(s.logprobs)} if with_logprobs else None}
+
+
+async def completions(body: CompletionRequest, request: HTTPRequest):
+    t0 = time.perf_counter()
+    sm = _server(request).pick(body.model)
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+    prompts = completion_prompts(body, sm)
+    max_tokens = completion_max_tokens(body, sm, prompts)
+    stop = stop_strings(body.stop)
+    states = [ChoiceStream(i, sm.tok, stop, "off", None) for i in range(len(prompts) * body.n)]
+    jobs = make_jobs(sm, body, prompts, max_tokens, body.logprobs, None)
+    n_prompt = sum(map(len, prompts))
+    run = _submit(sm, jobs, states, t0, "completions", n_prompt)
+    head = new_envelope("cmpl", "text_completion", sm.name)
+    echoed = [sm.tok.decode(prompts[s.index // body.n]) if body.echo else "" for s in states]
+    usage = lambda: _usage(n_prompt, states)
+    if body.stream:
+        offsets = [len(e) for e in echoed]
+
+        def choice_chunks(s: ChoiceStream, new_lps: list[dict]) -> list[dict]:
+            text, lp = s.content_delta(), None
+            if new_lps:
+                lp = s.completion_logprobs(new_lps, offsets[s.index])
+                offsets[s.index] += sum(len(t) for t in lp["tokens"])
+            if text or lp is not None or s.finished:
+                return [{"index": s.index, "text": text, "logprobs": lp, "finish_reason": s.finish_reason}]
+            return []
+        opening = [{"index": s.index, "text": echoed[s.index], "logprobs": None, "finish_reason": None}
+                   for s in states] if body.echo else []
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return stream_chunks(run, head, opening, choice_chunks, usage, include_usage)
+    await run.wait(request)
+    choices = [{"index": s.index, "text": echoed[s.index] + s.text, "finish_reason": s.finish_reason,
+                "logprobs": s.completion_logprobs(s.logprobs, len(echoed[s.index]))
+                if body.logprobs is not None else None} for s in states]
+    return respond(head, choices, usage())
+
+
+def _submit(sm: ServedModel, jobs, states: list[ChoiceStream], t0: float, endpoint: str, n_prompt: int) -> Run:
+    sm.submit(jobs)
+    sm.metrics.prompt_tokens.labels(sm.name).inc(n_prompt)
+    return Run(sm, jobs, states, t0, endpoint)
+
+
+def _usage(n_prompt: int, states: list[ChoiceStream]) -> dict:
+    n_out = sum(s.tokens for s in states)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+
+
+# ---- errors in OpenAI's shape -------------------------------------------------------------------------------------
+async def _api_error(request, exc: APIError):
+    return exc.response()
+
+
+async def _validation_error(request, exc: RequestValidationError):
+    errs = exc.errors()
+    first = errs[0] if errs else {"loc": (), "msg": "invalid request"}
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    where = ".".join(loc)
+    msg = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+    return APIError(400, msg, param=where or None, code="invalid_value").response()
+
+
+async def _http_error(request, exc: StarletteHTTPException):
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    return APIError(exc.status_code, str(exc.detail), type=kind).response()
+
+
+async def _server_error(request, exc: Exception):
+    log.exception("unhandled error")
+    return APIError(500, f"internal server error: {type(exc).__name__}", type="server_error").response()
