@@ -253,6 +253,8 @@ def cmd_serve(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .serve.guard import load_rails
+    rails = load_rails(args.guard_input, args.guard_output)     # a guard that fails to load stops the start here
     served = []
     for spec in args.models or ["default"]:
         # NAME=PATH sets the id; otherwise it is the file's or folder's short name
@@ -265,7 +267,7 @@ def cmd_serve(args):
         served.append(ServedModel(name, model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                                   max_queue=args.max_queue, cache_dtype=_cache_dtype(args)))
     print(f"[serving {', '.join(m.name for m in served)} on http://{args.host}:{args.port}/v1]", file=sys.stderr)
-    serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level)
+    serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level, rails=rails)
 
 
 def cmd_bench_serve(args):
@@ -476,6 +478,11 @@ def _add_serve_parsers(sub):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     _dequantize_arg(p)
     _kv_dtype_arg(p)
+    # Guards (herd/serve/guard.py): a guard folder (Llama Guard 4, Prompt Guard 2) or 'default'
+    p.add_argument("--guard-input", default=None, metavar="GUARD",
+                   help="check user and tool messages before they reach the model; flagged requests are refused")
+    p.add_argument("--guard-output", default=None, metavar="GUARD",
+                   help="check answers as they stream; a flagged answer is cut (finish_reason content_filter)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, TTFT, ITL, cost")

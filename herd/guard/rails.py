@@ -43,6 +43,7 @@ class GuardRails:
         self.checked = {"input": 0, "output": 0}
         self.seconds = {"input": 0.0, "output": 0.0}
         self._locks = {"input": threading.Lock(), "output": threading.Lock()}
+        self.on_check = None          # called with (rail, verdict) after every check: the server's metrics
 
     def _check(self, rail: str, guard, content) -> Verdict:
         with self._locks[rail]:
@@ -51,7 +52,15 @@ class GuardRails:
         self.seconds[rail] += v.seconds
         if v.flagged:
             self.flagged[rail] += 1
+        if self.on_check is not None:
+            self.on_check(rail, v)
         return v
+
+    def moderate(self, inputs, model_name: str) -> dict:
+        """/v1/moderations with the input guard (else the output guard), under that rail's lock."""
+        rail = "input" if self.input_guard is not None else "output"
+        with self._locks[rail]:
+            return moderation_response(self.input_guard or self.output_guard, inputs, model_name)
 
     def check_input(self, messages: list[dict]) -> tuple[int, Verdict] | None:
         """(message index, verdict) of the first user or tool message the input guard flags; None when all pass.
@@ -134,10 +143,14 @@ def refusal_text(v: Verdict, rail: str) -> str:
 def moderation_result(guard, v: Verdict, input_types=("text",)) -> dict:
     """One result of /v1/moderations for a verdict: OpenAI's categories (from Llama Guard codes where they map) plus
     the guard's own categories under their names, with scores (the verdict's score on what it flagged)."""
-    flagged_openai = {c for code in v.categories for c in LLAMA_GUARD_TO_OPENAI.get(code, ())}
+    from .llama_guard import CATEGORIES
+    own = getattr(guard, "categories", None)
+    # a code means Llama Guard 4's category only where the guard was asked about that category (the default
+    # guard's S1 is prompt injection, not violent crimes)
+    lg4 = [code for code in v.categories if own and own.get(code) == CATEGORIES.get(code)]
+    flagged_openai = {c for code in lg4 for c in LLAMA_GUARD_TO_OPENAI.get(code, ())}
     categories = {c: c in flagged_openai for c in OPENAI_CATEGORIES}
     scores = {c: (v.score if c in flagged_openai else 0.0) for c in OPENAI_CATEGORIES}
-    own = getattr(guard, "categories", None)
     if own:                               # a Llama Guard: every category it was asked about
         listed = [(code, name) for code, name in own.items() if code not in getattr(guard, "excluded", ())]
         for code, name in listed:

@@ -34,16 +34,18 @@ from .schemas import (APIError, ChatCompletion, ChatCompletionRequest, Completio
                       ModelCard, ModelList)
 from .stream import ChoiceStream, Run, new_envelope, respond, stream_chunks
 from .worker import ServedModel
+from .guard import GuardStage, moderations
 
 log = logging.getLogger("herd.serve")
 ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 404, 429, 500)}
 STREAMED = {**ERRORS, 200: {"content": {"text/event-stream": {}}}}
 
 
-def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI:
+def create_app(models: list[ServedModel], api_key: str | None = None, rails=None) -> FastAPI:
+    """rails: the guards (guard.load_rails), None to serve unguarded."""
     app = FastAPI(title="herd", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible API over herd's engine.")
-    app.state.server = Server(models, api_key)
+    app.state.server = Server(models, api_key, rails)
     key = [Depends(check_key)]
     # the route table: path, handler, and what each needs
     app.add_api_route("/health", health, methods=["GET"], responses={503: {"model": ErrorResponse}})
@@ -56,6 +58,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
                       response_model=ChatCompletion, responses=STREAMED)
     app.add_api_route("/v1/completions", completions, methods=["POST"], dependencies=key,
                       response_model=Completion, responses=STREAMED)
+    app.add_api_route("/v1/moderations", moderations, methods=["POST"], dependencies=key, responses=ERRORS)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -67,17 +70,17 @@ def create_app(models: list[ServedModel], api_key: str | None = None) -> FastAPI
 
 
 def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          log_level: str = "info"):
+          log_level: str = "info", rails=None):
     """Run the server until interrupted."""
     import uvicorn
-    uvicorn.run(create_app(models, api_key), host=host, port=port, log_level=log_level,
+    uvicorn.run(create_app(models, api_key, rails), host=host, port=port, log_level=log_level,
                 timeout_graceful_shutdown=5)
 
 
 class Server:
     """What the handlers share: the served models by name, the API key, the metrics."""
 
-    def __init__(self, models: list[ServedModel], api_key: str | None):
+    def __init__(self, models: list[ServedModel], api_key: str | None, rails=None):
         if not models:
             raise ValueError("create_app needs at least one model")
         self.models, self.api_key = models, api_key
@@ -85,6 +88,7 @@ class Server:
         if len(self.by_name) != len(models):
             raise ValueError("model names must be unique")
         self.metrics = Metrics()
+        self.guard = GuardStage(rails, self.metrics.registry) if rails is not None else None
         for m in models:
             m.metrics = self.metrics
             self.metrics.queue_depth.labels(m.name).set_function(m.queue_depth)
@@ -159,6 +163,13 @@ async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
     sm.check_capacity(body.n)
     tok = sm.tok
     messages = chat_messages(body.messages)
+    guard = _server(request).guard
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    if guard is not None:              # the input rail: a flagged user or tool message is refused, not run
+        refused = await guard.screen_input(messages, new_envelope("chatcmpl", "chat.completion", sm.name),
+                                           body.stream, include_usage)
+        if refused is not None:
+            return refused
     image_blocks, pixels = await run_in_threadpool(chat_images, sm, messages)
     tools, tool_mode, tool_names, schema, strict = tool_setup(body, tok)
     try:
@@ -180,12 +191,13 @@ async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
     states = [ChoiceStream(i, tok, stop, tool_mode, tool_names, tool_call_key(tok)) for i in range(body.n)]
     jobs = make_jobs(sm, body, [prompt], max_tokens, logprobs, compiled, pixels)
     run = _submit(sm, jobs, states, t0, "chat", len(prompt))
+    if guard is not None:              # the output rail: the answer is released only as it passes the guard
+        run = guard.watch_output(run, messages)
     head = new_envelope("chatcmpl", "chat.completion", sm.name)
     usage = lambda: _usage(len(prompt), states)
     if body.stream:
         opening = [{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for s in states]
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return stream_chunks(run, {**head, "object": "chat.completion.chunk"}, opening, _chat_chunks, usage,
                              include_usage)
     await run.wait(request)
@@ -206,7 +218,9 @@ def _chat_chunks(s: ChoiceStream, new_lps: list[dict]) -> list[dict]:
     if delta or lp is not None:
         out.append({"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": None})
     if s.finished:
-        out.append({"index": s.index, "delta": {}, "logprobs": None, "finish_reason": s.finish_reason})
+        end = {"index": s.index, "delta": {"refusal": s.refusal} if s.refusal else {}, "logprobs": None,
+               "finish_reason": s.finish_reason}
+        out.append({**end, "herd_guard": s.guard} if s.guard else end)
     return out
 
 
@@ -214,8 +228,11 @@ def _chat_choice(s: ChoiceStream, with_logprobs: bool) -> dict:
     msg = {"role": "assistant", "content": s.content}
     if s.calls:
         msg["tool_calls"] = s.calls
-    return {"index": s.index, "message": msg, "finish_reason": s.finish_reason,
-            "logprobs": {"content": s.chat_logprobs(s.logprobs)} if with_logprobs else None}
+    if s.refusal:                      # the output rail cut this answer (serve/guard.py)
+        msg.update(content=None, refusal=s.refusal)
+    choice = {"index": s.index, "message": msg, "finish_reason": s.finish_reason,
+              "logprobs": {"content": s.chat_logprobs(s.logprobs)} if with_logprobs else None}
+    return {**choice, "herd_guard": s.guard} if s.guard else choice
 
 
 async def completions(body: CompletionRequest, request: HTTPRequest):
