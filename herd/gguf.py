@@ -274,6 +274,12 @@ def packed_experts(qtype: str, gate, up, down) -> nn.Module:
     return mod
 
 
+def read_config(path: str | Path) -> ModelConfig:
+    """The config of a GGUF file, from its metadata and tensor names (no tensor data is read)."""
+    reader = open_gguf(path)
+    return _config_of(reader, metadata(reader), Path(path))
+
+
 def _config_of(reader, meta: dict, path: Path) -> ModelConfig:
     names = {t.name for t in reader.tensors}
     cfg = config_from_metadata(meta, names, str(path))

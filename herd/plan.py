@@ -15,6 +15,11 @@ need = weights + KV cache + activations + runtime overhead, each stated with its
   flash-style attention (no T x S score matrix) and logits for the last position only.
 - runtime overhead: RUNTIME_FIXED per device (CUDA context, cuBLAS/attention workspaces, NCCL buffers; on a CPU
   the OS, Python and torch) plus ALLOCATOR_SLACK of the dynamic memory (KV cache + activations) for fragmentation.
+Several devices split the model evenly, by layers (a pipeline: each holds its layers' weights and KV cache) or
+tensor-parallel (vLLM / SGLang --tensor-parallel-size: every matrix split across devices, the KV cache split by kv
+head; with more devices than kv heads each head is held by devices/n_kv_heads of them, so the cache is replicated
+that many times; activations: the residual stream on every device, attention and FFN widths and logits split).
+A plan fits when each device's even share fits its memory.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ class Device:
     n: int                     # devices the weights are split over (even split assumed)
     mem_each: int              # bytes usable by the process on each, as nvidia-smi reports the total
     kind: str                  # gpu | cpu
+    split: str = "layers"      # layers | tensor (see the module docstring)
 
     @property
     def total(self) -> int:
@@ -48,6 +54,8 @@ DEVICES = {
     "a100-80g": Device("1x A100 80GB", 1, 81920 * MiB, "gpu"),
     "rtx4090": Device("1x RTX 4090 24GB", 1, 24564 * MiB, "gpu"),
     "2x3090": Device("2x RTX 3090 24GB (layers split evenly)", 2, 24576 * MiB, "gpu"),
+    "8xh100": Device("8x H100 80GB node (tensor parallel)", 8, 81559 * MiB, "gpu", "tensor"),
+    "8xh200": Device("8x H200 141GB node (tensor parallel)", 8, 143771 * MiB, "gpu", "tensor"),
     "cpu-64g": Device("CPU with 64 GiB RAM", 1, 64 * GiB, "cpu"),
 }
 
@@ -177,9 +185,18 @@ class Plan:
         return self.total <= self.device.total
 
 
+def kv_replicas(cfg: ModelConfig, device: Device) -> int:
+    """Copies of each K/V the devices hold together: 1, except tensor-parallel over more devices than kv heads."""
+    return max(1, device.n // cfg.n_kv_heads) if device.split == "tensor" else 1
+
+
 def _need(cfg, device: Device, weights: int, context: int, batch: int) -> tuple[int, int, int]:
-    kv = kv_cache_bytes(cfg, context, batch)
+    """(KV cache, activations, overhead) summed over the devices."""
+    kv = kv_cache_bytes(cfg, context, batch) * kv_replicas(cfg, device)
     act = activation_bytes(cfg, context, batch)
+    if device.split == "tensor":           # the residual stream (and its norm) on every device, the rest split
+        tokens = batch * min(context, PREFILL_CHUNK)
+        act += (device.n - 1) * tokens * 6 * cfg.dim * 2
     overhead = device.n * RUNTIME_FIXED[device.kind] + (kv + act) * ALLOCATOR_SLACK_PCT // 100
     return kv, act, overhead
 
@@ -226,6 +243,15 @@ def format_plan(name: str, cfg: ModelConfig, plan: Plan) -> str:
         f"batch {plan.batch}",
         f"weights      {gib(plan.weights):>10}  {RECIPES[plan.quant]}",
     ]
+    if plan.context > cfg.max_seq_len:
+        lines.insert(1, f"NOTE         context {plan.context:,} is past the model's limit of {cfg.max_seq_len:,} tokens "
+                        "(max_position_embeddings): it was not trained for it and may fail to answer")
+    if d.n > 1:
+        how = ("every matrix split across the devices, the KV cache by kv head"
+               + (f" ({cfg.n_kv_heads} kv heads: each held {kv_replicas(cfg, d)}x)" if kv_replicas(cfg, d) > 1
+                  else "") if d.split == "tensor" else "each device holds its share of the layers")
+        lines.insert(1, f"split        {d.n} devices of {gib(d.mem_each)}, {how}; each needs "
+                        f"{gib(plan.total // d.n)}")
     for p in plan.parts:
         lines.append(f"  {p.name:22s}{p.params / 1e9:8.2f}B params {gib(p.bytes):>10}")
     kv_desc = f"bf16 K+V, {per_tok:,} B per token per layer; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from pathlib import Path
 
 
@@ -55,6 +56,29 @@ def _gguf_pre_tokenizer(pre: str):
                          "(supported: default, gpt2, smollm, llama-bpe, llama3, llama4)")
 
 
+# Llama 4's reference tokenizer encodes text in pieces: at most 400,000 characters each (tiktoken's Rust side can
+# panic on longer input) and no run of more than 25,000 whitespace or non-whitespace characters (BPE on such runs is
+# quadratic). The cuts change the tokens of such inputs, so herd makes the same ones.
+TIKTOKEN_MAX_CHARS = 400_000
+TIKTOKEN_MAX_RUN = 25_000
+_RUNS = re.compile(r"\s+|\S+")
+
+
+def tiktoken_pieces(text: str) -> list[str]:
+    """text cut where Llama 4's reference cuts it before encoding: every 400,000 characters, then inside each piece
+    every 25,000 characters of a longer run of whitespace or non-whitespace (counted from the run's start)."""
+    if len(text) <= TIKTOKEN_MAX_RUN:           # no run can be too long
+        return [text]
+    pieces = []
+    for start in range(0, len(text), TIKTOKEN_MAX_CHARS):
+        chunk = text[start:start + TIKTOKEN_MAX_CHARS]
+        cuts = [m.start() + k for m in _RUNS.finditer(chunk) if m.end() - m.start() > TIKTOKEN_MAX_RUN
+                for k in range(TIKTOKEN_MAX_RUN, m.end() - m.start(), TIKTOKEN_MAX_RUN)]
+        bounds = [0] + cuts + [len(chunk)]
+        pieces += [chunk[a:b] for a, b in zip(bounds, bounds[1:])]
+    return pieces
+
+
 class Tokenizer:
     """encode/decode over either a `tokenizers.Tokenizer` or a `tiktoken.Encoding`."""
 
@@ -93,7 +117,9 @@ class Tokenizer:
         """Token ids of text. allow_special=False encodes special-token text ('<|eot|>') as ordinary characters,
         as Llama 4's reference does for message content, so user text cannot forge control tokens."""
         if self._tiktoken:
-            ids = self.backend.encode(text, allowed_special="all" if allow_special else set(), disallowed_special=())
+            allowed = "all" if allow_special else set()
+            ids = [i for piece in tiktoken_pieces(text)
+                   for i in self.backend.encode(piece, allowed_special=allowed, disallowed_special=())]
         else:
             ids = (self.backend if allow_special else self._plain).encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if bos and self.bos_id is not None else []) + ids
@@ -248,3 +274,37 @@ def load_tokenizer(path: str | Path, eos_ids: list[int] | None = None) -> Tokeni
     if path.is_dir():
         return tokenizer_from_folder(path, eos_ids)
     raise TokenizerError(f"{path}: not a GGUF file or a folder with a tokenizer")
+
+
+def save_tokenizer(tok, folder: Path):
+    """Write tokenizer.json + tokenizer_config.json next to a checkpoint, so `herd run FOLDER` and
+    tokenizer.load_tokenizer find the tokenizer the model was trained with (a GGUF-embedded one included)."""
+    backend = getattr(tok, "backend", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return      # tiktoken (Llama 4's tokenizer.model) or bytes: nothing portable to write here
+    folder = Path(folder)
+    backend.save(str(folder / "tokenizer.json"))
+    cfg = {"bos_token": tok.bos_token or None, "eos_token": tok.eos_token or None, "add_bos_token": tok.add_bos}
+    if tok.chat_template:
+        cfg["chat_template"] = tok.chat_template
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1, ensure_ascii=False))
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                   "chat_template.jinja", "generation_config.json", "preprocessor_config.json")
+
+
+def copy_tokenizer(src: str | Path, folder: str | Path) -> list[str]:
+    """Give a checkpoint written from `src` (an HF folder or a GGUF file) the tokenizer `src` has, so it runs: an HF
+    folder's tokenizer files are copied as they are, a GGUF's embedded tokenizer is written as tokenizer.json.
+    Returns the files written."""
+    import shutil
+
+    src, folder = Path(src), Path(folder)
+    if src.is_dir():
+        names = [n for n in TOKENIZER_FILES if (src / n).exists()]
+        for n in names:
+            shutil.copyfile(src / n, folder / n)
+        return names
+    save_tokenizer(load_tokenizer(src), folder)
+    return [n for n in ("tokenizer.json", "tokenizer_config.json") if (folder / n).exists()]

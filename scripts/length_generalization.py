@@ -17,8 +17,8 @@ All train on the same batches with the same optimizer and steps, then are tested
 training length. Long sequences go through the engine's KV cache in prefill pieces (blockwise attention for global
 layers, the chunked layers' ring), exactly as the engine serves them.
 
-    python -m scripts.length_generalization              # ~18 min on one CPU thread; prints + writes the table
-    python -m scripts.length_generalization --quick      # about a minute: smoke test of the whole pipeline
+    python -m scripts.length_generalization --out results/length_generalization.md   # ~18 min on one CPU thread
+    python -m scripts.length_generalization --quick      # about a minute: smoke test, prints the table only
     python -m scripts.length_generalization --models irope_8 --out results/length_generalization_8layers.md
 """
 from __future__ import annotations
@@ -61,7 +61,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=3e-3, help="peak AdamW learning rate (warmup, then cosine to 10%%)")
     # Run
     p.add_argument("--seed", type=int, default=0, help="weights and training data (the test data is fixed)")
-    p.add_argument("--out", default="results/length_generalization.md", help="where to write the table")
+    p.add_argument("--out", default=None, help="where to write the table (default: print it only)")
     p.add_argument("--models", default=DEFAULT_MODELS, help=f"which of {', '.join(MODELS)} to train, in order")
     p.add_argument("--quick", action="store_true", help="smoke run: 40 steps, 2 test sequences, factors 1,4")
     return p.parse_args(argv)
@@ -213,6 +213,8 @@ def main(argv=None):
               f"(`{command}`)."]
     table = "\n".join(lines)
     print("\n" + table)
+    if args.out is None:
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(table + "\n")

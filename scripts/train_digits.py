@@ -179,6 +179,11 @@ def main(argv=None):
     out = Path(args.out)
 
     # Data: the fixed 25% held-out split the baselines use too
+    try:
+        import sklearn  # noqa: F401  (the digits and the baselines come from scikit-learn)
+    except ImportError:
+        raise SystemExit("scripts.train_digits needs scikit-learn (the digits dataset and the baselines): "
+                         "./install.sh installs it, or pip install scikit-learn") from None
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -1,13 +1,10 @@
 """The herd command on a tiny Llama 4 checkpoint with Llama 4's tokenizer format, and `herd info`."""
-import base64
 import subprocess
 import sys
 
 import pytest
 
-from herd.checkpoint import save_hf
-from herd.config import preset
-from herd.model import Transformer
+from tiny_chat import write_tiny_llama4
 
 
 def herd_cli(*args):
@@ -16,16 +13,7 @@ def herd_cli(*args):
 
 @pytest.fixture(scope="module")
 def tiny_llama4(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny_l4")
-    ranks = [bytes([b]) for b in range(256)]
-    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n"
-                                                    for i, t in enumerate(ranks)))
-    cfg = preset("debug")
-    cfg.vocab_size = 256 + 2048
-    cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id = 256, [257, 263, 264], 274
-    cfg.__post_init__()
-    save_hf(Transformer(cfg).init_weights(seed=0), folder)
-    return folder
+    return write_tiny_llama4(tmp_path_factory.mktemp("tiny_l4"))
 
 
 def test_run_and_generate_llama4_folder(tiny_llama4):
@@ -64,3 +52,69 @@ def test_image_to_text_only_model(tiny_llama4, tmp_path):
     Image.new("RGB", (20, 30), "red").save(tmp_path / "red.png")
     r = herd_cli("run", str(tiny_llama4), "--image", str(tmp_path / "red.png"), "What is this?")
     assert r.returncode == 2 and "text-only" in r.stderr and "Traceback" not in r.stderr
+
+
+# ---- the dead ends a newcomer hit (issue 19): each now ends in an answer or a clear one-line error ----------------
+def herd_cli_input(text, *args):
+    return subprocess.run([sys.executable, "-m", "herd.cli", *args], input=text, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_chat_that_fills_the_context_drops_the_oldest_turn(tiny_llama4):
+    """Each answer fills most of a 64-token context: later turns drop the oldest with a notice, and the session
+    answers every line instead of exiting."""
+    r = herd_cli_input("first question here\nsecond one\nthird one\n", "run", str(tiny_llama4), "--max-seq-len", "64",
+                       "--max-tokens", "24", "--temperature", "0")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("dropped the oldest turn") >= 1, r.stderr
+    assert r.stdout.count(">>> ") == 4 and "Traceback" not in r.stderr     # three answers, then the EOF prompt
+
+
+def test_missing_model_path_is_an_error_not_a_prompt():
+    for cmd in (["run", "./typo.gguf"], ["run", "./typo.gguf", "hello"], ["generate", "typo.gguf", "hi"],
+                ["info", "typo.gguf"], ["quantize", "typo.gguf", "out", "--scheme", "int8"]):
+        r = herd_cli(*cmd)
+        assert r.returncode == 2 and "typo.gguf: no such file" in r.stderr and "Traceback" not in r.stderr, cmd
+
+
+def test_default_and_gguf_everywhere():
+    r = herd_cli("info", "default")                                       # a GGUF: config from its metadata
+    assert r.returncode == 0 and "dim 576, heads 9 q / 3 kv" in r.stdout, r.stderr
+    r = herd_cli("plan", "default", "--device", "cpu-64g", "--context", "2048")
+    assert r.returncode == 0 and "fits" in r.stdout, r.stderr
+    r = herd_cli("quantize", "default", "unused-out", "--scheme", "int4")  # dense: --only experts would do nothing
+    assert r.returncode == 2 and "nothing to quantize" in r.stderr and "--only all" in r.stderr
+
+
+def test_quantize_copies_the_tokenizer_so_the_output_runs(tiny_llama4, tmp_path):
+    r = herd_cli("quantize", str(tiny_llama4), str(tmp_path / "q"), "--scheme", "int8", "--only", "all")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "q" / "tokenizer.model").exists() and "tokenizer.model" in r.stdout
+    r = herd_cli("generate", str(tmp_path / "q"), "Once upon", "--max-tokens", "4", "--ignore-eos")
+    assert r.returncode == 0 and r.stdout.startswith("Once upon"), r.stderr
+
+
+def test_version_and_bench_serve_without_a_server():
+    import herd
+    r = herd_cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"herd {herd.__version__}"
+    r = herd_cli("bench-serve", "http://127.0.0.1:9", "--requests", "1")      # port 9: nothing listens
+    assert r.returncode == 2 and "cannot reach http://127.0.0.1:9" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_plan_multi_gpu_node_and_context_past_the_limit():
+    r = herd_cli("plan", "maverick", "--device", "8xh100", "--quant", "fp8", "--context", "65536")
+    assert r.returncode == 0 and "fits" in r.stdout and "does NOT fit" not in r.stdout, r.stdout
+    assert "8 devices" in r.stdout and "the KV cache by kv head" in r.stdout
+    r = herd_cli("plan", "scout", "--device", "8xh200", "--context", "20000000")
+    assert "past the model's limit of 10,485,760 tokens" in r.stdout
+
+
+def test_length_generalization_writes_only_where_out_says():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "length_generalization.py"
+    spec = importlib.util.spec_from_file_location("length_generalization", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_args(["--quick"]).out is None

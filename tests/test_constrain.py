@@ -1,7 +1,6 @@
 """Grammar-constrained decoding (constrain.py + the engine's per-request constraint hook): a tiny random model,
 sampled at temperature 1, must still produce JSON that validates; unconstrained rows in the same batch are
 untouched."""
-import base64
 import json
 
 import jsonschema
@@ -13,7 +12,7 @@ from herd.chat import parse_tool_calls
 from herd.constrain import Compiler, GrammarError, token_bytes, tool_call_schema
 from herd.engine import Engine, SamplingParams, generate
 from herd.tokenizer import load_tokenizer
-from tiny_chat import write_tiny_chat_model
+from tiny_chat import write_byte_tokenizer_model, write_tiny_chat_model
 
 # every path through this schema is short, so a random model always finishes it within max_tokens
 BOUNDED = {
@@ -128,9 +127,7 @@ def test_token_bytes_spell_the_text(tiny, tmp_path):
     assert b"".join(table[i] for i in tok.encode(text)) == text.encode("utf-8")
     assert table[0] == table[1] == table[2] == b""                 # special tokens
     # Llama 4's tiktoken format: byte ranks, then the 2048 special tokens
-    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n"
-                                                      for b in range(256)))
-    l4 = load_tokenizer(tmp_path)
+    l4 = load_tokenizer(write_byte_tokenizer_model(tmp_path))
     table = token_bytes(l4, 256 + 2048)
     assert b"".join(table[i] for i in l4.encode(text)) == text.encode("utf-8")
     assert table[l4.token_id("<|eot|>")] == b"" and len(table) == 2304

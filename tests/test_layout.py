@@ -76,19 +76,8 @@ def test_every_module_imports_in_a_fresh_interpreter():
 def test_run_and_serve_paths_import_nothing_of_train(tmp_path):
     """`herd run` (one answer from a tiny checkpoint) and the server's app built over it: no herd.train module is
     ever imported."""
-    import base64
-    from herd.checkpoint import save_hf
-    from herd.config import preset
-    from herd.model import Transformer
-
-    folder = tmp_path / "m"                  # Llama 4's tokenizer format over 256 byte tokens, as tests/test_cli.py
-    cfg = preset("debug")
-    cfg.vocab_size = 256 + 2048
-    cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id = 256, [257, 263, 264], 274
-    cfg.__post_init__()
-    save_hf(Transformer(cfg).init_weights(seed=0), folder)
-    (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n"
-                                                    for b in range(256)))
+    from tiny_chat import write_tiny_llama4
+    folder = write_tiny_llama4(tmp_path / "m")
     code = f"""
 import sys
 from herd.cli import main

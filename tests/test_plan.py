@@ -121,13 +121,21 @@ def test_scout_int4_on_one_h100():
     assert make_plan(preset("scout"), "h200", "bf16", 8192).longest_context == 0
 
 
-def test_maverick_fits_none_of_the_devices():
+def test_maverick_fits_no_single_device_and_an_8_gpu_node():
+    """Maverick (~215 GiB even at int4) fits none of the single devices (nor two 3090s); an 8x H100 node, tensor
+    parallel, holds it at fp8 with long context, its 8 kv heads one per GPU (no KV replication)."""
     cfg = preset("maverick")
     routed, shared, rest = maverick_counts()
     smallest = int4_bytes(routed) + int4_bytes(shared) + 2 * rest          # ~215 GiB even at int4
     for device, dev in DEVICES.items():
+        if dev.split == "tensor":
+            continue
         assert dev.total < smallest
         assert longest_context(cfg, dev, smallest, 1) == 0
+    plan = make_plan(cfg, "8xh100", "fp8", 65536)
+    assert plan.fits and plan.longest_context == cfg.max_seq_len
+    assert plan.kv_cache == kv_cache_bytes(cfg, 65536)                     # split, not replicated
+    assert plan.total // 8 <= DEVICES["8xh100"].mem_each
 
 
 def test_cli_plan(capsys):

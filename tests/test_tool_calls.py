@@ -114,3 +114,9 @@ def test_template_with_tools_gets_them_itself():
     text = tok.decode(format_chat(tok, messages, tools))
     # the template's own tool rendering, with arguments as an object (HF convention); no system text injected
     assert text == "TOOLS get_weather\nuser: Weather in Oslo?|assistant: CALL get_weather Oslo|tool: 4 C|"
+
+
+def test_tool_call_start_holds_back_function_tags():
+    assert tool_call_start("Sure. <func", NAMES) == len("Sure. ")
+    assert tool_call_start('Sure. <function=search>{"q": "x"}', NAMES) == len("Sure. ")
+    assert tool_call_start("a < b and c", NAMES) == len("a < b and c")

@@ -54,11 +54,29 @@ def write_tiny_chat_model(folder, seed: int = 0) -> Path:
     return folder
 
 
-def write_tiny_vision_model(folder, seed: int = 0) -> Path:
+def write_byte_tokenizer_model(folder) -> Path:
+    """Llama 4's tokenizer.model format (tiktoken 'base64-token rank' lines) over the 256 single bytes; with the
+    2,048 specials herd adds, a vocabulary of 2,304 in Llama 4's chat layout."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([b])).decode()} {b}\n"
                                                     for b in range(256)))
+    return folder
+
+
+def write_tiny_llama4(folder, seed: int = 0) -> Path:
+    """The `debug` trunk (random weights) with write_byte_tokenizer_model's tokenizer and its special ids."""
+    folder = write_byte_tokenizer_model(folder)
+    cfg = preset("debug")
+    cfg.vocab_size = 256 + 2048
+    cfg.bos_token_id, cfg.eos_token_ids, cfg.pad_token_id = 256, [257, 263, 264], 274
+    cfg.__post_init__()
+    save_hf(Transformer(cfg).init_weights(seed=seed), folder)
+    return folder
+
+
+def write_tiny_vision_model(folder, seed: int = 0) -> Path:
+    folder = write_byte_tokenizer_model(folder)
     special = {name: 256 + i for i, name in enumerate(llama4_special_tokens())}
     cfg = preset("debug")
     cfg.vocab_size = 256 + len(special)

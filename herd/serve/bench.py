@@ -43,16 +43,26 @@ def _headers(api_key):
     return h
 
 
+class BenchError(ValueError):
+    """The server under test cannot be used: unreachable, refusing, or not OpenAI-shaped."""
+
+
 def first_model(url: str, api_key: str | None = None, timeout: float = 30) -> str:
     scheme, host, port, base = _split(url)
-    conn = _connection(scheme, host, port, timeout)
     try:
+        conn = _connection(scheme, host, port, timeout)
         conn.request("GET", base + "/v1/models", headers=_headers(api_key))
         r = conn.getresponse()
         body = r.read()
-        if r.status != 200:
-            raise RuntimeError(f"GET /v1/models: HTTP {r.status}: {body[:200]!r}")
+    except OSError as e:                        # refused, unreachable, timed out, reset
+        raise BenchError(f"cannot reach {url} ({e.strerror or type(e).__name__}): is the server running at that "
+                         "address?") from None
+    if r.status != 200:
+        raise BenchError(f"GET {url}/v1/models: HTTP {r.status}: {body[:200]!r}")
+    try:
         return json.loads(body)["data"][0]["id"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BenchError(f"GET {url}/v1/models did not answer an OpenAI model list: {body[:200]!r}") from None
     finally:
         conn.close()
 

@@ -153,17 +153,3 @@ class TokenLoader:
     def load_state_dict(self, state: dict):
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._order = self._permutation(self.epoch)
-
-
-def save_tokenizer(tok, folder: Path):
-    """Write tokenizer.json + tokenizer_config.json next to a checkpoint, so `herd run FOLDER` and
-    tokenizer.load_tokenizer find the tokenizer the model was trained with (a GGUF-embedded one included)."""
-    backend = getattr(tok, "backend", None)
-    if backend is None or not hasattr(backend, "to_str"):
-        return      # tiktoken (Llama 4's tokenizer.model) or bytes: nothing portable to write here
-    folder = Path(folder)
-    backend.save(str(folder / "tokenizer.json"))
-    cfg = {"bos_token": tok.bos_token or None, "eos_token": tok.eos_token or None, "add_bos_token": tok.add_bos}
-    if tok.chat_template:
-        cfg["chat_template"] = tok.chat_template
-    (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1, ensure_ascii=False))

@@ -28,7 +28,8 @@ from ..checkpoint import build_meta, save_hf, to_hf_config
 from ..config import PRESETS, ModelConfig, from_hf_config, preset
 from ..model import MoE
 from . import losses
-from .data import ByteTokenizer, TokenLoader, fingerprint, load_tokens, save_tokenizer
+from ..tokenizer import save_tokenizer
+from .data import ByteTokenizer, TokenLoader, fingerprint, load_tokens
 from .pairs import PairLoader, is_pairs, load_pairs
 from .distill import TeacherCache, build_teacher_cache, check_same_tokenizer, kl_full, kl_topk
 from .flags import add_train_flags
