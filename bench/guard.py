@@ -109,7 +109,8 @@ def main(argv=None):
     for fpr in (0.01, 0.02, 0.05, 0.10):
         rg = rates(labels, [x >= threshold_at_fpr(labels, g_scores, fpr) for x in g_scores])
         rl = rates(labels, [x >= threshold_at_fpr(labels, lr_scores, fpr) for x in lr_scores])
-        lines.append(f"| {fpr:.2f} | {rg['recall']:.3f} (FPR {rg['fpr']:.3f}) | {rl['recall']:.3f} (FPR {rl['fpr']:.3f}) |")
+        lines.append(f"| {fpr:.2f} | {rg['recall']:.3f} (FPR {rg['fpr']:.3f}) | "
+                     f"{rl['recall']:.3f} (FPR {rl['fpr']:.3f}) |")
     lines += ["", "Per source (guard / baseline at the guard's FPR):", "",
               "| source | kind | texts | guard flagged | baseline flagged |", "|---|---|---|---|---|"]
     by_source = {}

@@ -20,7 +20,8 @@ def tiny_prompt_guard(folder):
     vocab = {t: i for i, t in enumerate(["[PAD]", "[CLS]", "[SEP]", "[UNK]", "INJECT"] + WORDS)}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.Whitespace()
-    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                      special_tokens=[("[CLS]", 1), ("[SEP]", 2)])
     tok = transformers.PreTrainedTokenizerFast(tokenizer_object=tk, cls_token="[CLS]", sep_token="[SEP]",
                                                pad_token="[PAD]", unk_token="[UNK]", model_max_length=WINDOW)
     cfg = transformers.DebertaV2Config(vocab_size=len(vocab), hidden_size=H, num_hidden_layers=1, num_attention_heads=1,

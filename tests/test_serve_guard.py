@@ -101,7 +101,38 @@ def test_flagged_answer_is_cut(servers):
     # nothing unchecked was sent: the guard flagged the first text it saw, so no content delta went out
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)
     end = chunks[-1].choices[0]
-    assert end.finish_reason == "content_filter" and end.delta.refusal and end.model_extra["herd_guard"]["verdict"] == "unsafe"
+    assert end.finish_reason == "content_filter" and end.delta.refusal
+    assert end.model_extra["herd_guard"]["verdict"] == "unsafe"
+
+
+def test_completions_are_guarded_too(servers):
+    """/v1/completions is no way around the rails: a prompt carrying an injection is refused (empty text,
+    finish_reason content_filter), and a flagged completion is cut, streamed and not."""
+    guarded, cutting, _ = servers
+    r = guarded.client().completions.create(model="tiny", prompt=INJECTION, max_tokens=8)
+    assert r.choices[0].finish_reason == "content_filter" and r.choices[0].text == ""
+    assert r.model_extra["herd_guard"]["rail"] == "input" and r.usage.total_tokens == 0
+    chunks = list(guarded.client().completions.create(model="tiny", prompt=["hello", INJECTION], max_tokens=8,
+                                                      stream=True))
+    assert chunks[-1].choices[0].finish_reason == "content_filter"
+    assert chunks[-1].model_extra["herd_guard"]["message_index"] == 1
+    r = cutting.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=30)
+    assert r.choices[0].finish_reason == "content_filter" and r.choices[0].text == ""
+    assert r.choices[0].model_extra["herd_guard"]["rail"] == "output"
+    chunks = list(cutting.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=30,
+                                                      stream=True))
+    assert not any(c.choices[0].text for c in chunks) and chunks[-1].choices[0].finish_reason == "content_filter"
+
+
+def test_cut_answer_keeps_no_logprobs_of_unsent_text(servers):
+    """Logprobs spell tokens: a cut answer must not carry those of text the guard held back."""
+    cutting = servers[1]
+    r = cutting.client().chat.completions.create(model="tiny", messages=AGENT[:1], max_tokens=20, logprobs=True,
+                                                 top_logprobs=2)
+    assert r.choices[0].finish_reason == "content_filter" and not r.choices[0].logprobs.content
+    chunks = list(cutting.client().chat.completions.create(model="tiny", messages=AGENT[:1], max_tokens=20,
+                                                            logprobs=True, stream=True))
+    assert not any(c.choices[0].logprobs and c.choices[0].logprobs.content for c in chunks if c.choices)
 
 
 def test_metrics_count_flagged(servers):

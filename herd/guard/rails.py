@@ -22,7 +22,8 @@ CHECK_EVERY = 200          # characters of new answer text between two output-gu
 
 
 def category_key(name: str) -> str:
-    """A guard category's key in a moderation result: 'Prompt Injection and Jailbreaks.' -> 'prompt_injection_and_jailbreaks'."""
+    """A guard category's key in a moderation result:
+    'Prompt Injection and Jailbreaks.' -> 'prompt_injection_and_jailbreaks'."""
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
@@ -137,7 +138,8 @@ def guard_info(v: Verdict, rail: str, message_index: int | None = None) -> dict:
 def refusal_text(v: Verdict, rail: str) -> str:
     what = "request" if rail == "input" else "answer"
     cats = f" ({', '.join(v.categories)})" if v.categories else ""
-    return f"This {what} was flagged by the {rail} guard{cats} and was not {'answered' if rail == 'input' else 'completed'}."
+    done = "answered" if rail == "input" else "completed"
+    return f"This {what} was flagged by the {rail} guard{cats} and was not {done}."
 
 
 def moderation_result(guard, v: Verdict, input_types=("text",)) -> dict:

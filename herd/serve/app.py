@@ -243,10 +243,20 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     prompts = completion_prompts(body, sm)
     max_tokens = completion_max_tokens(body, sm, prompts)
     stop = stop_strings(body.stop)
+    guard = _server(request).guard
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    if guard is not None:              # the input rail: each prompt is user text
+        refused = await guard.screen_prompts([sm.tok.decode(p) for p in prompts],
+                                             new_envelope("cmpl", "text_completion", sm.name), body.stream,
+                                             include_usage)
+        if refused is not None:
+            return refused
     states = [ChoiceStream(i, sm.tok, stop, "off", None) for i in range(len(prompts) * body.n)]
     jobs = make_jobs(sm, body, prompts, max_tokens, body.logprobs, None)
     n_prompt = sum(map(len, prompts))
     run = _submit(sm, jobs, states, t0, "completions", n_prompt)
+    if guard is not None:              # the output rail over the generated text alone
+        run = guard.watch_output(run, [])
     head = new_envelope("cmpl", "text_completion", sm.name)
     echoed = [sm.tok.decode(prompts[s.index // body.n]) if body.echo else "" for s in states]
     usage = lambda: _usage(n_prompt, states)
@@ -259,16 +269,17 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
                 lp = s.completion_logprobs(new_lps, offsets[s.index])
                 offsets[s.index] += sum(len(t) for t in lp["tokens"])
             if text or lp is not None or s.finished:
-                return [{"index": s.index, "text": text, "logprobs": lp, "finish_reason": s.finish_reason}]
+                entry = {"index": s.index, "text": text, "logprobs": lp, "finish_reason": s.finish_reason}
+                return [{**entry, "herd_guard": s.guard} if s.guard else entry]
             return []
         opening = [{"index": s.index, "text": echoed[s.index], "logprobs": None, "finish_reason": None}
                    for s in states] if body.echo else []
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return stream_chunks(run, head, opening, choice_chunks, usage, include_usage)
     await run.wait(request)
     choices = [{"index": s.index, "text": echoed[s.index] + s.text, "finish_reason": s.finish_reason,
                 "logprobs": s.completion_logprobs(s.logprobs, len(echoed[s.index]))
-                if body.logprobs is not None else None} for s in states]
+                if body.logprobs is not None else None, **({"herd_guard": s.guard} if s.guard else {})}
+               for s in states]
     return respond(head, choices, usage())
 
 

@@ -1,8 +1,9 @@
 """The guard stage of a served request (`herd serve --guard-input M --guard-output M`) and `POST /v1/moderations`.
 
-- Input rail: before a chat request reaches the engine, every user and tool message is checked (herd/guard/rails.py);
-  a flagged one is answered at once with OpenAI's refusal shape: message.refusal (delta.refusal when streamed),
-  finish_reason "content_filter", and herd's `herd_guard` object with the verdict.
+- Input rail: before a request reaches the engine, every user and tool message (each prompt of /v1/completions) is
+  checked (herd/guard/rails.py); a flagged one is answered at once with OpenAI's refusal shape: message.refusal
+  (delta.refusal when streamed; an empty text for completions), finish_reason "content_filter", and herd's
+  `herd_guard` object with the verdict.
 - Output rail: the answer is checked as it grows (every rails.CHECK_EVERY characters, and at its end). Text reaches
   the client only after a check has passed it, so a flagged answer is cut before its unsafe part is sent: the engine
   request is cancelled and the choice ends with finish_reason "content_filter" and `herd_guard`.
@@ -59,38 +60,68 @@ class GuardStage:
         return self.rails.input_guard or self.rails.output_guard
 
     async def screen_input(self, messages: list[dict], envelope: dict, stream: bool, include_usage: bool):
-        """None when the input rail passes the request; else the refusal response."""
+        """None when the input rail passes a chat request; else the refusal in chat.completion's shape."""
+        hit = await self._flagged_input(messages, "messages")
+        if hit is None:
+            return None
+        info, text = hit
+        refused = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": text},
+                   "finish_reason": "content_filter", "logprobs": None}
+        opening = {"index": 0, "delta": {"role": "assistant", "refusal": text}, "logprobs": None,
+                   "finish_reason": None}
+        return _refusal(envelope, "chat.completion.chunk", refused, opening, info, stream, include_usage)
+
+    async def screen_prompts(self, prompts: list[str], envelope: dict, stream: bool, include_usage: bool):
+        """The input rail over /v1/completions: each prompt is user text. None when all pass; else the refusal in
+        text_completion's shape (an empty text, finish_reason content_filter: completions have no refusal field)."""
+        hit = await self._flagged_input([{"role": "user", "content": p} for p in prompts], "prompt")
+        if hit is None:
+            return None
+        info = hit[0]
+        refused = {"index": 0, "text": "", "finish_reason": "content_filter", "logprobs": None}
+        return _refusal(envelope, "text_completion", refused, None, info, stream, include_usage)
+
+    async def _flagged_input(self, messages: list[dict], param: str) -> tuple[dict, str] | None:
+        """(herd_guard's object, the refusal text) for the first message the input guard flags, None when all pass;
+        text the guard cannot check (too long, say) is a 400, never passed unchecked."""
+        if self.rails.input_guard is None:
+            return None
         try:
             hit = await run_in_threadpool(self.rails.check_input, messages)
         except GuardError as e:
-            raise APIError(400, f"the input guard cannot check this request: {e}", param="messages") from None
+            raise APIError(400, f"the input guard cannot check this request: {e}", param=param) from None
         if hit is None:
             return None
         index, verdict = hit
-        info = guard_info(verdict, "input", index)
-        text = refusal_text(verdict, "input")
-        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
-        if not stream:
-            choice = {"index": 0, "message": {"role": "assistant", "content": None, "refusal": text},
-                      "finish_reason": "content_filter", "logprobs": None}
-            return respond({**envelope, "herd_guard": info}, [choice], usage)
-        head = {**envelope, "object": "chat.completion.chunk"}
-        extra = {"usage": None} if include_usage else {}
-        chunks = [{**head, **extra, "choices": [{"index": 0, "delta": {"role": "assistant", "refusal": text},
-                                                  "logprobs": None, "finish_reason": None}]},
-                  {**head, **extra, "herd_guard": info,
-                   "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}]}]
-        if include_usage:
-            chunks.append({**head, "choices": [], "usage": usage})
-
-        async def events():
-            for c in chunks:
-                yield sse(c)
-            yield "data: [DONE]\n\n"
-        return EventStream(events(), media_type="text/event-stream")
+        return guard_info(verdict, "input", index), refusal_text(verdict, "input")
 
     def watch_output(self, run: Run, messages: list[dict]) -> Run:
         return run if self.rails.output_guard is None else GuardedRun(run, self.rails, messages)
+
+
+def _refusal(envelope: dict, chunk_object: str, refused: dict, opening: dict | None, info: dict, stream: bool,
+             include_usage: bool):
+    """A request the input rail refused, answered at once: one choice, no tokens used; streamed, an opening entry
+    (chat's refusal delta) and a last one with finish_reason content_filter and herd_guard."""
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    if not stream:
+        return respond({**envelope, "herd_guard": info}, [refused], usage)
+    head = {**envelope, "object": chunk_object}
+    extra = {"usage": None} if include_usage else {}
+    last = {k: v for k, v in refused.items() if k != "message"}
+    if "message" in refused:
+        last["delta"] = {}
+    entries = ([opening] if opening else []) + [last]
+    chunks = [{**head, **extra, "choices": [e]} for e in entries]
+    chunks[-1]["herd_guard"] = info
+    if include_usage:
+        chunks.append({**head, "choices": [], "usage": usage})
+
+    async def events():
+        for c in chunks:
+            yield sse(c)
+        yield "data: [DONE]\n\n"
+    return EventStream(events(), media_type="text/event-stream")
 
 
 class GuardedRun(Run):
@@ -100,6 +131,7 @@ class GuardedRun(Run):
     def __init__(self, run: Run, rails: GuardRails, messages: list[dict]):
         super().__init__(run.sm, run.jobs, run.states, run.t0, run.endpoint)
         self.checks = [rails.output_check(messages) for _ in run.states]
+        self.released = [0] * len(run.states)            # per choice: logprob entries handed on so far
 
     async def updates(self):
         held: dict[int, list[dict]] = {}                 # logprob entries of updates not yet released
@@ -112,15 +144,20 @@ class GuardedRun(Run):
                 verdict = await run_in_threadpool(check.finish)
             if verdict is not None:
                 self.cut(s, verdict)
+                held.pop(s.index, None)                   # unchecked tokens: their logprobs would spell them
             elif not s.finished and check.checked_len < len(s.text):
                 continue                                  # unchecked text: hold it back
-            yield s, held.pop(s.index, [])
+            lps = held.pop(s.index, [])
+            self.released[s.index] += len(lps)
+            yield s, lps
 
     def cut(self, s: ChoiceStream, verdict):
         """End a choice the output guard flagged: its engine request cancelled, only text already sent kept."""
         if not s.finished:
             self.sm.cancel(self.jobs[s.index], "content_filter")
         s.text = s.content = s.text[:s.sent]
+        # logprobs as far as text went out (streamed); a whole answer (not streamed) sent nothing, so keeps none
+        s.logprobs = s.logprobs[:self.released[s.index]] if s.sent else []
         s.calls = []
         s.finish_reason = "content_filter"
         s.guard = guard_info(verdict, "output")
