@@ -311,6 +311,8 @@ def cmd_serve(args):
     from .serve.limits import Limits, limit_fields
     from .serve.worker import ServedModel, short_name
 
+    from .serve.guard import load_rails
+    rails = load_rails(args.guard_input, args.guard_output)     # a guard that fails to load stops the start here
     served = []
     for spec in args.models or ["default"]:
         # NAME=PATH sets the id; otherwise it is the file's or folder's short name
@@ -326,7 +328,7 @@ def cmd_serve(args):
     print(f"[serving {', '.join(m.name for m in served)} on http://{args.host}:{args.port}/v1{page}]", file=sys.stderr)
     limits = Limits(**{name: getattr(args, name) for name, _, _ in limit_fields()})
     serve(served, host=args.host, port=args.port, api_key=args.api_key, log_level=args.log_level, limits=limits,
-          cors_origins=args.cors_origin, protect_metrics=args.protect_metrics, webui=not args.no_webui)
+          cors_origins=args.cors_origin, protect_metrics=args.protect_metrics, webui=not args.no_webui, rails=rails)
 
 
 def cmd_bench_serve(args):
@@ -616,6 +618,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     _add_serve_parsers(sub)
     _add_train_parsers(sub, argv if argv is not None else sys.argv[1:])
     _add_eval_parsers(sub)
+    from .guard.command import add_guard_command    # `herd guard` (herd/guard/command.py)
+    add_guard_command(sub)
     from .agent.cli import add_agent_parser     # `herd agent`: flags and handler in herd/agent/cli.py
     add_agent_parser(sub)
     return parser
@@ -699,6 +703,11 @@ def _add_serve_parsers(sub):
     _threads_arg(p)
     _dequantize_arg(p)
     _kv_dtype_arg(p)
+    # Guards (herd/serve/guard.py): a guard folder (Llama Guard 4, Prompt Guard 2) or 'default'
+    p.add_argument("--guard-input", default=None, metavar="GUARD",
+                   help="check user and tool messages before they reach the model; flagged requests are refused")
+    p.add_argument("--guard-output", default=None, metavar="GUARD",
+                   help="check answers as they stream; a flagged answer is cut (finish_reason content_filter)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, TTFT, ITL, cost")

@@ -240,7 +240,7 @@ def from_hf_config(hf: dict, path: str = "config.json") -> ModelConfig:
         step = tc.get("interleave_moe_layer_step", 1)
         moe_ids = tc.get("moe_layers")
         if moe_ids is None:
-            moe_ids = list(range(step - 1, n_layers, step))
+            moe_ids = list(range(step - 1, n_layers, step)) if step else []    # step 0: dense (Llama Guard 4)
         rope_layers = tc.get("no_rope_layers") or None   # HF: 1 means the layer USES RoPE
         vision = None
         if nested and hf.get("vision_config"):
@@ -261,6 +261,8 @@ def from_hf_config(hf: dict, path: str = "config.json") -> ModelConfig:
                           expert_dim=tc.get("intermediate_size", 8192)) if moe_ids else None,
             moe_layer_ids=list(moe_ids),
             nope_every=tc.get("no_rope_layer_interval", 4), rope_layers=rope_layers,
+            # null (Llama Guard 4's config) = no chunked attention: Meta's reference builds the chunked mask only
+            # when a chunk size is set and otherwise gives RoPE layers the global causal mask; so does herd.
             attn_chunk_size=tc.get("attention_chunk_size"),
             use_qk_norm=bool(tc.get("use_qk_norm", True)),
             attn_temperature_tuning=bool(tc.get("attn_temperature_tuning", True)),

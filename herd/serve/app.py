@@ -45,6 +45,7 @@ from .stream import ChoiceStream, Run, new_envelope, prompt_entries, respond, st
 from .tokenize import detokenize, tokenize, tokenizer_info
 from .webui import chat_page, webui_asset
 from .worker import ServedModel
+from .guard import GuardStage, moderations
 
 log = logging.getLogger("herd.serve")
 ERRORS = {c: {"model": ErrorResponse} for c in (400, 401, 404, 413, 429, 500, 503)}
@@ -54,12 +55,14 @@ SHUTDOWN_GRACE_S = 2.0         # SIGTERM: how long running requests may go on be
 
 
 def create_app(models: list[ServedModel], api_key: str | None = None, limits: Limits | None = None,
-               cors_origins: list[str] | None = None, protect_metrics: bool = False, webui: bool = True) -> FastAPI:
+               cors_origins: list[str] | None = None, protect_metrics: bool = False, webui: bool = True,
+               rails=None) -> FastAPI:
     """protect_metrics: /metrics and the API docs need the API key too (by default they are open, as in vLLM).
-    cors_origins: browser origins allowed to call the API ("*": any). webui: GET / answers the chat page."""
+    cors_origins: browser origins allowed to call the API ("*": any). webui: GET / answers the chat page.
+    rails: the guards (guard.load_rails), None to serve unguarded."""
     app = FastAPI(title="herd", version="0.1.0", lifespan=_lifespan,
                   description="OpenAI-compatible API over herd's engine.")
-    app.state.server = Server(models, api_key, limits or Limits(), protect_metrics)
+    app.state.server = Server(models, api_key, limits or Limits(), protect_metrics, rails)
     key = [Depends(check_key)]
     # the route table: path, handler, and what each needs
     if webui:                  # the chat page and its two files; the page itself asks for the key (sessionStorage)
@@ -83,6 +86,7 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
                       response_model=DetokenizeResponse, responses=ERRORS)
     app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=key,
                       response_model=TokenizerInfo, responses=ERRORS)
+    app.add_api_route("/v1/moderations", moderations, methods=["POST"], dependencies=key, responses=ERRORS)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -119,7 +123,7 @@ def _declare_key(app: FastAPI):
 
 def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           log_level: str = "info", limits: Limits | None = None, cors_origins: list[str] | None = None,
-          protect_metrics: bool = False, webui: bool = True):
+          protect_metrics: bool = False, webui: bool = True, rails=None):
     """Run the server until interrupted (SIGINT, SIGTERM: see the module's docstring)."""
     import uvicorn
 
@@ -129,7 +133,7 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, 
                 m.close(SHUTDOWN_GRACE_S)
             await super().shutdown(sockets)
 
-    app = create_app(models, api_key, limits, cors_origins, protect_metrics, webui)
+    app = create_app(models, api_key, limits, cors_origins, protect_metrics, webui, rails)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=SHUTDOWN_GRACE_S + 1)
     ClosingServer(config).run()
@@ -138,7 +142,8 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, 
 class Server:
     """What the handlers share: the served models by name, the API key, the limits, the metrics."""
 
-    def __init__(self, models: list[ServedModel], api_key: str | None, limits: Limits, protect_metrics: bool):
+    def __init__(self, models: list[ServedModel], api_key: str | None, limits: Limits, protect_metrics: bool,
+                 rails=None):
         if not models:
             raise ValueError("create_app needs at least one model")
         self.models, self.api_key, self.limits, self.protect_metrics = models, api_key, limits, protect_metrics
@@ -146,6 +151,7 @@ class Server:
         if len(self.by_name) != len(models):
             raise ValueError("model names must be unique")
         self.metrics = Metrics()
+        self.guard = GuardStage(rails, self.metrics.registry) if rails is not None else None
         for m in models:
             m.metrics = self.metrics
             self.metrics.queue_depth.labels(m.name).set_function(m.queue_depth)
@@ -249,6 +255,13 @@ async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
     tok = sm.tok
     messages = chat_messages(body.messages)
     check_prompt_chars(sm, chat_chars(messages), "messages")
+    guard = server.guard
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    if guard is not None:              # the input rail: a flagged user or tool message is refused, not run
+        refused = await guard.screen_input(messages, new_envelope("chatcmpl", "chat.completion", sm.name),
+                                           body.stream, include_usage)
+        if refused is not None:
+            return refused
     image_blocks, pixels = await run_in_threadpool(chat_images, sm, messages)
     tools, tool_mode, tool_names, schema, strict = tool_setup(body, tok)
     try:           # rendering and tokenizing: in a thread (the tokenizer runs without the GIL)
@@ -272,12 +285,13 @@ async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
     states = [ChoiceStream(i, tok, stop, tool_mode, tool_names, tool_call_key(tok)) for i in range(body.n)]
     jobs = make_jobs(sm, body, [prompt], max_tokens, logprobs, compiled, pixels)
     run = _submit(sm, jobs, states, t0, "chat", len(prompt))
+    if guard is not None:              # the output rail: the answer is released only as it passes the guard
+        run = guard.watch_output(run, messages)
     head = new_envelope("chatcmpl", "chat.completion", sm.name)
     usage = lambda: _usage(len(prompt), states)
     if body.stream:
         opening = [{"index": s.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                     "finish_reason": None} for s in states]
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return stream_chunks(run, {**head, "object": "chat.completion.chunk"}, opening, _chat_chunks, usage,
                              include_usage)
     await run.wait(request)
@@ -298,7 +312,9 @@ def _chat_chunks(s: ChoiceStream, new_lps: list[dict]) -> list[dict]:
     if delta or lp is not None:
         out.append({"index": s.index, "delta": delta, "logprobs": lp, "finish_reason": None})
     if s.finished:
-        out.append({"index": s.index, "delta": {}, "logprobs": None, "finish_reason": s.finish_reason})
+        end = {"index": s.index, "delta": {"refusal": s.refusal} if s.refusal else {}, "logprobs": None,
+               "finish_reason": s.finish_reason}
+        out.append({**end, "herd_guard": s.guard} if s.guard else end)
     return out
 
 
@@ -306,8 +322,11 @@ def _chat_choice(s: ChoiceStream, with_logprobs: bool) -> dict:
     msg = {"role": "assistant", "content": s.content}
     if s.calls:
         msg["tool_calls"] = s.calls
-    return {"index": s.index, "message": msg, "finish_reason": s.finish_reason,
-            "logprobs": {"content": s.chat_logprobs(s.logprobs)} if with_logprobs else None}
+    if s.refusal:                      # the output rail cut this answer (serve/guard.py)
+        msg.update(content=None, refusal=s.refusal)
+    choice = {"index": s.index, "message": msg, "finish_reason": s.finish_reason,
+              "logprobs": {"content": s.chat_logprobs(s.logprobs)} if with_logprobs else None}
+    return {**choice, "herd_guard": s.guard} if s.guard else choice
 
 
 async def completions(body: CompletionRequest, request: HTTPRequest):
@@ -322,12 +341,22 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     stop = stop_strings(body.stop)
     prompts = await run_in_threadpool(completion_prompts, body, sm)      # tokenizing: in a thread
     max_tokens = completion_max_tokens(body, sm, prompts)
+    guard = server.guard
+    include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
+    if guard is not None:              # the input rail: each prompt is user text
+        refused = await guard.screen_prompts([sm.tok.decode(p) for p in prompts],
+                                             new_envelope("cmpl", "text_completion", sm.name), body.stream,
+                                             include_usage)
+        if refused is not None:
+            return refused
     states = [ChoiceStream(i, sm.tok, stop, "off", None) for i in range(len(prompts) * body.n)]
     scoring = body.echo and body.logprobs is not None
     jobs = make_jobs(sm, body, prompts, max_tokens, body.logprobs, None,
                      prompt_logprobs=body.logprobs if scoring else 0 if max_tokens == 0 else None)
     n_prompt = sum(map(len, prompts))
     run = _submit(sm, jobs, states, t0, "completions", n_prompt)
+    if guard is not None:              # the output rail over the generated text alone
+        run = guard.watch_output(run, [])
     head = new_envelope("cmpl", "text_completion", sm.name)
     echoed = [sm.tok.decode(prompts[s.index // body.n], skip_special=False) if body.echo else "" for s in states]
     usage = lambda: _usage(n_prompt, states)
@@ -348,9 +377,9 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
                 lp = s.completion_logprobs(entries, offsets[s.index])
                 offsets[s.index] += sum(len(t) for t in lp["tokens"])
             if text or lp is not None or s.finished:
-                return [{"index": s.index, "text": text, "logprobs": lp, "finish_reason": s.finish_reason}]
+                entry = {"index": s.index, "text": text, "logprobs": lp, "finish_reason": s.finish_reason}
+                return [{**entry, "herd_guard": s.guard} if s.guard else entry]
             return []
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return stream_chunks(run, head, [], choice_chunks, usage, include_usage)
     await run.wait(request)
     choices = []
@@ -359,7 +388,7 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
         if body.logprobs is not None:
             lp = s.completion_logprobs(echo_entries(s) + s.logprobs, 0)
         choices.append({"index": s.index, "text": echoed[s.index] + s.text, "finish_reason": s.finish_reason,
-                        "logprobs": lp})
+                        "logprobs": lp, **({"herd_guard": s.guard} if s.guard else {})})
     return respond(head, choices, usage())
 
 

@@ -42,6 +42,8 @@ class ChoiceStream:
         self.call_ids: list[str] = []        # made when a call is first streamed, kept in the final message
         self.args_sent: list[int] = []       # per call streamed so far: characters of its arguments sent
         self.t_last: float | None = None
+        self.guard: dict | None = None        # set by the output rail (serve/guard.py) when it cut this choice
+        self.refusal: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -30,6 +30,7 @@ from ..model import MoE
 from . import losses
 from ..tokenizer import save_tokenizer
 from .data import ByteTokenizer, TokenLoader, fingerprint, load_tokens
+from .pairs import PairLoader, is_pairs, load_pairs
 from .distill import TeacherCache, build_teacher_cache, check_same_tokenizer, kl_full, kl_topk
 from .flags import add_train_flags
 from .optim import build_optimizer, load_optimizer_state, lr_at, save_optimizer_state
@@ -390,17 +391,23 @@ def load_data(run: dict, cfg: ModelConfig, args, d: Dist, resume: Path | None, s
     """(tokenizer, the training token stream, its loader, the held-out loader or None)."""
     B, T = run["batch_size"], run["seq_len"]
     tok = load_tok(run["tokenizer"])
-    tokens = load_tokens(run["data"], tok, cfg.vocab_size)
+    # prompt/completion JSONL: one row per pair, loss on the completion (pairs.py); anything else: a packed stream
+    pairs = is_pairs(run["data"])
+    load = (lambda files: load_pairs(files, tok, cfg.vocab_size, T)) if pairs else \
+        (lambda files: load_tokens(files, tok, cfg.vocab_size))
+    Loader = PairLoader if pairs else TokenLoader
+    tokens = load(run["data"])
     if saved is not None and fingerprint(tokens) != saved["run"]["data_fingerprint"]:
         raise TrainingError(f"--resume {resume}: the data files tokenize to a different stream than the run's "
                             f"({run['data']}); resume with the same files and tokenizer")
     run["data_fingerprint"] = fingerprint(tokens)
-    loader = TokenLoader(tokens, T, B, d.rank, d.world, run["seed"])
+    loader = Loader(tokens, T, B, d.rank, d.world, run["seed"])
     val_loader = None
     if args.val_data:
-        val_tokens = load_tokens(args.val_data, tok, cfg.vocab_size)
-        val_b = max(1, min(B, (len(val_tokens) - 1) // T // d.world))     # a small held-out set: smaller batches
-        val_loader = TokenLoader(val_tokens, T, val_b, d.rank, d.world, shuffle=False)
+        val_tokens = load(args.val_data)
+        n_val = len(val_tokens) if pairs else (len(val_tokens) - 1) // T
+        val_b = max(1, min(B, n_val // d.world))                         # a small held-out set: smaller batches
+        val_loader = Loader(val_tokens, T, val_b, d.rank, d.world, shuffle=False)
     return tok, tokens, loader, val_loader
 
 
