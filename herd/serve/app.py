@@ -86,7 +86,9 @@ def create_app(models: list[ServedModel], api_key: str | None = None, limits: Li
                       response_model=DetokenizeResponse, responses=ERRORS)
     app.add_api_route("/tokenizer_info", tokenizer_info, methods=["GET"], dependencies=key,
                       response_model=TokenizerInfo, responses=ERRORS)
-    app.add_api_route("/v1/moderations", moderations, methods=["POST"], dependencies=key, responses=ERRORS)
+    # without a guard it answers a 404 that says how to start one, and is left out of the OpenAPI document
+    app.add_api_route("/v1/moderations", moderations, methods=["POST"], dependencies=key, responses=ERRORS,
+                      include_in_schema=rails is not None)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -145,8 +145,8 @@ class GuardedRun(Run):
             if verdict is not None:
                 self.cut(s, verdict)
                 held.pop(s.index, None)                   # unchecked tokens: their logprobs would spell them
-            elif not s.finished and check.checked_len < len(s.text):
-                continue                                  # unchecked text: hold it back
+            elif not s.finished and (check.checked_len < len(s.text) or check.checked_len == 0):
+                continue      # unchecked text: hold it back; before the first check, tokens with no text yet too
             lps = held.pop(s.index, [])
             self.released[s.index] += len(lps)
             yield s, lps
