@@ -168,7 +168,6 @@ class ChatSession:
     def ask(self, text: str):
         """Send one user message and print the streamed answer."""
         import torch
-        from .chat import format_chat
         from .textgen import Timing, stream_completion
 
         content = text
@@ -359,7 +358,6 @@ def cmd_upcycle(args):
     from .checkpoint import save_hf
     from .tokenizer import save_tokenizer
     from .tokenizer import load_tokenizer
-    from .textgen import default_model_path
     from .train.upcycle import closeness, upcycle
 
     src = _model_path(args.dense)
@@ -384,7 +382,6 @@ def cmd_synth(args):
     import herd
     from .engine import SamplingParams
     from .train.synth import read_prompts, synthesize
-    from .textgen import default_model_path
     from .tokenizer import load_tokenizer
 
     if args.threads:

@@ -247,7 +247,7 @@ def load_llama_guard(path: str | Path, dtype=None, device="cpu", **kw) -> LlamaG
     import json
 
     import herd
-    from ..tokenizer import TokenizerError, load_tokenizer
+    from ..tokenizer import load_tokenizer
     path = Path(path)
     meta = {}
     if (path / "guard.json").exists():

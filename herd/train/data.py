@@ -65,16 +65,22 @@ def read_documents(paths: list[str | Path]) -> list[str]:
     return docs
 
 
-def jsonl_strings(path: Path, text: str, field: str) -> list[str]:
-    """The string `field` of every non-blank JSONL line, or a DataError naming the file and line."""
-    out = []
-    for n, line in enumerate(text.splitlines(), 1):
+def jsonl_objects(path: Path, text: str):
+    """(line number, parsed value) of every non-blank JSONL line, or a DataError naming the file and line. Split on
+    "\n" only: str.splitlines also breaks at U+2028 / U+0085, which JSON strings may hold raw."""
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
+
+
+def jsonl_strings(path: Path, text: str, field: str) -> list[str]:
+    """The string `field` of every non-blank JSONL line, or a DataError naming the file and line."""
+    out = []
+    for n, obj in jsonl_objects(path, text):
         if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
             raise DataError(f'{path}: line {n} needs a string field "{field}"')
         out.append(obj[field])

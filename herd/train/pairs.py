@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import DataError, TokenLoader, read_text
+from .data import DataError, TokenLoader, jsonl_objects, read_text
 
 IGNORE = -100          # target id cross-entropy skips (torch's default ignore_index)
 
@@ -42,14 +42,7 @@ def load_pairs(paths, tok, vocab_size: int, seq_len: int) -> np.ndarray:
     eos = tok.eos_ids[:1]
     rows = []
     for path in map(Path, paths):
-        # split on "\n" only: str.splitlines also breaks at U+2028 / U+0085, which JSON strings may hold raw
-        for n, line in enumerate(read_text(path).split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {n} is not JSON ({e.msg})") from None
+        for n, obj in jsonl_objects(path, read_text(path)):
             if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("prompt", "completion")):
                 raise DataError(f'{path}: line {n} needs string fields "prompt" and "completion"')
             prompt = tok.encode(obj["prompt"], allow_special=True)
