@@ -345,8 +345,9 @@ async def completions(body: CompletionRequest, request: HTTPRequest):
     max_tokens = completion_max_tokens(body, sm, prompts)
     guard = server.guard
     include_usage = bool(body.stream and body.stream_options and body.stream_options.include_usage)
-    if guard is not None:              # the input rail: each prompt is user text
-        refused = await guard.screen_prompts([sm.tok.decode(p) for p in prompts],
+    if guard is not None:              # the input rail: each prompt is user text (decoded in a thread, like tokenizing)
+        texts = await run_in_threadpool(lambda: [sm.tok.decode(p) for p in prompts])
+        refused = await guard.screen_prompts(texts,
                                              new_envelope("cmpl", "text_completion", sm.name), body.stream,
                                              include_usage)
         if refused is not None:
