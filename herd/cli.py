@@ -422,7 +422,6 @@ def cmd_eval_lm(args):
 
     lm.offline()
     tasks = [t for t in args.tasks.split(",") if t]
-    _set_threads(args.threads)
     t0 = time.perf_counter()
     if args.url or args.server:
         extra = ["--dequantize"] if args.dequantize else []
@@ -439,7 +438,7 @@ def cmd_eval_lm(args):
                                          tokenizer_backend="huggingface" if args.tokenizer else "remote",
                                          tokenized_requests=not args.text_prompts, api_key=args.api_key)
     else:
-        path, model, tok = _load(args.model, args.verbose, args.dequantize)
+        path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads)
         how = f"in process, {path}"
         results = lm.evaluate_in_process(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
                                          max_seq_len=args.max_seq_len, include=args.include)
@@ -456,8 +455,7 @@ def cmd_eval_humaneval(args):
     import time
     from .eval import humaneval
 
-    _set_threads(args.threads)
-    path, model, tok = _load(args.model, args.verbose, args.dequantize)
+    path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads)
     t0 = time.perf_counter()
     outcomes = humaneval.run_humaneval(model, tok, limit=args.limit, batch_size=args.batch_size,
                                        max_tokens=args.max_tokens)
@@ -478,9 +476,8 @@ def cmd_eval_perplexity(args):
     import torch
     from .eval.perplexity import perplexity
 
-    _set_threads(args.threads)
     text = Path(args.file).read_text(encoding="utf-8")
-    path, model, tok = _load(args.model, args.verbose, args.dequantize)
+    path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads)
     ids = tok.encode(text, bos=tok.add_bos, allow_special=False)
     if args.tokens:
         ids = ids[:args.tokens]
@@ -494,12 +491,6 @@ def cmd_eval_perplexity(args):
     with open(args.out, "w") as f:
         json.dump(out, f, indent=2)
     print(f"results written to {args.out}")
-
-
-def _set_threads(n):
-    if n:
-        import torch
-        torch.set_num_threads(n)
 
 
 def _add_eval_suite_parsers(evals):
@@ -551,7 +542,7 @@ def _add_eval_suite_parsers(evals):
 
 def _eval_runtime_flags(p):
     _dequantize_arg(p)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _threads_arg(p)
     p.add_argument("--verbose", action="store_true", help="print load time and the weights' form")
 
 
