@@ -162,6 +162,35 @@ def test_mapped_same_as_in_memory(files, qtype):
     assert ((a - twin).norm(dim=-1) / twin.norm(dim=-1)).max() <= 1e-3
 
 
+@needs_kernels
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_mapped_layers_take_the_one_call_decode(files, qtype, monkeypatch):
+    """decode.HerdBlock runs a mapped layer (HerdGGUFExperts) in decode.cpp's one call per layer, with the same tokens
+    and log-probabilities as Block.forward over the same modules (30 tokens past a 10-token prompt)."""
+    from herd.cpu import decode
+    from herd.engine import Engine
+
+    model = herd.load(files[qtype], quant="packed", prepare=True, mmap_experts=True)
+    prompt = IDS[0, :10].tolist()
+    calls, one_call = [], extension.ext().decode_layer
+
+    def run():
+        engine = Engine(model, max_batch=1, max_seq_len=64)
+        req = engine.add(prompt, SamplingParams(max_tokens=30, ignore_eos=True, logprobs=0))
+        with torch.inference_mode():
+            while not req.finished:
+                engine.step()
+        return req.output, torch.tensor([x["logprob"] for x in req.logprobs])
+
+    monkeypatch.setattr(extension.ext(), "decode_layer", lambda *a: calls.append(1) or one_call(*a))
+    tokens, lp = run()
+    assert len(calls) == 29 * model.config.n_layers, "every decode step of every layer in one call"
+    monkeypatch.setattr(decode.HerdBlock, "forward", decode.Block.forward)
+    ref_tokens, ref_lp = run()
+    assert tokens == ref_tokens and len(set(tokens)) > 5
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4)
+
+
 def test_mmap_experts_bad_requests(files, tmp_path):
     with pytest.raises(GGUFError, match="needs quant='packed'"):
         herd.load(files["Q4_0"], mmap_experts=True)

@@ -353,7 +353,7 @@ class HerdGGUFExperts(_HerdExperts):
     """gguf.GGUFExperts on the GGUF block kernel: the same buffers (views of the file's memory map, never copied),
     w1 / w3 / w2 uint8 (E, rows, K/32 * block bytes), the routed expert's gate and up as two products. Any number of
     rows runs the kernel, which reads each weight row once per call (the rows of x reuse it from L1). decode.HerdBlock's
-    one-call layer does not take these: a layer holding them runs Block.forward."""
+    one-call layer takes them too (decode.cpp's gguf_expert_matrices)."""
 
     def __init__(self, mod: GGUFExperts):
         super().__init__(mod.n_experts, mod.dim, mod.hidden_dim)
