@@ -65,6 +65,7 @@ def child(args) -> dict:
     t0 = time.perf_counter()
     model = herd.load(args.model, quant="packed", prepare=True, mmap_experts=args.mode == "mapped")
     load_s = time.perf_counter() - t0
+    anon_loaded = status_kib("RssAnon") * 1024
     prompt = torch.randint(3, model.config.vocab_size, (args.prompt,), generator=torch.Generator().manual_seed(0))
     engine = Engine(model, max_batch=1, max_seq_len=args.prompt + args.decode + 8)
     req = engine.add(prompt.tolist(), SamplingParams(max_tokens=args.decode + 1, ignore_eos=True))
@@ -83,6 +84,7 @@ def child(args) -> dict:
                                               (min, lambda v: sorted(v)[len(v) // 2], max)],
             "major_faults_per_token": round((major_faults() - faults) / args.decode, 1),
             "peak_anon_gib": round((peak.stop()) / GIB, 3), "anon_at_start_gib": round(anon_start / GIB, 3),
+            "anon_after_load_gib": round(anon_loaded / GIB, 3), "anon_end_gib": round(status_kib("RssAnon") / 2**20, 3),
             "file_backed_end_gib": round(status_kib("RssFile") * 1024 / GIB, 3),
             "peak_rss_gib": round(status_kib("VmHWM") * 1024 / GIB, 3), "kernels": status(model)}
 
