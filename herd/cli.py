@@ -92,9 +92,10 @@ def _load(model_arg, verbose=False, dequantize=False, threads=None, mmap_experts
     if verbose:
         from .cpu import status
         from .sizes import resident_bytes
-        mapped = any(type(m).__name__ == "HerdGGUFExperts" or type(m).__name__ == "GGUFExperts"
-                     for m in model.modules())
-        how = ("GGUF Q4_0/Q4_1/Q8_0 kept packed, routed experts mapped from the file" if mapped else
+        mapped = sum(b.nbytes for m in model.modules() if type(m).__name__ in ("GGUFExperts", "HerdGGUFExperts")
+                     for b in m.buffers(recurse=False))
+        how = (f"GGUF Q4_0/Q4_1/Q8_0 kept packed, {mapped / 2**20:,.1f} MiB of them routed experts mapped from the "
+               "file (in the page cache, not copied)" if mapped else
                "GGUF Q4_0/Q4_1/Q8_0 kept packed" if packed else
                "GGUF dequantized to fp32 (--dequantize)" if is_gguf(path) else "as stored")
         print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s: weights {resident_bytes(model) / 2**20:,.1f} MiB, "

@@ -257,3 +257,14 @@ def test_mapped_experts_hold_no_second_copy(tmp_path):
         grew[mode] = json.loads(out.strip().splitlines()[-1])["grew"]
     assert grew["mapped"] < 0.25 * experts, (grew, experts)
     assert grew["in_memory"] > experts, (grew, experts)
+
+
+def test_cli_mmap_experts_flag(files):
+    """`herd generate FILE --mmap-experts` maps the experts (and says so with --verbose); with --dequantize it is
+    refused by name."""
+    cmd = [sys.executable, "-m", "herd.cli", "generate", str(files["Q4_0"]), "Hello", "--max-tokens", "3"]
+    run = subprocess.run(cmd + ["--mmap-experts", "--verbose"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "routed experts mapped from the file" in run.stderr
+    bad = subprocess.run(cmd + ["--mmap-experts", "--dequantize"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "--mmap-experts and --dequantize do not go together" in bad.stderr
