@@ -18,8 +18,9 @@ def load(path, dtype=None, device="cpu", progress=False, quant=None, prepare=Fal
     prepare: apply herd.cpu.prepare to the loaded model (fused matmuls, herd's kernels, C++ decode steps).
     mmap_experts (with quant="packed"): True leaves the routed experts in the file, mapped (gguf.GGUFExperts: pages
         the OS can drop and re-read, so a model larger than memory runs); False copies them into memory; None (the
-        default) maps them only where they would not fit, i.e. their bytes exceed the memory this process may still
-        take (gguf.experts_exceed_memory: MemAvailable, or a cgroup's limit minus its usage).
+        default) maps them only where they would not fit, i.e. the in-memory load's peak (~3x their bytes) exceeds
+        the memory this process may still take (gguf.experts_exceed_memory: MemAvailable, or a cgroup's limit minus
+        its usage).
     """
     from .gguf import GGUFError, experts_exceed_memory, is_gguf, load_gguf
     if is_gguf(path):

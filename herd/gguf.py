@@ -374,11 +374,18 @@ def _cgroup_memory_files():
     return out
 
 
+# The in-memory packed load's peak anonymous memory per byte of routed experts: the packed Int4Experts and the kernel
+# streams use_herd_kernels builds from them are both alive while it swaps, plus one expert's unpacking scratch.
+# Measured (bench/mmap_experts.py, 2-layer Scout-width Q4_0): 6.18 GiB peak for 2.11 GiB of experts (2.9x).
+IN_MEMORY_PEAK_PER_EXPERT_BYTE = 3
+
+
 def experts_exceed_memory(path: str | Path) -> bool:
-    """Whether loading the file's routed experts into memory would not fit: their bytes exceed what this process may
-    still take (available_memory). herd.load maps them from the file then, unless told otherwise."""
+    """Whether loading the file's routed experts into memory would not fit: the in-memory load's peak
+    (IN_MEMORY_PEAK_PER_EXPERT_BYTE x their bytes) exceeds what this process may still take (available_memory).
+    herd.load maps them from the file then, unless told otherwise."""
     avail = available_memory()
-    return avail is not None and routed_expert_bytes(path) > avail
+    return avail is not None and IN_MEMORY_PEAK_PER_EXPERT_BYTE * routed_expert_bytes(path) > avail
 
 
 def read_config(path: str | Path) -> ModelConfig:

@@ -201,15 +201,20 @@ def test_mmap_experts_bad_requests(files, tmp_path):
 
 
 def test_mmap_auto_only_when_experts_do_not_fit(files, monkeypatch):
-    """mmap_experts=None maps the experts only when their bytes exceed the memory this process may still take."""
+    """mmap_experts=None maps the experts only when the in-memory load's peak (IN_MEMORY_PEAK_PER_EXPERT_BYTE times
+    their bytes) exceeds the memory this process may still take; True / False decide alone."""
     import herd.gguf as hg
 
     path = files["Q4_0"]
     assert available_memory() is None or available_memory() > 0
-    monkeypatch.setattr(hg, "available_memory", lambda: routed_expert_bytes(path) + 1)
+    peak = hg.IN_MEMORY_PEAK_PER_EXPERT_BYTE * routed_expert_bytes(path)
+    monkeypatch.setattr(hg, "available_memory", lambda: peak + 1)
     assert type(herd.load(path, quant="packed").layers[0].feed_forward.experts) is not GGUFExperts
-    monkeypatch.setattr(hg, "available_memory", lambda: routed_expert_bytes(path) - 1)
+    assert type(herd.load(path, quant="packed", mmap_experts=True).layers[0].feed_forward.experts) is GGUFExperts
+    monkeypatch.setattr(hg, "available_memory", lambda: peak - 1)
     assert type(herd.load(path, quant="packed").layers[0].feed_forward.experts) is GGUFExperts
+    assert type(herd.load(path, quant="packed", mmap_experts=False).layers[0].feed_forward.experts) \
+        is not GGUFExperts
 
 
 # A file whose routed experts dwarf everything else: 2 MoE layers of 16 experts of 4096 x 512 (Q4_0, 113 MB of

@@ -32,7 +32,8 @@ Layouts ("streams": one flat buffer per matrix, read front to back by one thread
 Modules: `HerdInt4Linear` / `HerdInt8Linear` and `HerdInt4Experts` / `HerdInt8Experts` replace quantize.py's
 Int4Linear / Int8Linear / Int4Experts / Int8Experts holding the same weights (`use_herd_kernels` swaps them in after
 loading and fusing). Few rows run the kernels; from DEQUANT_ROWS rows on (prefill) they dequantize the matrix to
-bf16 and run a dense matmul, as quantize.py's modules do.
+bf16 and run a dense matmul, as quantize.py's modules do. `HerdGGUFExperts` replaces gguf.GGUFExperts (routed experts
+mapped from a GGUF file) with the same views, run by `gguf_mm` at every row count.
 """
 from __future__ import annotations
 
