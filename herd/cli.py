@@ -66,12 +66,13 @@ def cmd_info(args):
         print(f"weights {scheme:5s}{human(weight_bytes(c, scheme), 'B'):>9s}")
 
 
-def _load(model_arg, verbose=False, dequantize=False, threads=None):
+def _load(model_arg, verbose=False, dequantize=False, threads=None, mmap_experts=None):
     """(model path, model, tokenizer) for a CLI model argument; None means the default model. A GGUF file's Q4_0 /
     Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf.py: ~2x the fp32 decode speed on
     SmolLM2 in ~1/5 of the memory, +0.06% perplexity, bench/speed.py and bench/perplexity.py) unless `dequantize`,
     which loads every weight as fp32. Every model is then prepared for the CPU (herd.cpu.prepare). `threads`: CPU
-    threads (None / 0: herd.cpu.threads.available_cores())."""
+    threads (None / 0: herd.cpu.threads.available_cores()). `mmap_experts`: herd.load's (None: mapped from the file
+    only where the routed experts would not fit in memory)."""
     import time
     import herd
     from .cpu.threads import set_threads
@@ -82,12 +83,20 @@ def _load(model_arg, verbose=False, dequantize=False, threads=None):
     n_threads = set_threads(threads)
     t0 = time.perf_counter()
     packed = is_gguf(path) and not dequantize
-    model = herd.load(path, progress=True, quant="packed" if packed else None, prepare=True)
+    if mmap_experts and not packed:
+        raise ValueError(f"--mmap-experts maps a GGUF file's packed expert blocks: {path} is not a GGUF file"
+                         if not is_gguf(path) else "--mmap-experts and --dequantize do not go together")
+    model = herd.load(path, progress=True, quant="packed" if packed else None, prepare=True,
+                      mmap_experts=mmap_experts if packed else False)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     if verbose:
         from .cpu import status
         from .sizes import resident_bytes
-        how = ("GGUF Q4_0/Q4_1/Q8_0 kept packed" if packed else
+        mapped = sum(b.nbytes for m in model.modules() if type(m).__name__ in ("GGUFExperts", "HerdGGUFExperts")
+                     for b in m.buffers(recurse=False))
+        how = (f"GGUF Q4_0/Q4_1/Q8_0 kept packed, {mapped / 2**20:,.1f} MiB of them routed experts mapped from the "
+               "file (in the page cache, not copied)" if mapped else
+               "GGUF Q4_0/Q4_1/Q8_0 kept packed" if packed else
                "GGUF dequantized to fp32 (--dequantize)" if is_gguf(path) else "as stored")
         print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s: weights {resident_bytes(model) / 2**20:,.1f} MiB, "
               f"{how}]", file=sys.stderr)
@@ -143,7 +152,7 @@ def cmd_run(args):
     elif words and _looks_like_path(words[0]):
         _model_path(words[0])                # a model the user meant to name, but it is not there: say so
     prompt = " ".join(words) if words else None
-    session = ChatSession(args, *_load(model_arg, args.verbose, args.dequantize, args.threads)[1:])
+    session = ChatSession(args, *_load(model_arg, args.verbose, args.dequantize, args.threads, args.mmap_experts)[1:])
     if prompt is not None:
         session.ask(prompt)
     else:
@@ -251,7 +260,7 @@ def cmd_generate(args):
     from .engine import Engine
     from .textgen import Timing, stream_completion
 
-    _, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads)
+    _, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
     ids = tok.encode(args.prompt, bos=tok.add_bos)
     params = _sampling(args, tok, ignore_eos=args.ignore_eos)
     if args.ignore_eos:
@@ -317,7 +326,8 @@ def cmd_serve(args):
         # NAME=PATH sets the id; otherwise it is the file's or folder's short name
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
         path_used, model, tok = _load(None if path == "default" else path, verbose=True,
-                                           dequantize=args.dequantize, threads=args.threads)
+                                           dequantize=args.dequantize, threads=args.threads,
+                                           mmap_experts=args.mmap_experts)
         name = name or short_name(path_used)
         if any(m.name == name for m in served):
             raise ValueError(f"two models are both named {name!r}: give one an id with NAME=PATH")
@@ -403,7 +413,7 @@ def cmd_eval_niah(args):
 
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     depths = parse_depths(args.depths)
-    path, model, tok = _load(args.model, args.verbose, args.dequantize)
+    path, model, tok = _load(args.model, args.verbose, args.dequantize, mmap_experts=args.mmap_experts)
     chat = not args.no_chat and (tok.is_llama4 or bool(tok.chat_template))
     print(f"needle in a haystack: {Path(str(path)).name}, context {model.config.max_seq_len:,} tokens, "
           f"{'chat' if chat else 'raw'} prompts, {args.samples} needle(s) per cell", file=sys.stderr)
@@ -427,6 +437,7 @@ def cmd_eval_lm(args):
     if args.url or args.server:
         extra = ["--dequantize"] if args.dequantize else []
         extra += ["--threads", str(args.threads)] if args.threads else []
+        extra += [] if args.mmap_experts is None else ["--mmap-experts" if args.mmap_experts else "--no-mmap-experts"]
         server = (lm.herd_server(args.model, max_batch=args.batch_size, max_seq_len=args.max_seq_len, extra=extra)
                   if args.server else contextlib.nullcontext(args.url.removesuffix("/").removesuffix("/v1")))
         with server as base:
@@ -439,7 +450,7 @@ def cmd_eval_lm(args):
                                          tokenizer_backend="huggingface" if args.tokenizer else "remote",
                                          tokenized_requests=not args.text_prompts, api_key=args.api_key)
     else:
-        path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads)
+        path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
         how = f"in process, {path}"
         results = lm.evaluate_in_process(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
                                          max_seq_len=args.max_seq_len, include=args.include)
@@ -456,7 +467,7 @@ def cmd_eval_humaneval(args):
     import time
     from .eval import humaneval
 
-    path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads)
+    path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
     t0 = time.perf_counter()
     outcomes = humaneval.run_humaneval(model, tok, limit=args.limit, batch_size=args.batch_size,
                                        max_tokens=args.max_tokens)
@@ -478,7 +489,7 @@ def cmd_eval_perplexity(args):
     from .eval.perplexity import perplexity
 
     text = Path(args.file).read_text(encoding="utf-8")
-    path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads)
+    path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
     ids = tok.encode(text, bos=tok.add_bos, allow_special=False)
     if args.tokens:
         ids = ids[:args.tokens]
@@ -575,6 +586,10 @@ def _dequantize_arg(p):
     p.add_argument("--dequantize", action="store_true",
                    help="load GGUF files' weights as fp32 (default: Q4_0/Q4_1/Q8_0 stay packed for herd's int4/int8 "
                         "CPU kernels, ~2x faster decode in ~1/5 of the memory)")
+    p.add_argument("--mmap-experts", action=argparse.BooleanOptionalAction, default=None,
+                   help="GGUF: read the routed experts in place from the file's memory map (no copy; the OS can drop "
+                        "their pages, so a model larger than memory runs) instead of copying them into memory "
+                        "(default: mapped only when they would not fit)")
 
 
 def _kv_dtype_arg(p):

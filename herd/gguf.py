@@ -22,6 +22,9 @@ Mapping (quantize.Int4Linear computes w = q * scale + zero with q = u - 8, group
   tests/test_gguf_packed.py and bench/perplexity.py.
 - A layer's routed experts (ffn_{gate,up,down}_exps, all three of one of these types) -> Int4Experts / Int8Experts
   by the same mappings, one expert at a time (packed_experts); a layer whose three differ is dequantized.
+- With mmap_experts=True they stay where they are instead: GGUFExperts holds zero-copy views of the file's memory
+  map in GGUF's own blocks, so their pages are file-backed (the kernel can drop and re-read them: a model larger
+  than memory still runs, as llama.cpp's mmap does) and herd.cpu's gguf_mm kernel reads them in place.
 Other types (F32, F16, BF16, K-quants, ...) are dequantized to fp32.
 """
 from __future__ import annotations
@@ -35,8 +38,9 @@ import torch
 from torch import nn
 
 from .config import MoEConfig, ModelConfig
+from . import ops
 from .quantize import (COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Embedding, Int8Experts, Int8Linear, aligned_copy,
-                       pack_int4, round_bf16, set_module)
+                       dequantize, pack_int4, round_bf16, set_module)
 
 GGUF_MAGIC = b"GGUF"
 
@@ -274,6 +278,116 @@ def packed_experts(qtype: str, gate, up, down) -> nn.Module:
     return mod
 
 
+def dequantize_rows(raw: np.ndarray, qtype: str) -> torch.Tensor:
+    """GGUF rows of a PACKED_TYPES type, raw uint8 (N, K/32 * bytes) -> fp32 (N, K), gguf's values exactly."""
+    if qtype == "Q8_0":
+        return q8_0_values(raw)
+    return dequantize(*q4_values(raw, qtype))
+
+
+class GGUFExperts(nn.Module):
+    """E SwiGLU routed experts left in a GGUF file's own blocks (one PACKED_TYPES type): w1 (gate) and w3 (up) uint8
+    (E, F, D/32 * bytes), w2 (down) uint8 (E, D, F/32 * bytes), each a zero-copy view of the file's memory map
+    (map_gguf_experts). The views hold the mapping open for as long as they live. This forward is the plain twin:
+    the routed expert's matrices dequantized a slab of rows at a time (transient: ROWS_PER_SLAB rows in fp32) and
+    matmuls; herd.cpu.kernels swaps in HerdGGUFExperts, which reads the blocks in place."""
+
+    ROWS_PER_SLAB = 1024
+
+    def __init__(self, qtype: str, w1: torch.Tensor, w3: torch.Tensor, w2: torch.Tensor):
+        super().__init__()
+        if qtype not in PACKED_TYPES:
+            raise ValueError(f"GGUFExperts reads {', '.join(PACKED_TYPES)} blocks, not {qtype}")
+        self.qtype, self.n_experts, self.hidden_dim, self.dim = qtype, w1.shape[0], w1.shape[1], w2.shape[1]
+        self.register_buffer("w1", w1)
+        self.register_buffer("w3", w3)
+        self.register_buffer("w2", w2)
+
+    def matmul(self, x2: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+        """x2 (n, K) times one expert matrix's blocks raw (N, K/32 * bytes) transposed -> (n, N) fp32."""
+        N = raw.shape[0]
+        out = torch.empty(x2.shape[0], N, dtype=torch.float32)
+        for r in range(0, N, self.ROWS_PER_SLAB):
+            w = dequantize_rows(raw[r:r + self.ROWS_PER_SLAB].numpy(), self.qtype)     # (rows, K)
+            out[:, r:r + self.ROWS_PER_SLAB] = x2.float() @ w.t()
+        return out
+
+    def expert(self, e: int, seg):                                    # seg (n, D) gated inputs -> (n, D)
+        x2 = seg.reshape(-1, self.dim)
+        h = torch.nn.functional.silu(self.matmul(x2, self.w1[e])) * self.matmul(x2, self.w3[e])    # (n, F)
+        return self.matmul(h, self.w2[e]).to(seg.dtype)
+
+    def forward(self, x, expert_idx, gate):
+        return ops.dispatch_experts(x, expert_idx, gate, self.n_experts, self.expert)
+
+
+def map_gguf_experts(mapping: np.ndarray, gate, up, down) -> GGUFExperts:
+    """One layer's routed-expert tensors (gguf reader tensors, one PACKED_TYPES type) -> GGUFExperts whose buffers
+    are views of `mapping` (the whole file as np.memmap) at the tensors' offsets: nothing is read or copied here."""
+    def view(t):
+        E, N = (int(x) for x in reversed(t.shape[1:]))           # GGUF dims innermost first: (K, N, E)
+        raw = mapping[t.data_offset:t.data_offset + t.n_bytes]
+        return torch.from_numpy(raw.reshape(E, N, -1))           # (E, N, K/32 * bytes), shares the pages
+    return GGUFExperts(gate.tensor_type.name, view(gate), view(up), view(down))
+
+
+def routed_expert_bytes(path: str | Path) -> int:
+    """Bytes of the file's routed-expert tensors (ffn_*_exps): what packed loading copies into memory."""
+    return sum(int(t.n_bytes) for t in open_gguf(path).tensors if t.name.endswith("_exps.weight"))
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still take: MemAvailable, lowered to a cgroup's limit minus its usage (v2 or v1)
+    where one is set; None where neither can be read."""
+    avail = None
+    try:
+        line = next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemAvailable"))
+        avail = int(line.split()[1]) * 1024
+    except (OSError, ValueError, StopIteration):
+        pass
+    for limit_file, usage_file in _cgroup_memory_files():
+        try:
+            limit = limit_file.read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:
+                left = int(limit) - int(usage_file.read_text())
+                avail = left if avail is None else min(avail, left)
+        except (OSError, ValueError):
+            continue
+    return avail
+
+
+def _cgroup_memory_files():
+    """(limit, usage) files of this process's memory cgroup, v2 then v1."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        _, controllers, rel = line.split(":", 2)
+        if controllers == "":
+            d = Path("/sys/fs/cgroup") / rel.lstrip("/")
+            out.append((d / "memory.max", d / "memory.current"))
+        elif "memory" in controllers.split(","):
+            d = Path("/sys/fs/cgroup/memory") / rel.lstrip("/")
+            out.append((d / "memory.limit_in_bytes", d / "memory.usage_in_bytes"))
+    return out
+
+
+# The in-memory packed load's peak anonymous memory per byte of routed experts: the packed Int4Experts and the kernel
+# streams use_herd_kernels builds from them are both alive while it swaps, plus one expert's unpacking scratch.
+# Measured (bench/mmap_experts.py, 2-layer Scout-width Q4_0): 6.18 GiB peak for 2.11 GiB of experts (2.9x).
+IN_MEMORY_PEAK_PER_EXPERT_BYTE = 3
+
+
+def experts_exceed_memory(path: str | Path) -> bool:
+    """Whether loading the file's routed experts into memory would not fit: the in-memory load's peak
+    (IN_MEMORY_PEAK_PER_EXPERT_BYTE x their bytes) exceeds what this process may still take (available_memory).
+    herd.load maps them from the file then, unless told otherwise."""
+    avail = available_memory()
+    return avail is not None and IN_MEMORY_PEAK_PER_EXPERT_BYTE * routed_expert_bytes(path) > avail
+
+
 def read_config(path: str | Path) -> ModelConfig:
     """The config of a GGUF file, from its metadata and tensor names (no tensor data is read)."""
     reader = open_gguf(path)
@@ -291,11 +405,12 @@ def _config_of(reader, meta: dict, path: Path) -> ModelConfig:
 
 @torch.no_grad()
 def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, packed=False,
-              int8_embeddings=True) -> nn.Module:
+              int8_embeddings=True, mmap_experts=False) -> nn.Module:
     """A GGUF file -> a Transformer in eval mode, every tensor checked against the config's shapes on the way.
     packed=False: every tensor dequantized to `dtype` (fp32 by default). packed=True (CPU, the packed modules' own
     dtypes): Q4_0 / Q4_1 / Q8_0 linears become Int4Linear / Int8Linear and a Q8_0 token embedding an Int8Embedding
-    (int8_embeddings=False keeps it, and a tied head, in fp32); every other tensor is dequantized to fp32."""
+    (int8_embeddings=False keeps it, and a tied head, in fp32); every other tensor is dequantized to fp32.
+    mmap_experts=True (with packed): routed experts of those types become GGUFExperts, views of the file's pages."""
     from tqdm import tqdm
 
     from .checkpoint import build_meta
@@ -303,6 +418,11 @@ def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, packed
     path = Path(path)
     if packed and (dtype is not None or str(device) != "cpu"):
         raise GGUFError(f"{path}: packed loading runs on the CPU with the packed modules' own dtypes")
+    if mmap_experts and not packed:
+        raise GGUFError(f"{path}: mmap_experts maps packed GGUF blocks; it needs packed=True (quant='packed')")
+    # copy-on-write: the views are writable numpy arrays (torch.from_numpy takes them without a warning), the pages
+    # stay the file's until something writes to one, which nothing does
+    mapping = np.memmap(path, dtype=np.uint8, mode="c") if mmap_experts else None
     reader = open_gguf(path)
     meta = metadata(reader)
     cfg = _config_of(reader, meta, path)
@@ -324,7 +444,7 @@ def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, packed
         if packed and qtype in PACKED_TYPES and native in linears and shape[0] % 16 == 0 and shape[1] % 16 == 0:
             set_module(model, native.removesuffix(".weight"), packed_linear(qtype, np.asarray(t.data)))
         elif packed and qtype in PACKED_TYPES and ".experts." in native:
-            _gather_experts(model, experts, native, t)
+            _gather_experts(model, experts, native, t, mapping)
         elif packed and qtype == "Q8_0" and native == "tok_embeddings.weight" and shape[1] % 16 == 0 \
                 and int8_embeddings:
             model.tok_embeddings = _int8_embedding(np.asarray(t.data), shape)
@@ -337,13 +457,17 @@ def load_gguf(path: str | Path, dtype=None, device="cpu", progress=False, packed
     return model.to(device).eval()
 
 
-def _gather_experts(model: nn.Module, experts: dict, native: str, t):
+def _gather_experts(model: nn.Module, experts: dict, native: str, t, mapping: np.ndarray | None):
     """Hold a layer's routed-expert tensors until all three are read, then pack them (same type, shapes the
-    packed modules take) into one Int4Experts / Int8Experts; otherwise they stay in `experts` to be dequantized."""
+    packed modules take) into one Int4Experts / Int8Experts, or with a file mapping make them one GGUFExperts;
+    otherwise they stay in `experts` to be dequantized."""
     name, w = native.rsplit(".", 1)
     group = experts.setdefault(name, {})
     group[w] = t
-    if len(group) == 3 and len({g.tensor_type for g in group.values()}) == 1 and \
+    if len(group) == 3 and len({g.tensor_type for g in group.values()}) == 1 and mapping is not None:
+        set_module(model, name, map_gguf_experts(mapping, group["w1"], group["w3"], group["w2"]))
+        del experts[name]
+    elif len(group) == 3 and len({g.tensor_type for g in group.values()}) == 1 and \
             all(n % 16 == 0 for g in group.values() for n in g.shape[:2]):
         raws = [np.asarray(group[k].data) for k in ("w1", "w3", "w2")]
         set_module(model, name, packed_experts(t.tensor_type.name, *raws))

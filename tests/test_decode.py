@@ -242,7 +242,7 @@ def test_whole_layer_decode_refuses_mismatched_shapes():
     with pytest.raises(RuntimeError, match="experts_w13 has 128 outputs, expected 256"):
         extension.ext().decode_layer(*bad)
     bad = list(args)
-    bad[28] = args[28] + args[29]                       # more query heads than wqkv has outputs for
+    bad[30] = args[30] + args[31]                       # more query heads than wqkv has outputs for
     with pytest.raises(RuntimeError, match="do not match wqkv's"):
         extension.ext().decode_layer(*bad)
     bad = list(args)

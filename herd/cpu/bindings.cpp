@@ -15,6 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("sources_sha") = HERD_SOURCES_SHA;
   m.def("int4_mm", &int4_mm, "x (M, K) fp32 times an int4 stream -> (M, N) fp32");
   m.def("int8_mm", &int8_mm, "x (M, K) fp32 times an int8 stream with row scales -> (M, N) fp32");
+  m.def("gguf_mm", &gguf_mm, "x (M, K) fp32 times a GGUF Q4_0 / Q4_1 / Q8_0 matrix's blocks, read in place -> (M, N)");
   m.def("fp32_mm", &fp32_mm, "x (M, K) fp32 times w_t (K, N) fp32 -> (M, N) fp32, for few rows");
   m.def("int4_dequantize", &int4_dequantize, "an int4 stream -> the weight transposed, (K, N) bf16 or fp32");
   m.def("quantize_x", &quantize_x, "x (M, K) fp32 -> the kernels' int16 activations and their scales");

@@ -341,21 +341,23 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
 namespace {
 
 // One of a decode layer's matrices, by how it is stored (kernels.cpp): fp32 (K, N) transposed (decode.HerdLinear), an
-// int8 stream with row scales, or an int4 stream; as raw pointers, checked when built (layer_matrix, expert_matrices).
-// `apply` is one row's product.
+// int8 stream with row scales, an int4 stream, or (routed experts only) a GGUF matrix's blocks of a GGML type; as raw
+// pointers, checked when built (layer_matrix, expert_matrices, gguf_expert_matrices). `apply` is one row's product.
 struct LayerMatrix {
-  enum Kind { kFp32, kInt8, kInt4 } kind;
+  enum Kind { kFp32, kInt8, kInt4, kGguf } kind;
   const void* data;
   const float* row_scale;     // int8 only
-  int64_t K, N, G;            // G: int4 only
+  int64_t K, N, G;            // G: int4 only; for kGguf the GGML type
 
   void apply(const float* x, float* y) const {
     if (kind == kFp32) {
       fp32_mm_raw(x, 1, K, static_cast<const float*>(data), N, y);
     } else if (kind == kInt8) {
       int8_mm_raw(x, 1, K, static_cast<const int8_t*>(data), row_scale, N, y);
-    } else {
+    } else if (kind == kInt4) {
       int4_mm_raw(x, 1, K, static_cast<const uint8_t*>(data), N, G, y);
+    } else {
+      gguf_mm_raw(x, 1, K, static_cast<const uint8_t*>(data), N, G, y);
     }
   }
 };
@@ -407,6 +409,17 @@ ExpertMatrices expert_matrices(const torch::Tensor& data, const torch::Tensor& r
           int8 ? row_scale.stride(0) : 0};
 }
 
+// E GGUF matrices (N, K) of GGML type `type` (kernels.HerdGGUFExperts' w1 / w3 / w2: views of the file, uint8
+// (E, N, K/32 * block bytes)); expert(e) points at expert e's rows.
+ExpertMatrices gguf_expert_matrices(const torch::Tensor& data, int64_t E, int64_t K, int64_t N, int64_t type,
+                                    const char* name) {
+  TORCH_CHECK(data.dim() == 3 && data.size(0) == E && data.size(1) == N && data.is_contiguous(),
+              "decode_layer: ", name, " must be the GGUF blocks of ", E, " experts (the router's outputs) of ", N,
+              " rows, contiguous (E, N, bytes); got ", data.sizes());
+  check_gguf(data[0], K, N, type);
+  return {{LayerMatrix::kGguf, data.data_ptr<uint8_t>(), nullptr, K, N, type}, data.stride(0), 0};
+}
+
 void check_norm(const torch::Tensor& w, int64_t n, const char* name) {
   TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.is_contiguous() && w.numel() == n, "decode_layer: ", name,
               " must be a contiguous fp32 (", n, ",) tensor; got ", w.scalar_type(), " of shape ", w.sizes());
@@ -436,7 +449,9 @@ void write_slot(const float* src, torch::Tensor& cache, int64_t slot) {
 //   MoE (router_t given): out = h + (shared + routed), shared the dense formula's w2(...) of the shared expert and
 //     routed the top-1 expert's: router_t (dim, E) fp32; experts_w13 (2 * expert_hidden outputs) and experts_w2
 //     (dim outputs) the E experts' matrices stacked (expert_matrices); the first of the largest router logits (as
-//     argmax; torch.topk's choice among exact ties is unspecified), its sigmoid scaling the expert's input
+//     argmax; torch.topk's choice among exact ties is unspecified), its sigmoid scaling the expert's input. GGUF
+//     experts (experts_type a GGML type, not 0): experts_w13 holds the gate and experts_w3 the up matrices,
+//     experts_w2 the down ones, each (E, rows, bytes) in GGUF's blocks (gguf_expert_matrices)
 // with this token's key, value and position written to slot `slot` of the layer's cache row (k_cache, v_cache
 // (S, K, D) fp32, bf16 or f16, pos_cache (S,) int64) and attention over its first n_slots slots. x (1, dim) fp32.
 // Everything runs on raw pointers and scratch from the C++ heap: the ~40 torch ops per layer this took as composed
@@ -448,7 +463,8 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
                            torch::Tensor w2, torch::Tensor w2_scale, int64_t w2_n, int64_t w2_g,
                            torch::Tensor router_t, torch::Tensor experts_w13, torch::Tensor experts_w13_scale,
                            torch::Tensor experts_w2, torch::Tensor experts_w2_scale, int64_t expert_hidden,
-                           int64_t experts_g, torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm,
+                           int64_t experts_g, torch::Tensor experts_w3, int64_t experts_type,
+                           torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm,
                            double q_scale, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pos_cache,
                            int64_t slot, int64_t n_slots, int64_t pos, int64_t chunk) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
@@ -474,12 +490,19 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
               w2_n);
   const bool moe = router_t.numel() > 0;
   const int64_t E = moe ? router_t.size(-1) : 0, Fe = expert_hidden;
-  ExpertMatrices e_13{}, e_2{};
+  const bool gguf = experts_type != 0;
+  ExpertMatrices e_13{}, e_3{}, e_2{};           // GGUF: e_13 the gate only, e_3 the up
   if (moe) {
     check_fp32(router_t, dim);
     TORCH_CHECK(Fe > 0, "decode_layer: expert_hidden must be > 0; got ", Fe);
-    e_13 = expert_matrices(experts_w13, experts_w13_scale, E, dim, 2 * Fe, experts_g, "experts_w13");
-    e_2 = expert_matrices(experts_w2, experts_w2_scale, E, Fe, dim, experts_g, "experts_w2");
+    if (gguf) {
+      e_13 = gguf_expert_matrices(experts_w13, E, dim, Fe, experts_type, "experts_w13 (gate)");
+      e_3 = gguf_expert_matrices(experts_w3, E, dim, Fe, experts_type, "experts_w3 (up)");
+      e_2 = gguf_expert_matrices(experts_w2, E, Fe, dim, experts_type, "experts_w2");
+    } else {
+      e_13 = expert_matrices(experts_w13, experts_w13_scale, E, dim, 2 * Fe, experts_g, "experts_w13");
+      e_2 = expert_matrices(experts_w2, experts_w2_scale, E, Fe, dim, experts_g, "experts_w2");
+    }
   }
   const float e = static_cast<float>(eps);
   const float* xp = x.data_ptr<float>();
@@ -504,7 +527,8 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
     const int64_t chosen = std::max_element(logits.begin(), logits.end()) - logits.begin();   // the first largest
     const float gate = 1.0f / (1.0f + std::exp(-logits[chosen]));
     for (int64_t i = 0; i < dim; ++i) gated[i] = normed[i] * gate;
-    e_13.expert(chosen).apply(gated.data(), e_gate_up.data());
+    e_13.expert(chosen).apply(gated.data(), e_gate_up.data());            // gate | up, or the gate alone
+    if (gguf) e_3.expert(chosen).apply(gated.data(), e_gate_up.data() + Fe);
     silu_mul_row(e_gate_up.data(), e_gate_up.data() + Fe, Fe, e_act.data());
     e_2.expert(chosen).apply(e_act.data(), routed.data());
     for (int64_t i = 0; i < dim; ++i) ffn[i] += routed[i];          // shared + routed

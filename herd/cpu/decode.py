@@ -17,9 +17,9 @@ Modules (swapped in by `use_decode_kernels` after fusing, in place):
 - HerdLinear (fp32 nn.Linear) and HerdExperts (fp32 model.Experts): the same weights transposed (see the classes),
   few-row products through kernels.cpp's `fp32_mm`.
 - HerdBlock (model.Block): a layer whose matrices are all herd's (packed int4 / int8, or HerdLinear's fp32), dense or
-  a top-1 MoE of HerdExperts or kernels.py's HerdInt4Experts / HerdInt8Experts, runs a decode step as one C++ call
-  (`decode_layer`: the steps above plus the matmuls, the routing, the cache slot write and the residuals);
-  Block.forward, its twin, everywhere else.
+  a top-1 MoE of HerdExperts or kernels.py's HerdInt4Experts / HerdInt8Experts / HerdGGUFExperts, runs a decode step
+  as one C++ call (`decode_layer`: the steps above plus the matmuls, the routing, the cache slot write and the
+  residuals); Block.forward, its twin, everywhere else.
 Where the extension cannot run (extension.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
 C++ step against its torch twin and whole decode steps against the unswapped model.
 """
@@ -138,9 +138,9 @@ class HerdExperts(nn.Module):
 class HerdBlock(Block):
     """A decoder layer whose matrices are all herd's (packed int4 / int8 from kernels.py, or HerdLinear's fp32), norms
     HerdRMSNorm, attention HerdAttention and feed-forward HerdFeedForward or a top-1 MoE of HerdExperts (or
-    kernels.py's HerdInt4Experts / HerdInt8Experts) with a HerdLinear router and a HerdFeedForward shared expert: a
-    batch-1 decode step runs the whole layer in one C++ call (`decode_layer`), which writes this token's key and
-    value to the slot the cache names (KVCache.decode_slot) and attends over it. Anything else (prefill, batches,
+    kernels.py's HerdInt4Experts / HerdInt8Experts / HerdGGUFExperts) with a HerdLinear router and a HerdFeedForward
+    shared expert: a batch-1 decode step runs the whole layer in one C++ call (`decode_layer`), which writes this
+    token's key and value to the slot the cache names (KVCache.decode_slot) and attends over it. Anything else (prefill, batches,
     int8 keys, other modules) runs Block.forward, its twin. Why: the ~15 Python-level calls per layer cost ~5 ms of a
     SmolLM2 decode step (30 layers)."""
 
@@ -204,7 +204,7 @@ def _layer_args(attn_norm, ffn_norm, attn, wqkv, wo, ffn, mlp, w13, w2, router, 
             return None
         routed = (router.weight_t, *routed)
     else:
-        routed = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, _EMPTY, 0, 0)
+        routed = (_EMPTY, _EMPTY, _EMPTY, _EMPTY, _EMPTY, 0, 0, _EMPTY, 0)
     return (attn_norm.weight, ffn_norm.weight, attn.norm_eps, *_matrix_args(wqkv), *_matrix_args(wo),
             *_matrix_args(w13), *_matrix_args(w2), *routed)
 
@@ -225,15 +225,18 @@ def _matrix_args(mod) -> tuple:
 
 
 def _experts_args(experts) -> tuple | None:
-    """(w13, its row scales or empty, w2, its row scales or empty, hidden dim, group size) of routed experts for
-    decode_layer, each matrix stacked per expert: HerdExperts' fp32, kernels.py's int8 / int4 streams; None for
-    experts it does not take."""
+    """(w13, its row scales or empty, w2, its row scales or empty, hidden dim, group size, w3 or empty, GGML type or
+    0) of routed experts for decode_layer, each matrix stacked per expert: HerdExperts' fp32, kernels.py's int8 / int4
+    streams, or HerdGGUFExperts' GGUF blocks (w13 the gate alone, w3 the up); None for experts it does not take."""
     if type(experts) is HerdExperts and _fp32_cpu(experts.w13_t, experts.w2_t):
-        return experts.w13_t, _EMPTY, experts.w2_t, _EMPTY, experts.w2_t.shape[1], 0
+        return experts.w13_t, _EMPTY, experts.w2_t, _EMPTY, experts.w2_t.shape[1], 0, _EMPTY, 0
     if type(experts) is kernels.HerdInt8Experts:
-        return experts.w13, experts.w13_scale, experts.w2, experts.w2_scale, experts.hidden_dim, 0
+        return experts.w13, experts.w13_scale, experts.w2, experts.w2_scale, experts.hidden_dim, 0, _EMPTY, 0
     if type(experts) is kernels.HerdInt4Experts:
-        return experts.w13, _EMPTY, experts.w2, _EMPTY, experts.hidden_dim, experts.group_size
+        return experts.w13, _EMPTY, experts.w2, _EMPTY, experts.hidden_dim, experts.group_size, _EMPTY, 0
+    if type(experts) is kernels.HerdGGUFExperts:
+        return (experts.w1, _EMPTY, experts.w2, _EMPTY, experts.hidden_dim, 0, experts.w3,
+                kernels.GGML_TYPE[experts.qtype])
     return None
 
 

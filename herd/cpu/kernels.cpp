@@ -161,8 +161,10 @@ constexpr int kPrefetch = 4096;
 // x (M, K) fp32 -> xq (M, K) int16 and one scale per 32 inputs xs (M, K/32): xq = round(x / xs),
 // xs = max|x| / 32767. Within every 4 inputs xq is stored in the order k0 k2 k1 k3: the dot steps multiply int16
 // pairs, and the weight bytes of 4 inputs split most cheaply into the pairs (k0, k2) and (k1, k3) (see the kernels).
-// bsum (M, K/32), if given: the exact fp32 sum of each block's inputs.
-void quantize_activations(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs, float* bsum = nullptr) {
+// bsum (M, K/32), if given: the exact fp32 sum of each block's inputs. pair_order = false keeps xq in input order
+// (the GGUF block kernels, whose weights come in input order).
+void quantize_activations(const float* x, int64_t M, int64_t K, int16_t* xq, float* xs, float* bsum = nullptr,
+                          bool pair_order = true) {
   // 16 int16 (32 bytes) per half block; permute each 4 as 0 2 1 3
   const __m256i order = _mm256_setr_epi8(0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15,
                                          0, 1, 4, 5, 2, 3, 6, 7, 8, 9, 12, 13, 10, 11, 14, 15);
@@ -172,8 +174,11 @@ void quantize_activations(const float* x, int64_t M, int64_t K, int16_t* xq, flo
       const f32x16 a = load(src), c = load(src + 16);
       const float amax = reduce_max(max(abs(a), abs(c)));
       const f32x16 inv = set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
-      const __m256i ha = _mm256_shuffle_epi8(narrow_i16_saturate(to_i32(mul(a, inv))), order);
-      const __m256i hc = _mm256_shuffle_epi8(narrow_i16_saturate(to_i32(mul(c, inv))), order);
+      __m256i ha = narrow_i16_saturate(to_i32(mul(a, inv))), hc = narrow_i16_saturate(to_i32(mul(c, inv)));
+      if (pair_order) {
+        ha = _mm256_shuffle_epi8(ha, order);
+        hc = _mm256_shuffle_epi8(hc, order);
+      }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kBlock), ha);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + m * K + b * kBlock + 16), hc);
       xs[m * (K / kBlock) + b] = amax / 32767.0f;
@@ -333,6 +338,107 @@ void int8_mm_raw(const float* x, int64_t M, int64_t K, const int8_t* s, const fl
   });
 }
 
+// ---- GGUF's own blocks, read where they lie (gguf.GGUFExperts: a file's memory map) --------------------------------
+// A GGUF matrix (N, K) is N rows one after another, each K/32 blocks (ggml-common.h), d and m fp16:
+//   Q4_0 (18 bytes): d, 16 bytes of nibbles;  w = d * (u - 8)
+//   Q4_1 (20 bytes): d, m, 16 bytes of nibbles;  w = d * u + m
+//   Q8_0 (34 bytes): d, 32 int8;  w = d * q
+// with byte j of the nibbles holding weight j in its low and weight j + 16 in its high nibble. Unlike the streams
+// above, a row's bytes are contiguous, so each output row is one dot product: per block the 32 weights are widened to
+// int16 in input order and multiplied with the (input-order) int16 activations, y += d * xs * sum(w xq), and for
+// Q4_1 y += m * (the block's exact input sum), as the int4 kernel adds its zero points.
+constexpr int64_t kGgmlQ4_0 = 2, kGgmlQ4_1 = 3, kGgmlQ8_0 = 8;      // gguf.GGMLQuantizationType's numbers
+
+int64_t ggml_block_bytes(int64_t type) {
+  return type == kGgmlQ4_0 ? 18 : type == kGgmlQ4_1 ? 20 : type == kGgmlQ8_0 ? 34 : 0;
+}
+
+inline float f16_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// one block's 32 weights as int16 in input order: Q4_0 u - 8, Q4_1 u (its m is added apart), Q8_0 q
+template <int64_t T>
+inline i32x16 block_weights(const uint8_t* blk) {
+  if constexpr (T == kGgmlQ8_0) {
+    return widen_i8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2)),
+                    _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18)));
+  } else {
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (T == kGgmlQ4_1 ? 4 : 2)));
+    const __m128i low4 = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(qs, low4), hi = _mm_and_si128(_mm_srli_epi16(qs, 4), low4);   // weights 0-15, 16-31
+    if constexpr (T == kGgmlQ4_0) {
+      const __m128i eight = _mm_set1_epi8(8);
+      lo = _mm_sub_epi8(lo, eight);
+      hi = _mm_sub_epi8(hi, eight);
+    }
+    return widen_i8(lo, hi);
+  }
+}
+
+// One GGUF row (nb blocks of type T) times MT activation rows: out[i * out_stride] = the row's dot with row i.
+template <int64_t T, int MT>
+void gguf_row(const uint8_t* row, int64_t nb, const int16_t* xq, const float* xs, const float* bsum, int64_t K,
+              float* out, int64_t out_stride) {
+  constexpr int64_t bytes = T == kGgmlQ4_0 ? 18 : T == kGgmlQ4_1 ? 20 : 34;
+  f32x16 acc[MT];
+  float min_sum[MT];
+  for (int i = 0; i < MT; ++i) acc[i] = zero(), min_sum[i] = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = row + b * bytes;
+    _mm_prefetch(reinterpret_cast<const char*>(blk) + kPrefetch, _MM_HINT_T0);
+    const float d = f16_at(blk);
+    const i32x16 w = block_weights<T>(blk);
+    for (int i = 0; i < MT; ++i) {
+      const i32x16 s = dot_i16(zero_i32(), w, load_bytes(xq + i * K + b * kBlock));   // 16 pair sums
+      acc[i] = fmadd(to_f32(s), set1(d * xs[i * nb + b]), acc[i]);
+      if constexpr (T == kGgmlQ4_1) min_sum[i] += f16_at(blk + 2) * bsum[i * nb + b];
+    }
+  }
+  for (int i = 0; i < MT; ++i) out[i * out_stride] = reduce_add(acc[i]) + min_sum[i];
+}
+
+template <int64_t T>
+void gguf_rows(const uint8_t* w, int64_t n_begin, int64_t n_end, int64_t N, int64_t M, int64_t K,
+               const int16_t* xq, const float* xs, const float* bsum, float* o) {
+  const int64_t nb = K / kBlock, row_bytes = nb * ggml_block_bytes(T);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = w + n * row_bytes;          // read from memory by the first tile, from L1 by the others
+    for (int64_t m = 0; m < M; m += kMTile) {
+      const int64_t mt = std::min<int64_t>(kMTile, M - m);
+      const int16_t* xr = xq + m * K;
+      const float *xsr = xs + m * nb, *bsr = bsum + m * nb;
+      float* orow = o + m * N + n;
+      switch (mt) {
+        case 1: gguf_row<T, 1>(row, nb, xr, xsr, bsr, K, orow, N); break;
+        case 2: gguf_row<T, 2>(row, nb, xr, xsr, bsr, K, orow, N); break;
+        case 3: gguf_row<T, 3>(row, nb, xr, xsr, bsr, K, orow, N); break;
+        default: gguf_row<T, 4>(row, nb, xr, xsr, bsr, K, orow, N); break;
+      }
+    }
+  }
+}
+
+// x (M, K) fp32 times a GGUF matrix w (N rows of K/32 blocks of `type`) -> out (M, N) fp32, rows over the pool.
+void gguf_mm_raw(const float* x, int64_t M, int64_t K, const uint8_t* w, int64_t N, int64_t type, float* o) {
+  std::vector<int16_t> xq(M * K);
+  std::vector<float> xs(M * (K / kBlock)), bsum(M * (K / kBlock));
+  quantize_activations(x, M, K, xq.data(), xs.data(), bsum.data(), /*pair_order=*/false);
+  const int16_t* q = xq.data();
+  const float *xsp = xs.data(), *bsp = bsum.data();
+  parallel_rows(N, [&](int64_t begin, int64_t end) {
+    if (type == kGgmlQ4_0) {
+      gguf_rows<kGgmlQ4_0>(w, begin, end, N, M, K, q, xsp, bsp, o);
+    } else if (type == kGgmlQ4_1) {
+      gguf_rows<kGgmlQ4_1>(w, begin, end, N, M, K, q, xsp, bsp, o);
+    } else {
+      gguf_rows<kGgmlQ8_0>(w, begin, end, N, M, K, q, xsp, bsp, o);
+    }
+  });
+}
+
 // x (M, K) fp32 times w_t (K, N) fp32, the matrix stored transposed (decode.HerdLinear / HerdExperts) -> out (M, N).
 // For decode-sized M; torch's GEMM is faster from a few tens of rows on. Each thread takes a contiguous range of
 // w_t's rows (the inputs k), streams it front to back once and accumulates its partial (M, N) in a private buffer
@@ -403,6 +509,15 @@ void check_int8(const torch::Tensor& stream, const torch::Tensor& row_scale, int
   TORCH_CHECK(row_scale.scalar_type() == torch::kFloat32 && row_scale.is_contiguous(), "row_scale must be fp32");
 }
 
+void check_gguf(const torch::Tensor& w, int64_t K, int64_t N, int64_t type) {
+  const int64_t bytes = ggml_block_bytes(type);
+  TORCH_CHECK(bytes > 0, "gguf_mm: GGML type ", type, " is not one the kernel reads (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)");
+  TORCH_CHECK(K % kBlock == 0 && N > 0, "gguf_mm: the input dim must be a multiple of ", kBlock, "; got ", K);
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.is_contiguous() && w.numel() == N * (K / kBlock) * bytes,
+              "gguf_mm: w must be the contiguous uint8 bytes of ", N, " rows of ", K / kBlock, " blocks of ", bytes,
+              " bytes; got ", w.scalar_type(), " of ", w.numel(), " elements");
+}
+
 void check_fp32(const torch::Tensor& w_t, int64_t K) {
   TORCH_CHECK(w_t.dim() == 2 && w_t.scalar_type() == torch::kFloat32 && w_t.is_contiguous() && w_t.size(0) == K,
               "fp32_mm: w_t must be a contiguous fp32 (", K, ", N) tensor; got ", w_t.scalar_type(), " of shape ",
@@ -429,6 +544,16 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor stream, torch::Tensor row_s
   auto out = torch::empty({M, N}, torch::kFloat32);
   int8_mm_raw(x.data_ptr<float>(), M, K, stream.data_ptr<int8_t>(), row_scale.data_ptr<float>(), N,
               out.data_ptr<float>());
+  return out;
+}
+
+// x (M, K) fp32, w uint8 (a GGUF matrix's N * K/32 blocks of the GGML type `type`) -> (M, N) fp32 (gguf_mm_raw).
+torch::Tensor gguf_mm(torch::Tensor x, torch::Tensor w, int64_t N, int64_t type) {
+  const int64_t M = x.size(0), K = x.size(1);
+  check_x(x, K);
+  check_gguf(w, K, N, type);
+  auto out = torch::empty({M, N}, torch::kFloat32);
+  gguf_mm_raw(x.data_ptr<float>(), M, K, w.data_ptr<uint8_t>(), N, type, out.data_ptr<float>());
   return out;
 }
 

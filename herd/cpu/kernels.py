@@ -16,6 +16,10 @@ Math, for activation rows x (M, K) fp32:
             + (zero[n, g] - 8 scale[n, g]) * sum_{k in g} x[m, k]          (the exact input sum, not the quantized one)
 - int8: y[m, n] = row_scale[n] * sum_b xs[m, b] * sum_{k in b} w[n, k] xq[m, k].
 `int4_mm_reference` / `int8_mm_reference` compute exactly these sums in float64: the kernels' twins.
+- GGUF blocks (`gguf_mm`, for HerdGGUFExperts: Q4_0 / Q4_1 / Q8_0 matrices read where they lie in the file's memory
+  map, row by row in GGUF's own layout): y[m, n] = sum_b d[n, b] xs[m, b] sum_{k in b} w[n, k] xq[m, k]
+  (+ m[n, b] * sum_{k in b} x[m, k] for Q4_1), w = u - 8 (Q4_0), u (Q4_1) or q (Q8_0). Twin: `gguf_mm_reference`
+  (gguf's own dequantize, then float64 sums).
 - fp32 (`fp32_mm`, for decode.HerdLinear / HerdExperts): y = x @ w_t with w_t (K, N) the matrix transposed, each
   thread streaming its own range of w_t's rows; twin: x @ w_t.
 
@@ -28,18 +32,21 @@ Layouts ("streams": one flat buffer per matrix, read front to back by one thread
 Modules: `HerdInt4Linear` / `HerdInt8Linear` and `HerdInt4Experts` / `HerdInt8Experts` replace quantize.py's
 Int4Linear / Int8Linear / Int4Experts / Int8Experts holding the same weights (`use_herd_kernels` swaps them in after
 loading and fusing). Few rows run the kernels; from DEQUANT_ROWS rows on (prefill) they dequantize the matrix to
-bf16 and run a dense matmul, as quantize.py's modules do.
+bf16 and run a dense matmul, as quantize.py's modules do. `HerdGGUFExperts` replaces gguf.GGUFExperts (routed experts
+mapped from a GGUF file) with the same views, run by `gguf_mm` at every row count.
 """
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import nn
 
 from .. import ops
 from . import extension
 from .extension import ext
+from ..gguf import GGUFExperts
 from ..quantize import (COMPUTE_DTYPE, Int4Experts, Int4Linear, Int8Experts, Int8Linear, cpu_int4_block,
                        dense_dtype, int4_unpack_cpu, set_module)
 
@@ -108,6 +115,33 @@ def int4_mm(x: torch.Tensor, stream: torch.Tensor, N: int, group_size: int) -> t
 def int8_mm(x: torch.Tensor, stream: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
     """x (M, K) -> (M, N) fp32 through the int8 kernel; row_scale (N,) fp32."""
     return ext().int8_mm(x.float().contiguous(), stream, row_scale)
+
+
+GGML_TYPE = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}        # gguf.GGMLQuantizationType's numbers, as kernels.cpp takes them
+
+
+def gguf_mm(x: torch.Tensor, raw: torch.Tensor, qtype: str) -> torch.Tensor:
+    """x (M, K) -> (M, N) fp32 through the GGUF block kernel; raw uint8 (N, K/32 * block bytes), read in place."""
+    return ext().gguf_mm(x.float().contiguous(), raw, raw.shape[0], GGML_TYPE[qtype])
+
+
+def gguf_mm_reference(x: torch.Tensor, raw, qtype: str) -> torch.Tensor:
+    """gguf_mm's sums in float64: the matrix dequantized by the `gguf` package, the int16-quantized x, and for Q4_1
+    the block minimum m times the exact input sum of its block (kernels.cpp adds it so)."""
+    from gguf import GGMLQuantizationType, quants
+
+    raw = raw.numpy() if isinstance(raw, torch.Tensor) else raw
+    w = torch.from_numpy(quants.dequantize(raw, GGMLQuantizationType[qtype])).double()          # (N, K)
+    xq, xs = quantize_activations_reference(x)
+    M, K = x.shape
+    xd = (xq.double().unflatten(-1, (-1, X_BLOCK)) * xs.double()[..., None]).reshape(M, K)
+    if qtype != "Q4_1":
+        return (xd @ w.t()).float()
+    blocks = raw.reshape(raw.shape[0], K // X_BLOCK, 20)
+    m = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float64))  # (N, K/32)
+    du = w - m.repeat_interleave(X_BLOCK, dim=1)                                     # d * u, (N, K)
+    bsum = x.double().unflatten(-1, (-1, X_BLOCK)).sum(-1)                            # (M, K/32)
+    return (xd @ du.t() + bsum @ m.t()).float()
 
 
 def quantize_activations_reference(x: torch.Tensor):
@@ -316,9 +350,34 @@ class HerdInt8Experts(_HerdExperts):
         return int8_linear(h, self.w2[e], self.w2_scale[e], self.dim, self.hidden_dim)
 
 
+class HerdGGUFExperts(_HerdExperts):
+    """gguf.GGUFExperts on the GGUF block kernel: the same buffers (views of the file's memory map, never copied),
+    w1 / w3 / w2 uint8 (E, rows, K/32 * block bytes), the routed expert's gate and up as two products. Any number of
+    rows runs the kernel, which reads each weight row once per call (the rows of x reuse it from L1). decode.HerdBlock's
+    one-call layer takes them too (decode.cpp's gguf_expert_matrices)."""
+
+    def __init__(self, mod: GGUFExperts):
+        super().__init__(mod.n_experts, mod.dim, mod.hidden_dim)
+        self.qtype = mod.qtype
+        self.register_buffer("w1", mod.w1)
+        self.register_buffer("w3", mod.w3)
+        self.register_buffer("w2", mod.w2)
+
+    def gate_up(self, e: int, x2):
+        x2 = x2.float().contiguous()
+        t = GGML_TYPE[self.qtype]
+        return torch.cat((ext().gguf_mm(x2, self.w1[e], self.hidden_dim, t),
+                          ext().gguf_mm(x2, self.w3[e], self.hidden_dim, t)), dim=-1)          # (n, 2F)
+
+    def down(self, e: int, h):
+        return ext().gguf_mm(h, self.w2[e], self.dim, GGML_TYPE[self.qtype])
+
+
 def can_convert(mod: nn.Module) -> bool:
     """Shapes the kernels take: 16 | out_features, 32 | in_features, 32 | group size (int4); for experts, of both
     their matrices (2F x D and D x F)."""
+    if type(mod) is GGUFExperts:                      # GGUF rows: any count, K a multiple of 32 by the format
+        return True
     if type(mod) in (Int4Linear, Int4Experts) and cpu_int4_block() is None:
         return False
     if type(mod) in (Int4Experts, Int8Experts):
@@ -332,6 +391,8 @@ def can_convert(mod: nn.Module) -> bool:
 
 
 def _herd_version(mod: nn.Module) -> nn.Module:
+    if type(mod) is GGUFExperts:
+        return HerdGGUFExperts(mod)
     if type(mod) is Int4Linear:
         return HerdInt4Linear.from_int4(mod)
     if type(mod) is Int8Linear:

@@ -175,6 +175,8 @@ inline i32x16 to_i32(f32x16 a) { return {_mm512_cvtps_epi32(a.v)}; }      // rou
 inline __m256i narrow_i16_saturate(i32x16 a) { return _mm512_cvtsepi32_epi16(a.v); }
 // int32 lanes in 0..65535 -> 16 uint16 in lane order (the low halves)
 inline __m256i narrow_u16(i32x16 a) { return _mm512_cvtepi32_epi16(a.v); }
+// 32 int8 (lo: values 0-15, hi: 16-31) sign-extended to 32 int16 in that order (one 64-byte i32x16)
+inline i32x16 widen_i8(__m128i lo, __m128i hi) { return {_mm512_cvtepi8_epi16(_mm256_set_m128i(hi, lo))}; }
 #else
 inline i32x16 load_bytes(const void* p) {
   const __m256i* q = static_cast<const __m256i*>(p);
@@ -200,6 +202,7 @@ inline i32x16 to_i32(f32x16 a) { return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_
 // VPACKSSDW interleaves the two inputs per 128-bit half (lo0-3 hi0-3 lo4-7 hi4-7); the 64-bit permute restores order
 inline __m256i narrow_i16_saturate(i32x16 a) { return _mm256_permute4x64_epi64(_mm256_packs_epi32(a.lo, a.hi), 0xD8); }
 inline __m256i narrow_u16(i32x16 a) { return _mm256_permute4x64_epi64(_mm256_packus_epi32(a.lo, a.hi), 0xD8); }
+inline i32x16 widen_i8(__m128i lo, __m128i hi) { return {_mm256_cvtepi8_epi16(lo), _mm256_cvtepi8_epi16(hi)}; }
 #endif
 
 // e^x, ~1 ulp over the range softmax and SiLU use (x <= 0 after the max is subtracted; SiLU's e^-x for any x):
