@@ -192,3 +192,29 @@ def test_decode_layer_rows_refuses_bad_rows():
         with pytest.raises(RuntimeError, match=message):
             ext.decode_layer_rows(*bad)
     ext.decode_layer_rows(*args)
+
+
+@needs_kernels
+def test_default_model_batched_equals_alone(monkeypatch):
+    """SmolLM2-135M (packed Q4_1, as `herd run` loads it): four chat-sized prompts decoded as a batch give each
+    prompt's solo greedy tokens and logprobs, every layer in one decode_layer_rows call."""
+    import herd
+    from herd.textgen import default_model_path
+    from herd.tokenizer import load_tokenizer
+    try:
+        path = default_model_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    model = herd.load(path, quant="packed", prepare=True)
+    tok = load_tokenizer(path)
+    texts = ["The capital of France is", "def fibonacci(n):", "Llamas are", "1, 2, 3, 4,"]
+    prompt_list = [tok.encode(t) for t in texts]
+    params = [SamplingParams(max_tokens=n, ignore_eos=True, logprobs=0) for n in (12, 8, 12, 10)]
+    calls = []
+    rows_call = extension.ext().decode_layer_rows
+    monkeypatch.setattr(extension.ext(), "decode_layer_rows", lambda *a: calls.append(a[0].shape[0]) or rows_call(*a))
+    tokens, logprobs = staggered(model, prompt_list, params)
+    assert max(calls) == 4 and len(calls) % model.config.n_layers == 0
+    ref_tokens, ref_logprobs = alone(model, prompt_list, params)
+    assert tokens == ref_tokens
+    assert logprobs == ref_logprobs
