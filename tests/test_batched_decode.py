@@ -218,3 +218,18 @@ def test_default_model_batched_equals_alone(monkeypatch):
     ref_tokens, ref_logprobs = alone(model, prompt_list, params)
     assert tokens == ref_tokens
     assert logprobs == ref_logprobs
+
+
+@needs_kernels
+def test_many_rows_take_the_dequantized_twin(monkeypatch):
+    """From kernels.DEQUANT_ROWS rows on the packed modules' dense matmuls are faster than the kernels: the layer
+    leaves such steps to Block.forward."""
+    from herd.cpu import kernels
+    model = packed_tiny("llama3", "int4")
+    decode.use_decode_kernels(model)
+    engine = prefilled(model, 5)
+    x, pos, rope = decode_step(model, engine, [0, 1, 2, 3, 4])
+    engine.cache.rows = slice(0, 5)
+    assert model.layers[0]._rows_call_args(x, pos, rope, engine.cache) is not None
+    monkeypatch.setattr(kernels, "DEQUANT_ROWS", 5)
+    assert model.layers[0]._rows_call_args(x, pos, rope, engine.cache) is None

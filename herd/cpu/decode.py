@@ -191,9 +191,10 @@ class HerdBlock(Block):
 
     def _rows_call_args(self, x, pos, rope, kv_cache):
         """decode_layer_rows' arguments for a decode step of B rows (x (B, 1, dim), every position >= 0, each row its
-        own cache row: KVCache.decode_slots), or None."""
+        own cache row: KVCache.decode_slots), or None. From kernels.DEQUANT_ROWS rows on, None: there the packed
+        modules' dequantized dense matmuls (the twin's) beat the kernels, whose cost grows with the rows."""
         common = self._decode_step(x, kv_cache, "decode_slots")
-        if common is None:
+        if common is None or x.shape[0] >= kernels.DEQUANT_ROWS:
             return None
         attn, layer = common
         cache = kv_cache.decode_slots(attn.layer_id, pos)
