@@ -139,6 +139,7 @@ class KVCache:
             self.pos.append(torch.full((batch_size, S), -1, dtype=torch.long, device=device))
             self.ring.append(ring)
         self.rows: slice | torch.Tensor = slice(None)
+        self._slots_memo = None      # decode_slots': (pos, rows, {layer kind: per-row tensors})
 
     def nbytes(self) -> int:
         """Bytes of every buffer the cache holds (keys, values, int8 scales, slot positions)."""
@@ -230,15 +231,30 @@ class KVCache:
         kb = self.k[layer]
         if type(kb) is not torch.Tensor:
             return None
+        # Every layer of a step gets the same positions and rows, and the per-row tensors depend only on the
+        # layer's kind (ring or not, S): computed once per kind and step (~10 us of torch ops per layer otherwise).
+        # Compared by value (copies kept): inference tensors have no version counter to tell in-place changes.
+        memo = self._slots_memo
+        if memo is None or not (_same(memo[0], pos) and _same(memo[1], self.rows)):
+            memo = self._slots_memo = (pos.clone(), self.rows.clone() if torch.is_tensor(self.rows) else self.rows,
+                                       {})
+        kind = (self.ring[layer], kb.shape[1])
+        if kind not in memo[2]:
+            memo[2][kind] = self._row_slots(pos, *kind)
+        per_row = memo[2][kind]
+        return None if per_row is None else (kb, self.v[layer], self.pos[layer], *per_row)
+
+    def _row_slots(self, pos, ring: bool, S: int):
+        """decode_slots' per-row tensors (cache rows, slots, slots read) for positions pos (B, 1) in layers of this
+        kind, or None when a position is padding."""
         p = pos.reshape(-1)                                                # (B,)
         lowest, highest = torch.aminmax(p)
         if int(lowest) < 0:
             return None
-        S = kb.shape[1]
-        if not self.ring[layer] and int(highest) >= S:
+        if not ring and int(highest) >= S:
             raise ContextLengthError(f"position {int(highest)} is past the cache's {S} slots")
-        n_slots = torch.full_like(p, S) if self.ring[layer] else p + 1
-        return kb, self.v[layer], self.pos[layer], self._row_ids(p.shape[0]).long().contiguous(), p % S, n_slots
+        n_slots = torch.full_like(p, S) if ring else p + 1
+        return self._row_ids(p.shape[0]).long().contiguous(), p % S, n_slots
 
     def _update_dense(self, layer: int, k, v, pos):
         """`update` when every new token is real (no padding) and the rows are a slice: a single prompt's prefill,
@@ -258,6 +274,13 @@ class KVCache:
         if self.ring[layer]:
             return kb[self.rows], vb[self.rows], pb[self.rows]
         return kb[self.rows, :top + 1], vb[self.rows, :top + 1], pb[self.rows, :top + 1]
+
+
+def _same(a, b) -> bool:
+    """Two cache-row selections or position tensors with the same values (a slice, or a tensor)."""
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and torch.equal(a, b)
+    return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
 
 
 # ---- requests and the engine ----------------------------------------------------------------------------------

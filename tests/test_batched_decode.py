@@ -233,3 +233,21 @@ def test_many_rows_take_the_dequantized_twin(monkeypatch):
     assert model.layers[0]._rows_call_args(x, pos, rope, engine.cache) is not None
     monkeypatch.setattr(kernels, "DEQUANT_ROWS", 5)
     assert model.layers[0]._rows_call_args(x, pos, rope, engine.cache) is None
+
+
+def test_decode_slots_follow_new_positions_and_rows():
+    """decode_slots computes its per-row tensors once per step and kind of layer: new positions, positions changed
+    in place, or new rows must not get the last step's."""
+    from test_decode import tiny
+    cache = Engine(tiny("llama4"), max_batch=3, max_seq_len=64).cache
+    cache.rows = torch.tensor([2, 0])
+    pos = torch.tensor([[3], [20]])
+    ring, nope = cache.decode_slots(0, pos), cache.decode_slots(3, pos)
+    assert ring[4].tolist() == [3, 4] and ring[5].tolist() == [16, 16]            # slots in a 16-slot ring
+    assert nope[4].tolist() == [3, 20] and nope[5].tolist() == [4, 21]
+    assert cache.decode_slots(1, pos)[4] is ring[4]                                  # the same step: reused
+    pos[1, 0] = 21
+    assert cache.decode_slots(3, pos)[4].tolist() == [3, 21]
+    cache.rows = torch.tensor([1, 0])
+    assert cache.decode_slots(3, pos)[3].tolist() == [1, 0]
+    assert cache.decode_slots(3, torch.tensor([[5], [6]]))[4].tolist() == [5, 6]
