@@ -68,7 +68,8 @@ def main():
 
     t0, cpu0 = time.perf_counter(), time.process_time()
     req = engine.add(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
-    engine.step()                                               # prefill in pieces + the first token
+    while not req.output:                                       # prefill, a piece per step, + the first token
+        engine.step()
     t_prefill, cpu_prefill = time.perf_counter() - t0, time.process_time() - cpu0
     engine.step()                                               # one decode step over the whole context
     t_decode = time.perf_counter() - t0 - t_prefill

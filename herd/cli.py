@@ -322,7 +322,8 @@ def cmd_serve(args):
         if any(m.name == name for m in served):
             raise ValueError(f"two models are both named {name!r}: give one an id with NAME=PATH")
         served.append(ServedModel(name, model, tok, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                                  max_queue=args.max_queue, cache_dtype=_cache_dtype(args)))
+                                  max_queue=args.max_queue, cache_dtype=_cache_dtype(args),
+                                  step_tokens=args.step_tokens, prefix_cache_mib=args.prefix_cache_mib))
     page = "" if args.no_webui else f"; chat page: http://{args.host}:{args.port}/"
     print(f"[serving {', '.join(m.name for m in served)} on http://{args.host}:{args.port}/v1{page}]", file=sys.stderr)
     limits = Limits(**{name: getattr(args, name) for name, _, _ in limit_fields()})
@@ -688,6 +689,12 @@ def _add_serve_parsers(sub):
     p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before HTTP 429")
     p.add_argument("--max-seq-len", type=int, default=4096, help="context per request (prompt + output)")
+    p.add_argument("--step-tokens", type=int, default=None, metavar="N",
+                   help="prompt tokens prefilled per engine step while others decode, counting one per decoding "
+                        "request (default: as many as take one decode step's time, measured as it runs)")
+    p.add_argument("--prefix-cache-mib", type=float, default=256, metavar="MIB",
+                   help="memory for keys and values of prompt prefixes reused across requests (a shared system "
+                        "prompt is prefilled once); 0 turns it off (default 256)")
     _threads_arg(p)
     _dequantize_arg(p)
     _kv_dtype_arg(p)

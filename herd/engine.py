@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -18,11 +19,19 @@ import torch
 
 from .config import ModelConfig
 from .ops import QuantizedKV, quantize_kv
+from .prefix_cache import PrefixCache
 
 
 # Scoring a prompt (prompt_logprobs) needs the logits of every prompt position, (B, piece, V) fp32: prefill pieces
 # are shortened so that one piece's logits stay under this many bytes.
 SCORING_LOGITS_BYTES = 256 << 20
+# The fewest prompt tokens a step prefills while others decode (so a prompt always advances); by default a step's
+# prefill may take PREFILL_SHARE times a decode step's time (so a running stream's time between tokens grows at most
+# ~1 + PREFILL_SHARE times while prompts prefill: the issue's bound is 3x); the weight of the newest measurement in
+# the engine's moving averages of step times.
+MIN_PREFILL_PIECE = 16
+PREFILL_SHARE = 2.0
+AVERAGE_WEIGHT = 0.2
 
 
 class ContextLengthError(ValueError):
@@ -150,6 +159,35 @@ class KVCache:
     def reset(self, row: int):
         for p in self.pos:
             p[row] = -1
+
+    def read_positions(self, row: int, start: int, n: int):
+        """Copies of the keys and values of positions start .. start+n-1 in cache row `row`, per layer (n, K, D):
+        ([k per layer], [v per layer]); None when a layer no longer holds all of them (a ring overwrote some) or
+        keys are int8."""
+        positions = torch.arange(start, start + n, device=self.pos[0].device)
+        keys, values = [], []
+        for layer, (kb, vb, pb) in enumerate(zip(self.k, self.v, self.pos)):
+            if isinstance(kb, QuantizedKV) or (start + n > kb.shape[1] and not self.ring[layer]):
+                return None
+            slots = positions % kb.shape[1]
+            if not torch.equal(pb[row, slots], positions):
+                return None
+            keys.append(kb[row, slots])
+            values.append(vb[row, slots])
+        return keys, values
+
+    def write_positions(self, row: int, start: int, keys: list, values: list):
+        """Store keys and values (per layer (n, K, D), as read_positions returns them) of positions start ..
+        start+n-1 into cache row `row`, as prefilling them would: a ring keeps the last of them in their slots."""
+        n = keys[0].shape[0]
+        positions = torch.arange(start, start + n, device=self.pos[0].device)
+        for layer, (kb, vb, pb) in enumerate(zip(self.k, self.v, self.pos)):
+            S = kb.shape[1]
+            if not self.ring[layer] and start + n > S:
+                raise ContextLengthError(f"position {start + n - 1} is past the cache's {S} slots")
+            keep = slice(max(0, n - S), n)                  # a ring: only the last S positions survive
+            slots = positions[keep] % S
+            kb[row, slots], vb[row, slots], pb[row, slots] = keys[layer][keep], values[layer][keep], positions[keep]
 
     def _row_ids(self, B):
         if isinstance(self.rows, slice):
@@ -297,7 +335,11 @@ class Request:
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None   # (V,) generated-token counts, for the penalties
     seen: torch.Tensor | None = None     # (V,) bool, prompt or generated
-    images: torch.Tensor | None = None   # pixel values for the prompt's image patch tokens, dropped after prefill
+    images: torch.Tensor | None = None   # pixel values for the prompt's image patch tokens, until admitted
+    embeddings: torch.Tensor | None = None   # (1, T, dim) input rows of a prompt with images, until prefilled
+    prefilled: int = 0                   # prompt tokens whose keys and values are in the cache row
+    prefix_len: int | None = 0           # prompt tokens in the prefix cache through prefix_block (None: no more)
+    prefix_block: object | None = None   # the prefix cache's last block of this prompt
     # Optional per-request constraint (grammar-constrained decoding, herd/constrain.py): `mask(logits)` sets the
     # logits (V,) of forbidden tokens to -inf in place before sampling; `accept(token_id)` advances its state.
     constraint: object | None = None
@@ -309,23 +351,39 @@ class Request:
 
 class Engine:
     """Continuous batching over one model. `add` queues a request; each `step` admits waiting requests into free
-    cache rows (one batched, chunked prefill), then decodes one token for every running request, and returns the
-    (request, token id) pairs it produced. Not thread-safe: one thread drives it."""
+    cache rows, runs one prefill piece for the requests still prefilling and one decode step for every request
+    past its prompt, and returns the (request, token id) pairs it produced. Not thread-safe: one thread drives it.
+
+    Prefill is chunked and interleaved with decoding so that a long prompt cannot stall the running streams: while
+    any request decodes, a step prefills at most a budget of prompt tokens (`step_tokens` minus the decoding rows,
+    or by default as many as take PREFILL_SHARE decode steps' time, from the measured speeds), so a running
+    stream's time between tokens grows at most ~3x while a prompt prefills; with nothing decoding, every
+    prefilling row takes a piece of `prefill_chunk` tokens per step. Prompts starting with a prefix already prefilled reuse its
+    keys and values from the prefix cache (prefix_cache.py; `prefix_cache_mib` 0 turns it off)."""
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
-                 cache_dtype=None, kv_int8: bool = False):
+                 cache_dtype=None, kv_int8: bool = False, step_tokens: int | None = None,
+                 prefix_cache_mib: float = 256, prefix_block: int = 32):
         self.model = model
         self.cfg: ModelConfig = model.config
         self.max_seq_len = min(max_seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
-        self.prefill_chunk = prefill_chunk
+        if prefill_chunk < 1 or (step_tokens is not None and step_tokens < 1) or prefix_cache_mib < 0:
+            raise ValueError(f"prefill_chunk and step_tokens must be >= 1 and prefix_cache_mib >= 0; got "
+                             f"{prefill_chunk}, {step_tokens}, {prefix_cache_mib}")
+        self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
         p = next(model.parameters())
         self.device = p.device
         self.cache = KVCache(self.cfg, max_batch, self.max_seq_len, cache_dtype or self._activation_dtype(p),
                              p.device, kv_int8=kv_int8)
+        # int8 keys are quantized per token as written; cached blocks would have to carry their scales: not kept
+        self.prefix_cache = (PrefixCache(prefix_block, int(prefix_cache_mib * (1 << 20)))
+                             if prefix_cache_mib > 0 and not kv_int8 else None)
         self.max_batch = max_batch
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: deque[Request] = deque()
         self._ids = itertools.count()
+        self._decode_seconds: float | None = None      # moving averages: one decode step's time,
+        self._prefill_rate: float | None = None        # prefill tokens per second
 
     @staticmethod
     def _activation_dtype(p):
@@ -370,6 +428,7 @@ class Engine:
         self._release(req)
 
     def _release(self, req: Request):
+        req.embeddings = None
         if req.row is not None and self.rows[req.row] is req:
             self.rows[req.row] = None
             self.cache.reset(req.row)
@@ -385,87 +444,156 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[tuple[Request, int]]:
         events: list[tuple[Request, int]] = []
-        admitted = self._admit()
-        if admitted:
-            events += self._prefill(admitted)
-        decoding = [r for r in self.rows if r is not None and r not in admitted]
+        self._admit()
+        decoding = [r for r in self.rows if r is not None and r.prefilled == len(r.prompt)]
+        prefilling = sorted((r for r in self.rows if r is not None and r.prefilled < len(r.prompt)),
+                            key=lambda r: r.id)                     # first come, first prefilled
+        if prefilling:
+            events += self._prefill(self._plan_prefill(prefilling, len(decoding)))
         if decoding:
+            start = time.perf_counter()
             events += self._decode(decoding)
+            self._decode_seconds = _average(self._decode_seconds, time.perf_counter() - start)
         return events
 
-    def _admit(self) -> list[Request]:
-        admitted = []
+    def _admit(self):
+        """Waiting requests into free rows; a prompt starting with a cached prefix gets its keys and values."""
         for row in range(self.max_batch):
             if not self.waiting:
                 break
-            if self.rows[row] is None:
-                req = self.waiting.popleft()
-                req.row = row
-                self.rows[row] = req
-                admitted.append(req)
-        return admitted
+            if self.rows[row] is not None:
+                continue
+            req = self.waiting.popleft()
+            req.row = row
+            self.rows[row] = req
+            if req.images is not None:
+                # Early fusion: the whole prompt embedded once, so an image may straddle prefill pieces.
+                req.embeddings = self.model.embed(torch.tensor([req.prompt], device=self.device), req.images)
+                req.images = None
+                req.prefix_len = None            # patch token ids say nothing of the pixels: never cached
+            elif self.prefix_cache is not None and req.params.prompt_logprobs is None:
+                chain = self.prefix_cache.match(req.prompt, len(req.prompt) - 1)    # >= 1 token left for logits
+                if chain:
+                    B = self.prefix_cache.block_tokens
+                    self.cache.write_positions(row, 0, [torch.cat(k) for k in zip(*(b.keys for b in chain))],
+                                               [torch.cat(v) for v in zip(*(b.values for b in chain))])
+                    req.prefilled = req.prefix_len = len(chain) * B
+                    req.prefix_block = chain[-1]
+                    self.prefix_cache.hit_tokens += req.prefilled
 
-    def _prefill(self, reqs: list[Request]) -> list[tuple[Request, int]]:
-        lengths = torch.tensor([len(r.prompt) for r in reqs], device=self.device)
-        T = int(lengths.max())
+    def _plan_prefill(self, prefilling: list[Request], n_decoding: int) -> list[tuple[Request, int]]:
+        """(request, tokens to prefill this step) for the prefilling requests, first come first."""
+        cap = self.prefill_chunk
+        if any(r.params.prompt_logprobs is not None for r in prefilling):
+            # scoring needs every position's logits (B, piece, V): pieces shrink to bound them
+            cap = max(1, min(cap, SCORING_LOGITS_BYTES // (4 * len(prefilling) * self.cfg.vocab_size)))
+        if not n_decoding:
+            return [(r, min(len(r.prompt) - r.prefilled, cap)) for r in prefilling]
+        budget = max(MIN_PREFILL_PIECE, self._prefill_budget(n_decoding))
+        plan = []
+        for r in prefilling:
+            n = min(len(r.prompt) - r.prefilled, cap, budget)
+            if n <= 0:
+                break
+            plan.append((r, n))
+            budget -= n
+        return plan
+
+    def _prefill_budget(self, n_decoding: int) -> int:
+        """Prompt tokens a step may prefill beside n_decoding decoding rows: step_tokens minus those rows, or by
+        default as many as the measured prefill speed runs in PREFILL_SHARE decode steps' time."""
+        if self.step_tokens is not None:
+            return self.step_tokens - n_decoding
+        if self._decode_seconds is None or self._prefill_rate is None:
+            return MIN_PREFILL_PIECE
+        return min(self.prefill_chunk, int(PREFILL_SHARE * self._decode_seconds * self._prefill_rate))
+
+    def _prefill(self, plan: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        """One prefill piece per planned request: prompts with images alone (their embeddings), the rest together,
+        right-padded (padding has position -1 and is never written)."""
+        events = []
+        text = [(r, n) for r, n in plan if r.embeddings is None]
+        for r, n in plan:
+            if r.embeddings is not None:
+                events += self._prefill_piece([(r, n)])
+        return events + (self._prefill_piece(text) if text else [])
+
+    def _prefill_piece(self, plan: list[tuple[Request, int]]) -> list[tuple[Request, int]]:
+        reqs = [r for r, _ in plan]
+        counts = torch.tensor([n for _, n in plan], device=self.device)
+        T = int(counts.max())
         tokens = torch.zeros(len(reqs), T, dtype=torch.long, device=self.device)
-        for i, r in enumerate(reqs):
-            tokens[i, :len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
-        cols = torch.arange(T, device=self.device)[None]
-        pos = torch.where(cols < lengths[:, None], cols, -1)          # (B, T), -1 = right padding
+        pos = torch.full((len(reqs), T), -1, dtype=torch.long, device=self.device)
+        for i, (r, n) in enumerate(plan):
+            tokens[i, :n] = torch.tensor(r.prompt[r.prefilled:r.prefilled + n], device=self.device)
+            pos[i, :n] = torch.arange(r.prefilled, r.prefilled + n, device=self.device)
         rows = [r.row for r in reqs]
         # consecutive rows (always so for one request) are a slice: global layers then read views, not a copy of
         # the whole context per prefill piece
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         self.cache.rows = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=self.device)
-        # Early fusion: embed the whole prompt once, so an image may straddle prefill pieces.
-        images = [r.images for r in reqs if r.images is not None]
-        embeddings = self.model.embed(tokens, torch.cat(images)) if images else None
-        for r in reqs:
-            r.images = None
-        # Scoring needs every position's logits (B, piece, V), not one per row: pieces shrink to bound them.
+        embeddings = (reqs[0].embeddings[:, reqs[0].prefilled:reqs[0].prefilled + T]
+                      if reqs[0].embeddings is not None else None)
         scoring = any(r.params.prompt_logprobs is not None for r in reqs)
-        piece_len = self.prefill_chunk if not scoring else max(
-            1, min(self.prefill_chunk, SCORING_LOGITS_BYTES // (4 * len(reqs) * self.cfg.vocab_size)))
-        last_logits = None
-        for start in range(0, T, piece_len):
-            end = min(start + piece_len, T)
-            # each row's last prompt token, if it falls inside this piece
-            idx = (lengths - 1 - start).clamp(0, end - start - 1)
-            piece = embeddings[:, start:end] if embeddings is not None else None
-            logits = self.model(tokens[:, start:end], input_pos=pos[:, start:end], kv_cache=self.cache,
-                                embeddings=piece, logit_index=None if scoring else idx)     # (B, 1 or piece, V)
-            if scoring:
-                self._record_prompt_logprobs(reqs, tokens, logits, start)
-                logits = logits[torch.arange(len(reqs), device=self.device), idx]         # (B, V)
-            else:
-                logits = logits[:, 0]
-            here = (lengths - 1 >= start) & (lengths - 1 < end)
-            last_logits = logits if last_logits is None else torch.where(here[:, None], logits, last_logits)
-        generating = [i for i, r in enumerate(reqs) if r.params.max_tokens > 0]
-        for r in reqs:
-            if r.params.max_tokens == 0:             # scored only: done, its row free for the next request
-                r.finish_reason = "length"
-                self._release(r)
+        last = counts - 1                                  # each row's last token of this piece
+        start = time.perf_counter()
+        logits = self.model(tokens, input_pos=pos, kv_cache=self.cache, embeddings=embeddings,
+                            logit_index=None if scoring else last)            # (B, T or 1, V)
+        self._prefill_rate = _average(self._prefill_rate, int(counts.sum()) / (time.perf_counter() - start))
+        if scoring:
+            self._record_prompt_logprobs(plan, logits)
+            logits = logits[torch.arange(len(reqs), device=self.device), last]       # (B, V)
+        else:
+            logits = logits[:, 0]
+        done = []
+        for i, (r, n) in enumerate(plan):
+            r.prefilled += n
+            self._remember_prefix(r)
+            if r.prefilled == len(r.prompt):
+                r.embeddings = None
+                done.append(i)
+        generating = [i for i in done if reqs[i].params.max_tokens > 0]
+        for i in done:
+            if reqs[i].params.max_tokens == 0:      # scored only: done, its row free for the next request
+                reqs[i].finish_reason = "length"
+                self._release(reqs[i])
         if not generating:
             return []
-        return self._sample_and_advance([reqs[i] for i in generating], last_logits[generating])
+        return self._sample_and_advance([reqs[i] for i in generating], logits[generating])
 
-    def _record_prompt_logprobs(self, reqs, tokens, logits, start: int):
-        """Append to each scoring request the logprob (and top alternatives) of its prompt tokens start+1 ..
-        start+piece, predicted by the logits at positions start .. start+piece-1. tokens (B, T); logits (B, piece,
-        V) in fp32. A prompt's first token has nothing before it: None."""
-        for i, r in enumerate(reqs):
+    def _remember_prefix(self, r: Request):
+        """Put the request's newly prefilled whole blocks of prompt into the prefix cache, while the cache row still
+        holds them (a piece longer than a ring layer's chunk overwrites its start) and the chain holds."""
+        pc = self.prefix_cache
+        if pc is None or r.prefix_len is None:
+            return
+        B = pc.block_tokens
+        while r.prefix_len + B <= r.prefilled:
+            kv = self.cache.read_positions(r.row, r.prefix_len, B)
+            block = pc.add(r.prefix_block, r.prompt[r.prefix_len:r.prefix_len + B], *kv) if kv else None
+            if block is None:
+                r.prefix_len = None                     # stop here: a later block would have no findable parent
+                return
+            r.prefix_block, r.prefix_len = block, r.prefix_len + B
+
+    def _record_prompt_logprobs(self, plan: list[tuple[Request, int]], logits):
+        """Append to each scoring request the logprob (and top alternatives) of the prompt tokens this piece
+        predicts: logits (B, T, V) fp32, row i's first n_i at positions p .. p+n_i-1 (p = its tokens prefilled
+        before this piece) predicting prompt tokens p+1 .. p+n_i. A prompt's first token has nothing before it:
+        None."""
+        for i, (r, n) in enumerate(plan):
             k = r.params.prompt_logprobs
             if k is None:
                 continue
-            if start == 0:
+            p = r.prefilled
+            if p == 0:
                 r.prompt_logprobs.append(None)
-            n = min(logits.shape[1], len(r.prompt) - 1 - start)         # positions here with a next prompt token
+            n = min(n, len(r.prompt) - 1 - p)          # positions here with a next prompt token
             if n <= 0:
                 continue
             logp = logits[i, :n].log_softmax(-1)                                     # (n, V)
-            chosen = logp.gather(-1, tokens[i, start + 1:start + 1 + n, None])[:, 0].tolist()   # (n,)
+            nxt = torch.tensor(r.prompt[p + 1:p + 1 + n], device=logp.device)
+            chosen = logp.gather(-1, nxt[:, None])[:, 0].tolist()                    # (n,)
             top = logp.topk(k, -1) if k else None
             top_ids, top_lps = (top.indices.tolist(), top.values.tolist()) if k else ([[]] * n, [[]] * n)
             r.prompt_logprobs += [{"logprob": lp, "top": list(zip(ids, lps))}
@@ -524,6 +652,10 @@ class Engine:
             if r.finished:
                 self._release(r)
         return events
+
+
+def _average(mean: float | None, x: float) -> float:
+    return x if mean is None else (1 - AVERAGE_WEIGHT) * mean + AVERAGE_WEIGHT * x
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams | None = None, **engine_kw) -> list[Request]:

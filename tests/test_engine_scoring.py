@@ -51,16 +51,16 @@ def test_batched_scoring_equals_full_forward(model, prefill_chunk):
 
 
 def test_scoring_pieces_shrink_to_bound_the_logits(model, monkeypatch):
-    """With room for only 2 positions' logits per row, a 30-token prompt is prefilled 2 tokens at a time; same
-    values."""
+    """With room for only 4 positions' logits, two prompts are prefilled 2 tokens at a time while both score, then
+    the longer one 4 at a time; same values."""
     V = model.config.vocab_size
     monkeypatch.setattr(engine_module, "SCORING_LOGITS_BYTES", 2 * 4 * 2 * V)
     calls = []
     forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda tokens, **kw: calls.append(tokens.shape[1]) or forward(tokens, **kw))
+    monkeypatch.setattr(model, "forward", lambda tokens, **kw: calls.append(tokens.shape) or forward(tokens, **kw))
     prompts = [torch.randint(3, 512, (n,)).tolist() for n in (30, 11)]
     reqs = generate(model, prompts, SamplingParams(max_tokens=0, prompt_logprobs=1))
-    assert max(calls) == 2 and len(calls) == 15
+    assert calls == [(2, 2)] * 6 + [(1, 4)] * 4 + [(1, 2)], calls       # 11 = 5 * 2 + 1; 30 = 6 * 2 + 4 * 4 + 2
     for r in reqs:
         check(r, model)
 

@@ -67,11 +67,12 @@ def first_model(url: str, api_key: str | None = None, timeout: float = 30) -> st
         conn.close()
 
 
-def _one_request(url, api_key, payload, timeout) -> dict:
-    """Stream one chat completion; returns its timings, token count and error (None when it went well)."""
+def stream_one(url: str, payload: dict, api_key: str | None = None, timeout: float = 600.0) -> dict:
+    """Stream one chat completion; returns its timings (ttft, itl in s; times: perf_counter of each piece of text),
+    token count, latency and error (None when it went well)."""
     scheme, host, port, base = _split(url)
     conn = _connection(scheme, host, port, timeout)
-    out = {"ttft": None, "itl": [], "tokens": 0, "error": None, "latency": None}
+    out = {"ttft": None, "itl": [], "times": [], "tokens": 0, "error": None, "latency": None}
     t0 = time.perf_counter()
     try:
         conn.request("POST", base + "/v1/chat/completions", body=json.dumps(payload), headers=_headers(api_key))
@@ -98,6 +99,7 @@ def _one_request(url, api_key, payload, timeout) -> dict:
                 d = c.get("delta") or {}
                 if d.get("content") or d.get("tool_calls"):
                     now = time.perf_counter()
+                    out["times"].append(now)             # when each piece of text arrived (perf_counter)
                     if last is None:
                         out["ttft"] = now - t0
                     else:
@@ -113,6 +115,15 @@ def _one_request(url, api_key, payload, timeout) -> dict:
         out["latency"] = time.perf_counter() - t0
         conn.close()
     return out
+
+
+def chat_payload(model: str, text: str, max_tokens: int, ignore_eos: bool = False) -> dict:
+    """A streaming, greedy chat request of one user message, asking for usage in the last event."""
+    payload = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
+               "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": text}]}
+    if ignore_eos:
+        payload["ignore_eos"] = True
+    return payload
 
 
 def run_bench(url: str, concurrency: int = 8, requests: int = 32, max_tokens: int = 128, model: str | None = None,
@@ -132,12 +143,8 @@ def run_bench(url: str, concurrency: int = 8, requests: int = 32, max_tokens: in
                 if not todo:
                     return
                 i = todo.pop(0)
-            payload = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-                       "stream_options": {"include_usage": True},
-                       "messages": [{"role": "user", "content": prompt or PROMPTS[i % len(PROMPTS)]}]}
-            if ignore_eos:
-                payload["ignore_eos"] = True
-            r = _one_request(url, api_key, payload, timeout)
+            payload = chat_payload(model, prompt or PROMPTS[i % len(PROMPTS)], max_tokens, ignore_eos)
+            r = stream_one(url, payload, api_key, timeout)
             with lock:
                 results.append(r)
 

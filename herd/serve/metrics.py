@@ -13,6 +13,8 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("herd_prompt_tokens", "prompt tokens admitted", ["model"], registry=r)
         self.generation_tokens = Counter("herd_generation_tokens", "tokens generated", ["model"], registry=r)
+        self.prefix_hit_tokens = Counter("herd_prefix_cache_hit_tokens", "prompt tokens whose keys and values came "
+                                         "from the prefix cache instead of a prefill", ["model"], registry=r)
         self.finished = Counter("herd_finished_requests", "sequences ended, by why: stop, length, tool_calls, "
                                 "cancelled (the client went away), error", ["model", "reason"], registry=r)
         self.queue_depth = Gauge("herd_queue_depth", "requests waiting for a batch slot", ["model"], registry=r)

@@ -53,9 +53,12 @@ class ServedModel:
     """A model, its tokenizer and an Engine driven by one background thread."""
 
     def __init__(self, name: str, model, tok: Tokenizer, max_batch: int = DEFAULT_MAX_BATCH,
-                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_queue: int = DEFAULT_MAX_QUEUE, cache_dtype=None):
+                 max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_queue: int = DEFAULT_MAX_QUEUE, cache_dtype=None,
+                 step_tokens: int | None = None, prefix_cache_mib: float = 256):
         self.name, self.model, self.tok = name, model, tok
-        self.engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, cache_dtype=cache_dtype)
+        self.engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, cache_dtype=cache_dtype,
+                             step_tokens=step_tokens, prefix_cache_mib=prefix_cache_mib)
+        self._prefix_hits_counted = 0
         self.max_queue = max_queue
         self.stop_ids = sorted(set(stop_token_ids(tok)) | set(model.config.eos_token_ids))
         self.created = int(time.time())
@@ -192,6 +195,10 @@ class ServedModel:
             if self.metrics is not None and events:
                 self.metrics.batch_size.labels(self.name).observe(len(events))
                 self.metrics.generation_tokens.labels(self.name).inc(len(events))
+            cache = self.engine.prefix_cache
+            if self.metrics is not None and cache is not None and cache.hit_tokens > self._prefix_hits_counted:
+                self.metrics.prefix_hit_tokens.labels(self.name).inc(cache.hit_tokens - self._prefix_hits_counted)
+                self._prefix_hits_counted = cache.hit_tokens
             for req, token in events:
                 job = self._jobs.get(req)
                 if job is None:
