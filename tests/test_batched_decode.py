@@ -20,19 +20,19 @@ def prompts(n: int, lengths=LENGTHS) -> list[list[int]]:
 
 
 def prefilled(model, n_rows: int, lengths=LENGTHS) -> Engine:
-    """An engine whose n_rows cache rows hold prompts of ragged lengths (prefilled, one token decoded each)."""
-    engine = Engine(model, max_batch=n_rows, max_seq_len=4096)
-    for p in prompts(n_rows, lengths):
-        engine.add(p, SamplingParams(max_tokens=8, ignore_eos=True))
+    """An engine whose n_rows cache rows hold prompts of ragged lengths, every one prefilled."""
+    engine = Engine(model, max_batch=n_rows, max_seq_len=4096, step_tokens=4096)
+    reqs = [engine.add(p, SamplingParams(max_tokens=64, ignore_eos=True)) for p in prompts(n_rows, lengths)]
     with torch.inference_mode():
-        engine.step()
+        while any(not r.output for r in reqs):
+            engine.step()
     return engine
 
 
 def decode_step(model, engine: Engine, rows: list[int]):
     """x (B, 1, dim), pos (B, 1), rope of a decode step of these cache rows, each at its next position."""
     g = torch.Generator().manual_seed(len(rows))
-    pos = torch.tensor([[len(engine.rows[r].prompt)] for r in rows])
+    pos = torch.tensor([[len(engine.rows[r].prompt) + len(engine.rows[r].output) - 1] for r in rows])
     x = torch.randn(len(rows), 1, model.config.dim, generator=g)
     return x, pos, rope_angles(pos, rope_frequencies(model.config))
 
@@ -103,9 +103,10 @@ def test_decode_layer_rows_long_context_equals_each_row_alone(threads):
 
 
 def staggered(model, prompt_list, params, max_batch=None) -> tuple[list[list[int]], list]:
-    """Every prompt through one engine, admitted one per step (so each is prefilled alone, exactly as a solo run
-    prefills it) while the earlier ones decode as a batch of ragged lengths; their outputs and logprobs."""
-    engine = Engine(model, max_batch=max_batch or len(prompt_list))
+    """Every prompt through one engine, admitted one per step (so each is prefilled alone and in one piece, exactly
+    as a solo run prefills it: a step's prefill budget is fixed, not measured) while the earlier ones decode as a
+    batch of ragged lengths; their outputs and logprobs."""
+    engine = Engine(model, max_batch=max_batch or len(prompt_list), step_tokens=4096)
     reqs = []
     with torch.inference_mode():
         for p, prm in zip(prompt_list, params):
