@@ -148,6 +148,7 @@ class KVCache:
             self.pos.append(torch.full((batch_size, S), -1, dtype=torch.long, device=device))
             self.ring.append(ring)
         self.rows: slice | torch.Tensor = slice(None)
+        self._slots_memo = None      # decode_slots': (pos, rows, {layer kind: per-row tensors})
 
     def nbytes(self) -> int:
         """Bytes of every buffer the cache holds (keys, values, int8 scales, slot positions)."""
@@ -260,6 +261,39 @@ class KVCache:
             raise ContextLengthError(f"position {p} is past the cache's {S} slots")
         return kb[row], self.v[layer][row], self.pos[layer][row], p % S, S if self.ring[layer] else p + 1
 
+    def decode_slots(self, layer: int, pos):
+        """Where a decode step's tokens go, one per row of `rows` at positions pos (B, 1): (k, v (R, S, K, D) and pos
+        (R, S), the layer's whole buffers; then per row, int64 (B,) each: its cache row, its slot, how many slots from
+        0 attention reads). `update` writes slots itself; decode.HerdBlock has its C++ layer (decode_layer_rows) write
+        them. None when keys are int8 or a row is padding (position < 0)."""
+        kb = self.k[layer]
+        if type(kb) is not torch.Tensor:
+            return None
+        # Every layer of a step gets the same positions and rows, and the per-row tensors depend only on the
+        # layer's kind (ring or not, S): computed once per kind and step (~10 us of torch ops per layer otherwise).
+        # Compared by value (copies kept): inference tensors have no version counter to tell in-place changes.
+        memo = self._slots_memo
+        if memo is None or not (_same(memo[0], pos) and _same(memo[1], self.rows)):
+            memo = self._slots_memo = (pos.clone(), self.rows.clone() if torch.is_tensor(self.rows) else self.rows,
+                                       {})
+        kind = (self.ring[layer], kb.shape[1])
+        if kind not in memo[2]:
+            memo[2][kind] = self._row_slots(pos, *kind)
+        per_row = memo[2][kind]
+        return None if per_row is None else (kb, self.v[layer], self.pos[layer], *per_row)
+
+    def _row_slots(self, pos, ring: bool, S: int):
+        """decode_slots' per-row tensors (cache rows, slots, slots read) for positions pos (B, 1) in layers of this
+        kind, or None when a position is padding."""
+        p = pos.reshape(-1)                                                # (B,)
+        lowest, highest = torch.aminmax(p)
+        if int(lowest) < 0:
+            return None
+        if not ring and int(highest) >= S:
+            raise ContextLengthError(f"position {int(highest)} is past the cache's {S} slots")
+        n_slots = torch.full_like(p, S) if ring else p + 1
+        return self._row_ids(p.shape[0]).long().contiguous(), p % S, n_slots
+
     def _update_dense(self, layer: int, k, v, pos):
         """`update` when every new token is real (no padding) and the rows are a slice: a single prompt's prefill,
         batched decode. The slots are written in place through views with one scatter per buffer, instead of
@@ -278,6 +312,13 @@ class KVCache:
         if self.ring[layer]:
             return kb[self.rows], vb[self.rows], pb[self.rows]
         return kb[self.rows, :top + 1], vb[self.rows, :top + 1], pb[self.rows, :top + 1]
+
+
+def _same(a, b) -> bool:
+    """Two cache-row selections or position tensors with the same values (a slice, or a tensor)."""
+    if torch.is_tensor(a) and torch.is_tensor(b):
+        return a.shape == b.shape and torch.equal(a, b)
+    return not torch.is_tensor(a) and not torch.is_tensor(b) and a == b
 
 
 # ---- requests and the engine ----------------------------------------------------------------------------------
@@ -559,15 +600,16 @@ class Engine:
                                   for lp, ids, lps in zip(chosen, top_ids, top_lps)]
 
     def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
-        n = max(r.row for r in reqs) + 1           # rows 0..n-1 as a view; idle rows ride along as padding
-        tokens = torch.zeros(n, 1, dtype=torch.long, device=self.device)
-        pos = torch.full((n, 1), -1, dtype=torch.long, device=self.device)
-        for r in reqs:
-            tokens[r.row, 0] = r.output[-1]
-            pos[r.row, 0] = len(r.prompt) + len(r.output) - 1
-        self.cache.rows = slice(0, n)
-        logits = self.model(tokens, input_pos=pos, kv_cache=self.cache)[:, -1]   # (n, V)
-        return self._sample_and_advance(reqs, logits[[r.row for r in reqs]])
+        # Only the running rows, no idle ones as padding: consecutive rows as a slice (views; one row takes the
+        # batch-1 paths), others as an index tensor.
+        rows = [r.row for r in reqs]
+        tokens = torch.tensor([[r.output[-1]] for r in reqs], dtype=torch.long, device=self.device)        # (B, 1)
+        pos = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in reqs], dtype=torch.long,
+                           device=self.device)                                                             # (B, 1)
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.cache.rows = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=self.device)
+        logits = self.model(tokens, input_pos=pos, kv_cache=self.cache)[:, -1]   # (B, V)
+        return self._sample_and_advance(reqs, logits)
 
     def _sample_and_advance(self, reqs, logits) -> list[tuple[Request, int]]:
         dev = logits.device

@@ -191,6 +191,19 @@ def test_mapped_layers_take_the_one_call_decode(files, qtype, monkeypatch):
     torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4)
 
 
+@needs_kernels
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_mapped_layers_batched_decode_equals_alone(files, qtype):
+    """Three ragged prompts decoded together (decode_layer_rows: the rows grouped by their chosen expert, each GGUF
+    expert's blocks read once for its rows) give each prompt's tokens decoded alone."""
+    model = herd.load(files[qtype], quant="packed", prepare=True, mmap_experts=True)
+    prompts = [IDS[0, :n].tolist() for n in (3, 10, 6)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    together = [r.output for r in generate(model, prompts, params, max_seq_len=64, step_tokens=64)]
+    assert together == [generate(model, [p], params, max_seq_len=64)[0].output for p in prompts]
+    assert len({t for out in together for t in out}) > 5
+
+
 def test_mmap_experts_bad_requests(files, tmp_path):
     with pytest.raises(GGUFError, match="needs quant='packed'"):
         herd.load(files["Q4_0"], mmap_experts=True)

@@ -24,4 +24,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend_one", &attend_one, "one query over a KV cache, masked by positions and chunk");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up");
   m.def("decode_layer", &decode_layer, "one whole decoder layer for one token");
+  m.def("decode_layer_rows", &decode_layer_rows, "one whole decoder layer for B tokens, each its own cache row");
 }

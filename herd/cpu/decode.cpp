@@ -230,10 +230,13 @@ void check_cache(const torch::Tensor& k, const torch::Tensor& v) {
               k.sizes(), " ", k.scalar_type(), " and ", v.sizes(), " ", v.scalar_type());
 }
 
-// attend_one on raw pointers: k, v (S, K, D) of T, k_pos (S,), out (H*D) written.
+// attend_one on raw pointers: k, v (S, K, D) of T, k_pos (S,), out (H*D) written. Long caches are cut in key ranges
+// (how many depends only on the cache's size and the thread count, so a row's sums are the same bits either way);
+// `split_threads` false runs them all on this thread (decode_layer_rows: its rows already run in parallel, and the
+// WorkerPool does not nest).
 template <typename T>
 void attend_one_raw(const float* qp, const T* k, const T* v, const int64_t* kp, int64_t S, int64_t K, int64_t D,
-                    int64_t H, int64_t q_pos, int64_t chunk, float* op) {
+                    int64_t H, int64_t q_pos, int64_t chunk, float* op, bool split_threads = true) {
   const int64_t G = H / K;
   const int64_t lo = chunk > 0 ? q_pos - q_pos % chunk : 0;
   std::vector<uint8_t> visible(S);
@@ -249,10 +252,10 @@ void attend_one_raw(const float* qp, const T* k, const T* v, const int64_t* kp, 
       attend_range(qp, k, v, visible.data(), j0, j1, K, G, D, &top[r * H], &total[r * H], &acc[r * H * D]);
     }
   };
-  if (n_ranges > 1) {
+  if (n_ranges > 1 && split_threads) {
     parallel_rows(n_ranges, ranges);
   } else {
-    ranges(0, 1);
+    ranges(0, n_ranges);
   }
   // merge: out[h] = sum_r e^(top_r - M) acc_r / sum_r e^(top_r - M) total_r, M = max_r top_r
   std::fill(op, op + H * D, 0.0f);
@@ -342,22 +345,23 @@ namespace {
 
 // One of a decode layer's matrices, by how it is stored (kernels.cpp): fp32 (K, N) transposed (decode.HerdLinear), an
 // int8 stream with row scales, an int4 stream, or (routed experts only) a GGUF matrix's blocks of a GGML type; as raw
-// pointers, checked when built (layer_matrix, expert_matrices, gguf_expert_matrices). `apply` is one row's product.
+// pointers, checked when built (layer_matrix, expert_matrices, gguf_expert_matrices). `apply` is the product of M
+// rows, which the raw kernels compute reading each weight block once for all M.
 struct LayerMatrix {
   enum Kind { kFp32, kInt8, kInt4, kGguf } kind;
   const void* data;
   const float* row_scale;     // int8 only
   int64_t K, N, G;            // G: int4 only; for kGguf the GGML type
 
-  void apply(const float* x, float* y) const {
+  void apply(const float* x, int64_t M, float* y) const {      // x (M, K) -> y (M, N)
     if (kind == kFp32) {
-      fp32_mm_raw(x, 1, K, static_cast<const float*>(data), N, y);
+      fp32_mm_raw(x, M, K, static_cast<const float*>(data), N, y);
     } else if (kind == kInt8) {
-      int8_mm_raw(x, 1, K, static_cast<const int8_t*>(data), row_scale, N, y);
+      int8_mm_raw(x, M, K, static_cast<const int8_t*>(data), row_scale, N, y);
     } else if (kind == kInt4) {
-      int4_mm_raw(x, 1, K, static_cast<const uint8_t*>(data), N, G, y);
+      int4_mm_raw(x, M, K, static_cast<const uint8_t*>(data), N, G, y);
     } else {
-      gguf_mm_raw(x, 1, K, static_cast<const uint8_t*>(data), N, G, y);
+      gguf_mm_raw(x, M, K, static_cast<const uint8_t*>(data), N, G, y);
     }
   }
 };
@@ -425,19 +429,173 @@ void check_norm(const torch::Tensor& w, int64_t n, const char* name) {
               " must be a contiguous fp32 (", n, ",) tensor; got ", w.scalar_type(), " of shape ", w.sizes());
 }
 
-// this token's k or v (K*D fp32) into the cache slot's row, cast to the cache's dtype (round to nearest even, as
-// torch's copy_)
-void write_slot(const float* src, torch::Tensor& cache, int64_t slot) {
-  const int64_t n = cache.size(1) * cache.size(2);
-  if (cache.scalar_type() == torch::kFloat32) {
-    std::memcpy(cache.data_ptr<float>() + slot * n, src, n * sizeof(float));
-  } else if (cache.scalar_type() == torch::kBFloat16) {
-    at::BFloat16* dst = cache.data_ptr<at::BFloat16>() + slot * n;
+// One decoder layer's weights as decode_layer and decode_layer_rows take them, checked by layer_weights.
+struct LayerWeights {
+  const float *attn_norm, *ffn_norm;
+  float eps;
+  int64_t dim, H, K, D, F;                 // F: the dense (or shared expert's) hidden dim
+  bool qk_norm;
+  LayerMatrix qkv, o, w13, w2;
+  bool moe;
+  const float* router_t;                   // (dim, E), MoE only
+  int64_t E, Fe;                           // routed experts and their hidden dim
+  bool gguf;                               // GGUF experts: e_13 the gate matrices alone, e_3 the up ones
+  ExpertMatrices e_13, e_3, e_2;
+};
+
+// The checks and raw pointers of a layer's weights for activations of `dim` and a cache of kv heads (..., K, D).
+LayerWeights layer_weights(int64_t dim, const torch::Tensor& k_cache, torch::Tensor attn_norm, torch::Tensor ffn_norm,
+                           double eps, torch::Tensor wqkv, torch::Tensor wqkv_scale, int64_t wqkv_n, int64_t wqkv_g,
+                           torch::Tensor wo, torch::Tensor wo_scale, int64_t wo_n, int64_t wo_g, torch::Tensor w13,
+                           torch::Tensor w13_scale, int64_t w13_n, int64_t w13_g, torch::Tensor w2,
+                           torch::Tensor w2_scale, int64_t w2_n, int64_t w2_g, torch::Tensor router_t,
+                           torch::Tensor experts_w13, torch::Tensor experts_w13_scale, torch::Tensor experts_w2,
+                           torch::Tensor experts_w2_scale, int64_t expert_hidden, int64_t experts_g,
+                           torch::Tensor experts_w3, int64_t experts_type, int64_t H, int64_t K, bool qk_norm) {
+  const int64_t D = k_cache.size(-1), F = w13_n / 2;
+  TORCH_CHECK(H > 0 && k_cache.size(-2) == K && H % K == 0 && wqkv_n == (H + 2 * K) * D && w13_n % 2 == 0,
+              "decode_layer: ", H, " query heads and ", K, " kv heads of ", D, " do not match wqkv's ", wqkv_n,
+              " outputs or the cache ", k_cache.sizes());
+  check_norm(attn_norm, dim, "attn_norm");
+  check_norm(ffn_norm, dim, "ffn_norm");
+  LayerWeights w{attn_norm.data_ptr<float>(), ffn_norm.data_ptr<float>(), static_cast<float>(eps), dim, H, K, D, F,
+                 qk_norm,
+                 layer_matrix(wqkv, wqkv_scale, dim, wqkv_n, wqkv_g, "wqkv"),
+                 layer_matrix(wo, wo_scale, H * D, wo_n, wo_g, "wo"),
+                 layer_matrix(w13, w13_scale, dim, w13_n, w13_g, "w13"),
+                 layer_matrix(w2, w2_scale, F, w2_n, w2_g, "w2"),
+                 router_t.numel() > 0, nullptr, 0, expert_hidden, experts_type != 0, {}, {}, {}};
+  TORCH_CHECK(wo_n == dim && w2_n == dim, "decode_layer: wo and w2 must have ", dim, " outputs; got ", wo_n, " and ",
+              w2_n);
+  if (w.moe) {
+    check_fp32(router_t, dim);
+    TORCH_CHECK(w.Fe > 0, "decode_layer: expert_hidden must be > 0; got ", w.Fe);
+    w.router_t = router_t.data_ptr<float>();
+    w.E = router_t.size(-1);
+    if (w.gguf) {
+      w.e_13 = gguf_expert_matrices(experts_w13, w.E, dim, w.Fe, experts_type, "experts_w13 (gate)");
+      w.e_3 = gguf_expert_matrices(experts_w3, w.E, dim, w.Fe, experts_type, "experts_w3 (up)");
+      w.e_2 = gguf_expert_matrices(experts_w2, w.E, w.Fe, dim, experts_type, "experts_w2");
+    } else {
+      w.e_13 = expert_matrices(experts_w13, experts_w13_scale, w.E, dim, 2 * w.Fe, experts_g, "experts_w13");
+      w.e_2 = expert_matrices(experts_w2, experts_w2_scale, w.E, w.Fe, dim, experts_g, "experts_w2");
+    }
+  }
+  return w;
+}
+
+// One row's token in the KV cache: its cache row's keys and values (S, K, D, in the cache's dtype) and positions
+// (S,), the slot its key, value and position go to, how many slots from 0 attention reads, its position, its rotation
+// (D/2 (cos, sin) pairs; null on NoPE layers) and its q scale (the NoPE temperature of its position).
+struct RowStep {
+  void *k, *v;
+  int64_t* k_pos;
+  int64_t slot, n_slots, pos;
+  const float* cos_sin;
+  float q_scale;
+};
+
+// this token's k or v (n = K*D fp32) into slot `slot` of a cache row, cast to the cache's dtype (round to nearest
+// even, as torch's copy_)
+void write_slot(const float* src, void* row, c10::ScalarType dtype, int64_t slot, int64_t n) {
+  if (dtype == torch::kFloat32) {
+    std::memcpy(static_cast<float*>(row) + slot * n, src, n * sizeof(float));
+  } else if (dtype == torch::kBFloat16) {
+    at::BFloat16* dst = static_cast<at::BFloat16*>(row) + slot * n;
     for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(src[i]);
   } else {
-    at::Half* dst = cache.data_ptr<at::Half>() + slot * n;
+    at::Half* dst = static_cast<at::Half*>(row) + slot * n;
     for (int64_t i = 0; i < n; ++i) dst[i] = at::Half(src[i]);
   }
+}
+
+// attend_one_raw for one row's query q (H*D) over its cache row -> out (H*D)
+void attend_row(const float* q, const RowStep& r, c10::ScalarType dtype, int64_t K, int64_t D, int64_t H,
+                int64_t chunk, float* out, bool split_threads) {
+  if (dtype == torch::kFloat32) {
+    attend_one_raw(q, static_cast<const float*>(r.k), static_cast<const float*>(r.v), r.k_pos, r.n_slots, K, D, H,
+                   r.pos, chunk, out, split_threads);
+  } else if (dtype == torch::kBFloat16) {
+    attend_one_raw(q, static_cast<const at::BFloat16*>(r.k), static_cast<const at::BFloat16*>(r.v), r.k_pos,
+                   r.n_slots, K, D, H, r.pos, chunk, out, split_threads);
+  } else {
+    attend_one_raw(q, static_cast<const at::Half*>(r.k), static_cast<const at::Half*>(r.v), r.k_pos, r.n_slots, K,
+                   D, H, r.pos, chunk, out, split_threads);
+  }
+}
+
+// ffn (B, dim) += each row's top-1 routed expert applied to its normed input (B, dim): the router's logits (B, E) in
+// one product; per row the first of the largest logits (as argmax; torch.topk's choice among exact ties is
+// unspecified), its sigmoid scaling the row's input; then the rows grouped by expert, so each chosen expert's two
+// matrices are read once for all of its rows.
+void add_routed(const LayerWeights& w, const float* normed, int64_t B, float* ffn) {
+  const int64_t dim = w.dim, E = w.E, Fe = w.Fe;
+  std::vector<float> logits(B * E), gate(B), gated(B * dim), gate_up(B * 2 * Fe), act(B * Fe), routed(B * dim);
+  std::vector<int64_t> chosen(B), members;
+  fp32_mm_raw(normed, B, dim, w.router_t, E, logits.data());
+  for (int64_t b = 0; b < B; ++b) {
+    const float* l = logits.data() + b * E;
+    chosen[b] = std::max_element(l, l + E) - l;                                   // the first largest
+    gate[b] = 1.0f / (1.0f + std::exp(-l[chosen[b]]));
+  }
+  for (int64_t e = 0; e < E; ++e) {
+    members.clear();
+    for (int64_t b = 0; b < B; ++b)
+      if (chosen[b] == e) members.push_back(b);
+    const int64_t n = static_cast<int64_t>(members.size());
+    if (n == 0) continue;
+    for (int64_t i = 0; i < n; ++i)                                               // gated (n, dim)
+      for (int64_t j = 0; j < dim; ++j) gated[i * dim + j] = normed[members[i] * dim + j] * gate[members[i]];
+    if (w.gguf) {                                        // gate (n, Fe), then up (n, Fe)
+      w.e_13.expert(e).apply(gated.data(), n, gate_up.data());
+      w.e_3.expert(e).apply(gated.data(), n, gate_up.data() + n * Fe);
+      for (int64_t i = 0; i < n; ++i) silu_mul_row(&gate_up[i * Fe], &gate_up[(n + i) * Fe], Fe, &act[i * Fe]);
+    } else {                                             // (n, 2 Fe): each row's gate | up
+      w.e_13.expert(e).apply(gated.data(), n, gate_up.data());
+      for (int64_t i = 0; i < n; ++i) silu_mul_row(&gate_up[i * 2 * Fe], &gate_up[i * 2 * Fe + Fe], Fe, &act[i * Fe]);
+    }
+    w.e_2.expert(e).apply(act.data(), n, routed.data());                          // (n, dim)
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < dim; ++j) ffn[members[i] * dim + j] += routed[i * dim + j];   // shared + routed
+  }
+}
+
+// The layer for B rows, x (B, dim) -> out (B, dim): see decode_layer (B = 1) and decode_layer_rows. Every matrix is
+// one product of all B rows; the per-row steps run row by row, attention one row per thread.
+void layer_rows(const LayerWeights& w, const float* x, int64_t B, const std::vector<RowStep>& rows,
+                c10::ScalarType cache_dtype, int64_t chunk, float* out) {
+  const int64_t dim = w.dim, H = w.H, K = w.K, D = w.D, F = w.F, n_qkv = (H + 2 * K) * D;
+  std::vector<float> normed(B * dim), qkv(B * n_qkv), attn(B * H * D), h(B * dim), gate_up(B * 2 * F), act(B * F),
+      ffn(B * dim);
+  for (int64_t b = 0; b < B; ++b) rms_norm_row(x + b * dim, w.attn_norm, dim, w.eps, &normed[b * dim]);
+  w.qkv.apply(normed.data(), B, qkv.data());                                      // (B, (H + 2K) D)
+  for (int64_t b = 0; b < B; ++b) {
+    const RowStep& r = rows[b];
+    float* t = &qkv[b * n_qkv];
+    prepare_qkv(t, r.cos_sin, H, K, D, w.qk_norm, w.eps, r.q_scale);
+    write_slot(t + H * D, r.k, cache_dtype, r.slot, K * D);
+    write_slot(t + (H + K) * D, r.v, cache_dtype, r.slot, K * D);
+    r.k_pos[r.slot] = r.pos;
+  }
+  // rows on the threads when there are enough of them, else one row at a time with its keys split over the threads
+  const bool by_rows = B > 1 && B >= at::get_num_threads();
+  auto attend = [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b)
+      attend_row(&qkv[b * n_qkv], rows[b], cache_dtype, K, D, H, chunk, &attn[b * H * D], !by_rows);
+  };
+  if (by_rows) {
+    parallel_rows(B, attend);
+  } else {
+    attend(0, B);
+  }
+  w.o.apply(attn.data(), B, h.data());
+  for (int64_t i = 0; i < B * dim; ++i) h[i] += x[i];                            // h = x + wo(...), in the model's order
+  for (int64_t b = 0; b < B; ++b) rms_norm_row(&h[b * dim], w.ffn_norm, dim, w.eps, &normed[b * dim]);
+  w.w13.apply(normed.data(), B, gate_up.data());                                  // (B, 2F)
+  for (int64_t b = 0; b < B; ++b) silu_mul_row(&gate_up[b * 2 * F], &gate_up[b * 2 * F + F], F, &act[b * F]);
+  w.w2.apply(act.data(), B, ffn.data());
+  if (w.moe) add_routed(w, normed.data(), B, ffn.data());
+  for (int64_t i = 0; i < B * dim; ++i) out[i] = h[i] + ffn[i];
 }
 
 }  // namespace
@@ -455,7 +613,7 @@ void write_slot(const float* src, torch::Tensor& cache, int64_t slot) {
 // with this token's key, value and position written to slot `slot` of the layer's cache row (k_cache, v_cache
 // (S, K, D) fp32, bf16 or f16, pos_cache (S,) int64) and attention over its first n_slots slots. x (1, dim) fp32.
 // Everything runs on raw pointers and scratch from the C++ heap: the ~40 torch ops per layer this took as composed
-// torch calls cost ~1 ms of a 30-layer SmolLM2 step in dispatch alone.
+// torch calls cost ~1 ms of a 30-layer SmolLM2 step in dispatch alone. The B = 1 case of decode_layer_rows.
 torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
                            torch::Tensor wqkv, torch::Tensor wqkv_scale, int64_t wqkv_n, int64_t wqkv_g,
                            torch::Tensor wo, torch::Tensor wo_scale, int64_t wo_n, int64_t wo_g,
@@ -475,66 +633,92 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
                   pos_cache.scalar_type() == torch::kLong && pos_cache.is_contiguous() &&
                   pos_cache.numel() == k_cache.size(0),
               "decode_layer: slot ", slot, " / ", n_slots, " slots do not fit a cache of ", k_cache.sizes());
-  const int64_t dim = x.size(1), D = k_cache.size(2), F = w13_n / 2;
-  TORCH_CHECK(H > 0 && k_cache.size(1) == K && H % K == 0 && wqkv_n == (H + 2 * K) * D && w13_n % 2 == 0,
-              "decode_layer: ", H, " query heads and ", K, " kv heads of ", D, " do not match wqkv's ", wqkv_n,
-              " outputs or the cache ", k_cache.sizes());
-  check_norm(attn_norm, dim, "attn_norm");
-  check_norm(ffn_norm, dim, "ffn_norm");
-  check_cos_sin(cos_sin, D);
-  const LayerMatrix m_qkv = layer_matrix(wqkv, wqkv_scale, dim, wqkv_n, wqkv_g, "wqkv"),
-                    m_o = layer_matrix(wo, wo_scale, H * D, wo_n, wo_g, "wo"),
-                    m_13 = layer_matrix(w13, w13_scale, dim, w13_n, w13_g, "w13"),
-                    m_2 = layer_matrix(w2, w2_scale, F, w2_n, w2_g, "w2");
-  TORCH_CHECK(wo_n == dim && w2_n == dim, "decode_layer: wo and w2 must have ", dim, " outputs; got ", wo_n, " and ",
-              w2_n);
-  const bool moe = router_t.numel() > 0;
-  const int64_t E = moe ? router_t.size(-1) : 0, Fe = expert_hidden;
-  const bool gguf = experts_type != 0;
-  ExpertMatrices e_13{}, e_3{}, e_2{};           // GGUF: e_13 the gate only, e_3 the up
-  if (moe) {
-    check_fp32(router_t, dim);
-    TORCH_CHECK(Fe > 0, "decode_layer: expert_hidden must be > 0; got ", Fe);
-    if (gguf) {
-      e_13 = gguf_expert_matrices(experts_w13, E, dim, Fe, experts_type, "experts_w13 (gate)");
-      e_3 = gguf_expert_matrices(experts_w3, E, dim, Fe, experts_type, "experts_w3 (up)");
-      e_2 = gguf_expert_matrices(experts_w2, E, Fe, dim, experts_type, "experts_w2");
-    } else {
-      e_13 = expert_matrices(experts_w13, experts_w13_scale, E, dim, 2 * Fe, experts_g, "experts_w13");
-      e_2 = expert_matrices(experts_w2, experts_w2_scale, E, Fe, dim, experts_g, "experts_w2");
-    }
+  const LayerWeights w = layer_weights(x.size(1), k_cache, attn_norm, ffn_norm, eps, wqkv, wqkv_scale, wqkv_n, wqkv_g,
+                                       wo, wo_scale, wo_n, wo_g, w13, w13_scale, w13_n, w13_g, w2, w2_scale, w2_n,
+                                       w2_g, router_t, experts_w13, experts_w13_scale, experts_w2, experts_w2_scale,
+                                       expert_hidden, experts_g, experts_w3, experts_type, H, K, qk_norm);
+  check_cos_sin(cos_sin, w.D);
+  const std::vector<RowStep> row{{k_cache.data_ptr(), v_cache.data_ptr(), pos_cache.data_ptr<int64_t>(), slot, n_slots,
+                                  pos, cos_sin.numel() ? cos_sin.data_ptr<float>() : nullptr,
+                                  static_cast<float>(q_scale)}};
+  auto out = torch::empty({1, w.dim}, torch::kFloat32);
+  layer_rows(w, x.data_ptr<float>(), 1, row, k_cache.scalar_type(), chunk, out.data_ptr<float>());
+  return out;
+}
+
+namespace {
+
+void check_row_vector(const torch::Tensor& t, int64_t B, const char* name, c10::ScalarType dtype) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.numel() == B, "decode_layer_rows: ", name,
+              " must be a contiguous ", dtype, " (", B, ",) tensor, one per row of x; got ", t.scalar_type(),
+              " of shape ", t.sizes());
+}
+
+}  // namespace
+
+// decode_layer for B >= 1 rows at once, each its own token, position and cache row (ragged lengths): x (B, dim)
+// fp32; the layer's whole cache k_cache, v_cache (R, S, K, D) fp32, bf16 or f16 and pos_cache (R, S) int64; per
+// row b (int64 (B,) each): rows[b] its cache row (all different), slots[b] where its key, value and position go,
+// n_slots[b] how many slots from 0 it attends over, pos[b] >= 0 its position; cos_sin (B, D/2, 2) fp32 its rotation
+// (empty on NoPE layers), q_scale (B,) fp32 its attention temperature (empty: 1). Every matrix runs once with M = B
+// rows (the int4 / int8 kernels read each weight block once for all of them), a MoE's routed experts once per chosen
+// expert with the rows that chose it. Twin: model.Block.forward through the engine's cache (decode.HerdBlock).
+torch::Tensor decode_layer_rows(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor ffn_norm, double eps,
+                                torch::Tensor wqkv, torch::Tensor wqkv_scale, int64_t wqkv_n, int64_t wqkv_g,
+                                torch::Tensor wo, torch::Tensor wo_scale, int64_t wo_n, int64_t wo_g,
+                                torch::Tensor w13, torch::Tensor w13_scale, int64_t w13_n, int64_t w13_g,
+                                torch::Tensor w2, torch::Tensor w2_scale, int64_t w2_n, int64_t w2_g,
+                                torch::Tensor router_t, torch::Tensor experts_w13, torch::Tensor experts_w13_scale,
+                                torch::Tensor experts_w2, torch::Tensor experts_w2_scale, int64_t expert_hidden,
+                                int64_t experts_g, torch::Tensor experts_w3, int64_t experts_type,
+                                torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm, torch::Tensor q_scale, torch::Tensor k_cache, torch::Tensor v_cache,
+                                torch::Tensor pos_cache, torch::Tensor rows, torch::Tensor slots,
+                                torch::Tensor n_slots, torch::Tensor pos, int64_t chunk) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
+              "decode_layer_rows: x must be a contiguous fp32 (B, dim) tensor; got ", x.scalar_type(), " of shape ",
+              x.sizes());
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == torch::kFloat32 || k_cache.scalar_type() == torch::kBFloat16 ||
+                   k_cache.scalar_type() == torch::kHalf) &&
+                  pos_cache.scalar_type() == torch::kLong && pos_cache.is_contiguous() && pos_cache.dim() == 2 &&
+                  pos_cache.size(0) == k_cache.size(0) && pos_cache.size(1) == k_cache.size(1),
+              "decode_layer_rows: the cache must be contiguous k, v (R, S, K, D) fp32, bf16 or f16 of one shape and "
+              "pos (R, S) int64; got ", k_cache.sizes(), " ", k_cache.scalar_type(), ", ", v_cache.sizes(), " ",
+              v_cache.scalar_type(), ", ", pos_cache.sizes(), " ", pos_cache.scalar_type());
+  const int64_t B = x.size(0), R = k_cache.size(0), S = k_cache.size(1);
+  check_row_vector(rows, B, "rows", torch::kLong);
+  check_row_vector(slots, B, "slots", torch::kLong);
+  check_row_vector(n_slots, B, "n_slots", torch::kLong);
+  check_row_vector(pos, B, "pos", torch::kLong);
+  const LayerWeights w = layer_weights(x.size(1), k_cache, attn_norm, ffn_norm, eps, wqkv, wqkv_scale, wqkv_n, wqkv_g,
+                                       wo, wo_scale, wo_n, wo_g, w13, w13_scale, w13_n, w13_g, w2, w2_scale, w2_n,
+                                       w2_g, router_t, experts_w13, experts_w13_scale, experts_w2, experts_w2_scale,
+                                       expert_hidden, experts_g, experts_w3, experts_type, H, K, qk_norm);
+  const int64_t D = w.D, row_values = S * w.K * D;
+  TORCH_CHECK(cos_sin.numel() == 0 || (cos_sin.scalar_type() == torch::kFloat32 && cos_sin.is_contiguous() &&
+                                       cos_sin.numel() == B * D),
+              "decode_layer_rows: cos_sin must be empty or a contiguous fp32 (", B, ", ", D / 2, ", 2) tensor; got ",
+              cos_sin.scalar_type(), " of shape ", cos_sin.sizes());
+  if (q_scale.numel() > 0) check_row_vector(q_scale, B, "q_scale", torch::kFloat32);
+  const int64_t *rp = rows.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>(), *np = n_slots.data_ptr<int64_t>(),
+                *pp = pos.data_ptr<int64_t>();
+  std::vector<bool> taken(R, false);
+  std::vector<RowStep> steps(B);
+  const size_t elem = k_cache.element_size();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < R && !taken[rp[b]], "decode_layer_rows: row ", b, "'s cache row ", rp[b],
+                " is outside the cache's ", R, " rows or taken by an earlier row");
+    TORCH_CHECK(sp[b] >= 0 && sp[b] < np[b] && np[b] <= S && pp[b] >= 0, "decode_layer_rows: row ", b, "'s slot ",
+                sp[b], " / ", np[b], " slots at position ", pp[b], " do not fit a cache row of ", S, " slots");
+    taken[rp[b]] = true;
+    steps[b] = {static_cast<char*>(k_cache.data_ptr()) + rp[b] * row_values * elem,
+                static_cast<char*>(v_cache.data_ptr()) + rp[b] * row_values * elem,
+                pos_cache.data_ptr<int64_t>() + rp[b] * S, sp[b], np[b], pp[b],
+                cos_sin.numel() ? cos_sin.data_ptr<float>() + b * D : nullptr,
+                q_scale.numel() ? q_scale.data_ptr<float>()[b] : 1.0f};
   }
-  const float e = static_cast<float>(eps);
-  const float* xp = x.data_ptr<float>();
-  std::vector<float> normed(dim), qkv(wqkv_n), attn(H * D), h(dim), gate_up(w13_n), act(F), ffn(dim);
-  rms_norm_row(xp, attn_norm.data_ptr<float>(), dim, e, normed.data());
-  m_qkv.apply(normed.data(), qkv.data());
-  prepare_qkv(qkv.data(), cos_sin.numel() ? cos_sin.data_ptr<float>() : nullptr, H, K, D, qk_norm, e,
-              static_cast<float>(q_scale));
-  write_slot(qkv.data() + H * D, k_cache, slot);
-  write_slot(qkv.data() + (H + K) * D, v_cache, slot);
-  pos_cache.data_ptr<int64_t>()[slot] = pos;
-  attend_one_raw(qkv.data(), k_cache, v_cache, pos_cache.data_ptr<int64_t>(), n_slots, H, pos, chunk, attn.data());
-  m_o.apply(attn.data(), h.data());
-  for (int64_t i = 0; i < dim; ++i) h[i] += xp[i];                 // h = x + wo(...), in the model's order
-  rms_norm_row(h.data(), ffn_norm.data_ptr<float>(), dim, e, normed.data());
-  m_13.apply(normed.data(), gate_up.data());
-  silu_mul_row(gate_up.data(), gate_up.data() + F, F, act.data());
-  m_2.apply(act.data(), ffn.data());
-  if (moe) {
-    std::vector<float> logits(E), gated(dim), e_gate_up(2 * Fe), e_act(Fe), routed(dim);
-    fp32_mm_raw(normed.data(), 1, dim, router_t.data_ptr<float>(), E, logits.data());
-    const int64_t chosen = std::max_element(logits.begin(), logits.end()) - logits.begin();   // the first largest
-    const float gate = 1.0f / (1.0f + std::exp(-logits[chosen]));
-    for (int64_t i = 0; i < dim; ++i) gated[i] = normed[i] * gate;
-    e_13.expert(chosen).apply(gated.data(), e_gate_up.data());            // gate | up, or the gate alone
-    if (gguf) e_3.expert(chosen).apply(gated.data(), e_gate_up.data() + Fe);
-    silu_mul_row(e_gate_up.data(), e_gate_up.data() + Fe, Fe, e_act.data());
-    e_2.expert(chosen).apply(e_act.data(), routed.data());
-    for (int64_t i = 0; i < dim; ++i) ffn[i] += routed[i];          // shared + routed
-  }
-  auto out = torch::empty({1, dim}, torch::kFloat32);
-  float* o = out.data_ptr<float>();
-  for (int64_t i = 0; i < dim; ++i) o[i] = h[i] + ffn[i];
+  auto out = torch::empty({B, w.dim}, torch::kFloat32);
+  layer_rows(w, x.data_ptr<float>(), B, steps, k_cache.scalar_type(), chunk, out.data_ptr<float>());
   return out;
 }

@@ -19,7 +19,8 @@ Modules (swapped in by `use_decode_kernels` after fusing, in place):
 - HerdBlock (model.Block): a layer whose matrices are all herd's (packed int4 / int8, or HerdLinear's fp32), dense or
   a top-1 MoE of HerdExperts or kernels.py's HerdInt4Experts / HerdInt8Experts / HerdGGUFExperts, runs a decode step
   as one C++ call (`decode_layer`: the steps above plus the matmuls, the routing, the cache slot write and the
-  residuals); Block.forward, its twin, everywhere else.
+  residuals); a batched decode step of B rows (each its own position and cache row) as one `decode_layer_rows` call,
+  every matrix one product of all B rows, a MoE's rows grouped by expert; Block.forward, its twin, everywhere else.
 Where the extension cannot run (extension.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
 C++ step against its torch twin and whole decode steps against the unswapped model.
 """
@@ -74,9 +75,22 @@ class HerdAttention(FusedAttention):
         """decode_qkv's cos_sin (D/2, 2) from the step's rotation (empty on NoPE layers) and q scale: the NoPE
         temperature of position p, on the host (model.attention_temperature computes it in torch)."""
         cos_sin = torch.view_as_real(rope).reshape(self.head_dim // 2, 2) if self.spec.uses_rope else _EMPTY
-        q_scale = (1.0 + self.attn_scale * math.log1p(math.floor((p + 1.0) / self.floor_scale))
-                   if self.spec.temperature_tuning else 1.0)
-        return cos_sin, q_scale
+        return cos_sin, self.q_scale(p)
+
+    def rotations_and_q_scales(self, rope, pos):
+        """rotation_and_q_scale for a decode step of B rows at positions pos (B, 1): cos_sin (B, D) from rope
+        (B, 1, 1, D/2) (empty on NoPE layers), q scales (B,) fp32 (empty without temperature tuning), each the same
+        number as the row's batch-1 step gets (the host formula, rounded to fp32 once)."""
+        cos_sin = torch.view_as_real(rope).reshape(pos.shape[0], self.head_dim) if self.spec.uses_rope else _EMPTY
+        if not self.spec.temperature_tuning:
+            return cos_sin, _EMPTY
+        return cos_sin, torch.tensor([self.q_scale(p) for p in pos.reshape(-1).tolist()], dtype=torch.float32)
+
+    def q_scale(self, p: int) -> float:
+        """The NoPE temperature of position p, on the host in double (1.0 without temperature tuning)."""
+        if not self.spec.temperature_tuning:
+            return 1.0
+        return 1.0 + self.attn_scale * math.log1p(math.floor((p + 1.0) / self.floor_scale))
 
 
 class HerdFeedForward(FusedFeedForward):
@@ -140,38 +154,67 @@ class HerdBlock(Block):
     HerdRMSNorm, attention HerdAttention and feed-forward HerdFeedForward or a top-1 MoE of HerdExperts (or
     kernels.py's HerdInt4Experts / HerdInt8Experts / HerdGGUFExperts) with a HerdLinear router and a HerdFeedForward
     shared expert: a batch-1 decode step runs the whole layer in one C++ call (`decode_layer`), which writes this
-    token's key and value to the slot the cache names (KVCache.decode_slot) and attends over it. Anything else (prefill, batches,
-    int8 keys, other modules) runs Block.forward, its twin. Why: the ~15 Python-level calls per layer cost ~5 ms of a
-    SmolLM2 decode step (30 layers)."""
+    token's key and value to the slot the cache names (KVCache.decode_slot) and attends over it; a decode step of B
+    rows, none of them padding, in one `decode_layer_rows` call (KVCache.decode_slots: each row's cache row, slot and
+    slots read). Anything else (prefill, padding rows, int8 keys, other modules) runs Block.forward, its twin. Why:
+    the ~15 Python-level calls per layer cost ~5 ms of a SmolLM2 decode step (30 layers); at 16 rows the twin's torch
+    attention, cache scatter and dispatch took ~80 of a 196 ms step."""
 
     _layer_args = None      # (the modules they were read from, decode_layer's per-layer arguments or None)
 
     def forward(self, x, pos, rope, kv_cache=None):
-        args = self._one_call_args(x, pos, rope, kv_cache)
-        if args is None:
-            return super().forward(x, pos, rope, kv_cache)
-        return ext().decode_layer(*args).view_as(x)
+        if x.shape[0] == 1:
+            args = self._one_call_args(x, pos, rope, kv_cache)
+            if args is not None:
+                return ext().decode_layer(*args).view_as(x)
+        args = self._rows_call_args(x, pos, rope, kv_cache)
+        if args is not None:
+            return ext().decode_layer_rows(*args).view_as(x)
+        return super().forward(x, pos, rope, kv_cache)
 
     def _one_call_args(self, x, pos, rope, kv_cache):
-        if (kv_cache is None or not hasattr(kv_cache, "decode_slot") or x.shape[:2] != (1, 1)
-                or x.dtype != torch.float32 or self.training):
+        """decode_layer's arguments for a batch-1 decode step (x (1, 1, dim)) in a cache row given as a slice, or
+        None."""
+        common = self._decode_step(x, kv_cache, "decode_slot")
+        if common is None or x.shape[0] != 1:
             return None
-        parts = _parts(self)
-        if self._layer_args is None or self._layer_args[0] != parts:
-            self._layer_args = (parts, _layer_args(*parts))
-        layer = self._layer_args[1]
-        if layer is None:
-            return None
+        attn, layer = common
         p = int(pos)
         if p < 0:
             return None
-        attn = parts[2]
         cache = kv_cache.decode_slot(attn.layer_id, p)
         if cache is None:
             return None
         cos_sin, q_scale = attn.rotation_and_q_scale(rope, p)
         return (x.reshape(1, -1), *layer, cos_sin, attn.n_heads, attn.n_kv_heads, attn.spec.qk_norm, q_scale, *cache,
                 p, attn.chunk_size or 0)
+
+    def _rows_call_args(self, x, pos, rope, kv_cache):
+        """decode_layer_rows' arguments for a decode step of B rows (x (B, 1, dim), every position >= 0, each row its
+        own cache row: KVCache.decode_slots), or None. From kernels.DEQUANT_ROWS rows on, None: there the packed
+        modules' dequantized dense matmuls (the twin's) beat the kernels, whose cost grows with the rows."""
+        common = self._decode_step(x, kv_cache, "decode_slots")
+        if common is None or x.shape[0] >= kernels.DEQUANT_ROWS:
+            return None
+        attn, layer = common
+        cache = kv_cache.decode_slots(attn.layer_id, pos)
+        if cache is None:
+            return None
+        cos_sin, q_scales = attn.rotations_and_q_scales(rope, pos)
+        return (x.reshape(x.shape[0], -1), *layer, cos_sin, attn.n_heads, attn.n_kv_heads, attn.spec.qk_norm,
+                q_scales, *cache, pos.reshape(-1), attn.chunk_size or 0)
+
+    def _decode_step(self, x, kv_cache, slot_method: str):
+        """(the attention module, the layer's per-step-invariant arguments) when x (B, 1, dim) is a decode step the
+        one-call layer can take with a cache offering `slot_method`, else None."""
+        if (kv_cache is None or not hasattr(kv_cache, slot_method) or x.dim() != 3 or x.shape[1] != 1
+                or x.dtype != torch.float32 or self.training):
+            return None
+        parts = _parts(self)
+        if self._layer_args is None or self._layer_args[0] != parts:
+            self._layer_args = (parts, _layer_args(*parts))
+        layer = self._layer_args[1]
+        return None if layer is None else (parts[2], layer)
 
     def _apply(self, fn, recurse=True):
         self._layer_args = None             # .to() / .float() ... may replace the tensors the arguments hold

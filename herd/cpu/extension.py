@@ -28,7 +28,7 @@ _status: str | None = None
 
 def ext():
     """The extension module (its functions: int4_mm, int8_mm, fp32_mm, int4_dequantize, quantize_x, rms_norm,
-    decode_qkv, attend_one, silu_mul, decode_layer), or None with `status()` saying why not."""
+    decode_qkv, attend_one, silu_mul, decode_layer, decode_layer_rows), or None with `status()` saying why not."""
     global _ext, _status
     if _status is None:
         _ext, _status = _load()
