@@ -160,8 +160,10 @@ def cmd_run(args):
 
 
 class ChatSession:
-    """One conversation with a model for `herd run`: its history, images and engine. The engine re-prefills the
-    conversation each turn, so every image block and its pixels are sent again with each prompt."""
+    """One conversation with a model for `herd run`: its history, images and engine. Each turn sends the whole
+    conversation as the prompt; the engine's prefix cache serves the previous turns' prompt blocks, so only the last
+    answer and the new message are prefilled (a conversation with images, or int8 keys, is prefilled whole: every
+    image block and its pixels go again with each prompt)."""
 
     def __init__(self, args, model, tok):
         from .engine import Engine
