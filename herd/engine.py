@@ -356,10 +356,10 @@ class Engine:
 
     Prefill is chunked and interleaved with decoding so that a long prompt cannot stall the running streams: while
     any request decodes, a step prefills at most a budget of prompt tokens (`step_tokens` minus the decoding rows,
-    or by default as many as take PREFILL_SHARE decode steps' time, from the measured speeds), so a running
-    stream's time between tokens grows at most ~3x while a prompt prefills; with nothing decoding, every
-    prefilling row takes a piece of `prefill_chunk` tokens per step. Prompts starting with a prefix already prefilled reuse its
-    keys and values from the prefix cache (prefix_cache.py; `prefix_cache_mib` 0 turns it off)."""
+    or by default as many as take PREFILL_SHARE decode steps' time, from the measured speeds), so a running stream's
+    time between tokens grows at most ~3x while a prompt prefills; with nothing decoding, every prefilling row takes
+    a piece of `prefill_chunk` tokens per step. Prompts starting with a prefix already prefilled reuse its keys and
+    values from the prefix cache (prefix_cache.py; `prefix_cache_mib` 0 turns it off)."""
 
     def __init__(self, model, max_batch: int = 8, max_seq_len: int | None = None, prefill_chunk: int = 512,
                  cache_dtype=None, kv_int8: bool = False, step_tokens: int | None = None,

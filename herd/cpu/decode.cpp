@@ -552,7 +552,8 @@ void add_routed(const LayerWeights& w, const float* normed, int64_t B, float* ff
       for (int64_t i = 0; i < n; ++i) silu_mul_row(&gate_up[i * Fe], &gate_up[(n + i) * Fe], Fe, &act[i * Fe]);
     } else {                                             // (n, 2 Fe): each row's gate | up
       w.e_13.expert(e).apply(gated.data(), n, gate_up.data());
-      for (int64_t i = 0; i < n; ++i) silu_mul_row(&gate_up[i * 2 * Fe], &gate_up[i * 2 * Fe + Fe], Fe, &act[i * Fe]);
+      for (int64_t i = 0; i < n; ++i)
+        silu_mul_row(&gate_up[i * 2 * Fe], &gate_up[i * 2 * Fe + Fe], Fe, &act[i * Fe]);
     }
     w.e_2.expert(e).apply(act.data(), n, routed.data());                          // (n, dim)
     for (int64_t i = 0; i < n; ++i)
@@ -589,7 +590,7 @@ void layer_rows(const LayerWeights& w, const float* x, int64_t B, const std::vec
     attend(0, B);
   }
   w.o.apply(attn.data(), B, h.data());
-  for (int64_t i = 0; i < B * dim; ++i) h[i] += x[i];                            // h = x + wo(...), in the model's order
+  for (int64_t i = 0; i < B * dim; ++i) h[i] += x[i];                    // h = x + wo(...), in the model's order
   for (int64_t b = 0; b < B; ++b) rms_norm_row(&h[b * dim], w.ffn_norm, dim, w.eps, &normed[b * dim]);
   w.w13.apply(normed.data(), B, gate_up.data());                                  // (B, 2F)
   for (int64_t b = 0; b < B; ++b) silu_mul_row(&gate_up[b * 2 * F], &gate_up[b * 2 * F + F], F, &act[b * F]);
@@ -671,8 +672,9 @@ torch::Tensor decode_layer_rows(torch::Tensor x, torch::Tensor attn_norm, torch:
                                 torch::Tensor router_t, torch::Tensor experts_w13, torch::Tensor experts_w13_scale,
                                 torch::Tensor experts_w2, torch::Tensor experts_w2_scale, int64_t expert_hidden,
                                 int64_t experts_g, torch::Tensor experts_w3, int64_t experts_type,
-                                torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm, torch::Tensor q_scale, torch::Tensor k_cache, torch::Tensor v_cache,
-                                torch::Tensor pos_cache, torch::Tensor rows, torch::Tensor slots,
+                                torch::Tensor cos_sin, int64_t H, int64_t K, bool qk_norm, torch::Tensor q_scale,
+                                torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor pos_cache,
+                                torch::Tensor rows, torch::Tensor slots,
                                 torch::Tensor n_slots, torch::Tensor pos, int64_t chunk) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(),
               "decode_layer_rows: x must be a contiguous fp32 (B, dim) tensor; got ", x.scalar_type(), " of shape ",
