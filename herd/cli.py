@@ -161,8 +161,8 @@ def cmd_run(args):
 
 class ChatSession:
     """One conversation with a model for `herd run`: its history, images and engine. Each turn sends the whole
-    conversation as the prompt; the engine's prefix cache serves the previous turns' prompt blocks, so only the last
-    answer and the new message are prefilled (a conversation with images, or int8 keys, is prefilled whole: every
+    conversation as the prompt; the engine's prefix cache serves the previous turns' prompt in whole 32-token blocks,
+    so little more than the last answer and the new message is prefilled (a conversation with images, or int8 keys, is prefilled whole: every
     image block and its pixels go again with each prompt)."""
 
     def __init__(self, args, model, tok):
