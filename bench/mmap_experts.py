@@ -70,7 +70,8 @@ def child(args) -> dict:
     engine = Engine(model, max_batch=1, max_seq_len=args.prompt + args.decode + 8)
     req = engine.add(prompt.tolist(), SamplingParams(max_tokens=args.decode + 1, ignore_eos=True))
     t1 = time.perf_counter()
-    engine.step()                                                  # prefill + the first token
+    while not req.output:                                # prefill, a piece per step, + the first token
+        engine.step()
     t2, faults = time.perf_counter(), major_faults()
     step_s = []
     while not req.finished:

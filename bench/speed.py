@@ -139,7 +139,8 @@ def herd_run(model, prompt: list[int], n_decode: int, cache_dtype=None) -> tuple
     engine = Engine(model, max_batch=1, max_seq_len=len(prompt) + n_decode + 8, cache_dtype=cache_dtype)
     req = engine.add(prompt, SamplingParams(max_tokens=n_decode + 1, ignore_eos=True))
     t0 = time.perf_counter()
-    engine.step()                                        # prefill + the first token
+    while not req.output:                                # prefill, a piece per step, + the first token
+        engine.step()
     t1 = time.perf_counter()
     while not req.finished:
         engine.step()
