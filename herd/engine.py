@@ -527,11 +527,7 @@ class Engine:
         for i, (r, n) in enumerate(plan):
             tokens[i, :n] = torch.tensor(r.prompt[r.prefilled:r.prefilled + n], device=self.device)
             pos[i, :n] = torch.arange(r.prefilled, r.prefilled + n, device=self.device)
-        rows = [r.row for r in reqs]
-        # consecutive rows (always so for one request) are a slice: global layers then read views, not a copy of
-        # the whole context per prefill piece
-        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        self.cache.rows = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=self.device)
+        self._use_rows(reqs)
         embeddings = (reqs[0].embeddings[:, reqs[0].prefilled:reqs[0].prefilled + T]
                       if reqs[0].embeddings is not None else None)
         scoring = any(r.params.prompt_logprobs is not None for r in reqs)
@@ -599,15 +595,20 @@ class Engine:
             r.prompt_logprobs += [{"logprob": lp, "top": list(zip(ids, lps))}
                                   for lp, ids, lps in zip(chosen, top_ids, top_lps)]
 
-    def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
-        # Only the running rows, no idle ones as padding: consecutive rows as a slice (views; one row takes the
-        # batch-1 paths), others as an index tensor.
+    def _use_rows(self, reqs: list[Request]):
+        """Point the cache at these requests' rows for the next forward: consecutive rows (always so for one request)
+        as a slice, so global layers read views instead of a copy of the context (and one row takes the batch-1
+        paths); others as an index tensor."""
         rows = [r.row for r in reqs]
+        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        self.cache.rows = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=self.device)
+
+    def _decode(self, reqs: list[Request]) -> list[tuple[Request, int]]:
+        # only the running rows, no idle ones as padding
+        self._use_rows(reqs)
         tokens = torch.tensor([[r.output[-1]] for r in reqs], dtype=torch.long, device=self.device)        # (B, 1)
         pos = torch.tensor([[len(r.prompt) + len(r.output) - 1] for r in reqs], dtype=torch.long,
                            device=self.device)                                                             # (B, 1)
-        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-        self.cache.rows = slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows, device=self.device)
         logits = self.model(tokens, input_pos=pos, kv_cache=self.cache)[:, -1]   # (B, V)
         return self._sample_and_advance(reqs, logits)
 
