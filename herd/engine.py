@@ -660,7 +660,11 @@ def _average(mean: float | None, x: float) -> float:
 
 
 def generate(model, prompts: list[list[int]], params: SamplingParams | None = None, **engine_kw) -> list[Request]:
-    """Run prompts to completion as one batch; returns the finished requests in prompt order."""
+    """Run prompts to completion as one batch; returns the finished requests in prompt order. The cache holds the
+    longest prompt plus max_tokens unless max_seq_len says otherwise: the model's whole context (10M tokens for
+    Scout) would be a cache of terabytes."""
+    params = params or SamplingParams()
+    engine_kw.setdefault("max_seq_len", max(map(len, prompts), default=1) + params.max_tokens)
     engine = Engine(model, max_batch=len(prompts), **engine_kw)
     reqs = [engine.add(p, params) for p in prompts]
     while engine.has_work():

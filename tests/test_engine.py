@@ -40,6 +40,29 @@ def test_batched_equals_alone(kind):
     assert batched == alone
 
 
+def test_generate_sizes_its_cache_to_the_request(monkeypatch):
+    """generate() on a model whose context is Scout's 10M tokens allocates the longest prompt + max_tokens, not the
+    context (a 10M-token global cache here would be ~10 GB), and still decodes as the no-cache loop does."""
+    import herd.engine
+    sizes = []
+
+    class RecordingCache(KVCache):
+        def __init__(self, cfg, batch_size, max_seq_len, *a, **kw):
+            sizes.append(max_seq_len)
+            super().__init__(cfg, batch_size, max_seq_len, *a, **kw)
+
+    monkeypatch.setattr(herd.engine, "KVCache", RecordingCache)
+    model = tiny("llama4")
+    model.config.max_seq_len = 10_000_000
+    prompts = [torch.randint(3, 512, (n,)).tolist() for n in (30, 12)]
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    out = generate(model, prompts, params)
+    assert sizes == [50]
+    assert [r.output for r in out] == [generate_reference(model, p, 20) for p in prompts]
+    generate(model, prompts, params, max_seq_len=64)            # the caller's own size still wins
+    assert sizes == [50, 64]
+
+
 def test_continuous_batching_join_and_leave():
     """Requests join mid-flight and a cancelled one frees its row; every answer equals the solo run."""
     model = tiny("llama4")
