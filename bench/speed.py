@@ -21,9 +21,9 @@ for every engine (the GGUF's own tokenizer).
 
 Each engine runs in a child process started with the parent's environment minus every OpenMP / threading knob
 (THREAD_KNOBS), plus that engine's own (ENGINE_ENV), and its own settings:
-- herd: as `herd generate` runs: cli._load (GGUF kept packed, fused q/k/v and gate/up, herd's kernels where the CPU
-  has them), its Engine, KV cache fp32 (default) and f16 (`--kv-dtype f16`); OMP_WAIT_POLICY=PASSIVE, which herd's
-  CLI sets for itself (herd/cli.py); torch threads = --threads.
+- herd: as `herd generate` runs: herd.cli_common.load_model (GGUF kept packed, fused q/k/v and gate/up, herd's
+  kernels where the CPU has them), its Engine, KV cache fp32 (default) and f16 (`--kv-dtype f16`);
+  OMP_WAIT_POLICY=PASSIVE, which herd's CLI sets for itself (herd/cli.py); torch threads = --threads.
 - llama.cpp: the library's defaults except what a user sets: n_threads = n_threads_batch = --threads (llama.cpp's
   own default is the number of physical cores; llama-cpp-python's is half the logical CPUs); n_batch 2048 and
   n_ubatch 512 (llama.cpp's CLI defaults: one logical batch covers a 2048-token prefill); flash attention on, which
@@ -153,12 +153,12 @@ def child_herd(args, kv: str) -> dict:
 
     import torch
 
-    from herd.cli import _load
+    from herd.cli_common import load_model
     from herd.cpu import status
 
     from bench.roofline import kv_read_bytes, module_weight_bytes_per_token
 
-    _, model, _ = _load(str(args.model), threads=args.threads)
+    _, model, _ = load_model(str(args.model), threads=args.threads)
     cache_dtype = {"fp32": None, "f16": torch.float16}[kv]
     cfg = model.config
     with torch.inference_mode():
@@ -301,7 +301,7 @@ def child_tiny_moe(args) -> dict:
         model = herd.load(args.checkpoint)
         if args.scheme != "fp32":               # routed experts as `herd quantize SRC DST --scheme S` leaves them
             quantize_model(model, args.scheme)
-        prepare(model)                          # as `herd run` loads a checkpoint (cli._load)
+        prepare(model)                          # as `herd run` loads a checkpoint (cli_common.load_model)
         fn, settings = herd_run, f"herd, {args.scheme} routed experts, fused, {status()}"
         w = module_weight_bytes_per_token(model, model.config.moe.n_experts, model.config.moe.top_k)
     prompt = tiny_moe_prompt()

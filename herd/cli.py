@@ -9,20 +9,7 @@ import sys
 # loaded CPU; measured 23 ms instead of 0.8 ms for one SmolLM2 FFN matmul with 2 spinning threads (bench/speed.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-
-def _model_path(model_arg):
-    """A CLI model argument as a path: 'default' (or none) is the default model; a path that does not exist is an
-    error naming it, never taken for something else."""
-    from pathlib import Path
-    from .textgen import default_model_path
-
-    if model_arg in (None, "default"):
-        return default_model_path()
-    path = Path(model_arg)
-    if not path.exists():
-        raise FileNotFoundError(f"{model_arg}: no such file or folder (a GGUF file, an HF checkpoint folder or "
-                                "'default')")
-    return path
+from .cli_common import add_threads_flag, add_weight_flags, load_model, model_path  # noqa: E402
 
 
 def _looks_like_path(word: str) -> bool:
@@ -38,7 +25,7 @@ def _config_of(model: str):
 
     if model in PRESETS:
         return preset(model)
-    p = _model_path(model)
+    p = model_path(model)
     if is_gguf(p):
         return read_config(p)
     return load_config(p / "config.json" if p.is_dir() else p)
@@ -64,44 +51,6 @@ def cmd_info(args):
         print(f"vision       {human(c.vision)} (encoder + adapter + projector, once per image tile)")
     for scheme in ("bf16", "fp8", "int4"):
         print(f"weights {scheme:5s}{human(weight_bytes(c, scheme), 'B'):>9s}")
-
-
-def _load(model_arg, verbose=False, dequantize=False, threads=None, mmap_experts=None):
-    """(model path, model, tokenizer) for a CLI model argument; None means the default model. A GGUF file's Q4_0 /
-    Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf.py: ~2x the fp32 decode speed on
-    SmolLM2 in ~1/5 of the memory, +0.06% perplexity, bench/speed.py and bench/perplexity.py) unless `dequantize`,
-    which loads every weight as fp32. Every model is then prepared for the CPU (herd.cpu.prepare). `threads`: CPU
-    threads (None / 0: herd.cpu.threads.available_cores()). `mmap_experts`: herd.load's (None: mapped from the file
-    only where the routed experts would not fit in memory)."""
-    import time
-    import herd
-    from .cpu.threads import set_threads
-    from .gguf import is_gguf
-    from .tokenizer import load_tokenizer
-
-    path = _model_path(model_arg)
-    n_threads = set_threads(threads)
-    t0 = time.perf_counter()
-    packed = is_gguf(path) and not dequantize
-    if mmap_experts and not packed:
-        raise ValueError(f"--mmap-experts maps a GGUF file's packed expert blocks: {path} is not a GGUF file"
-                         if not is_gguf(path) else "--mmap-experts and --dequantize do not go together")
-    model = herd.load(path, progress=True, quant="packed" if packed else None, prepare=True,
-                      mmap_experts=mmap_experts if packed else False)
-    tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
-    if verbose:
-        from .cpu import status
-        from .sizes import resident_bytes
-        mapped = sum(b.nbytes for m in model.modules() if type(m).__name__ in ("GGUFExperts", "HerdGGUFExperts")
-                     for b in m.buffers(recurse=False))
-        how = (f"GGUF Q4_0/Q4_1/Q8_0 kept packed, {mapped / 2**20:,.1f} MiB of them routed experts mapped from the "
-               "file (in the page cache, not copied)" if mapped else
-               "GGUF Q4_0/Q4_1/Q8_0 kept packed" if packed else
-               "GGUF dequantized to fp32 (--dequantize)" if is_gguf(path) else "as stored")
-        print(f"[loaded {path} in {time.perf_counter() - t0:.1f}s: weights {resident_bytes(model) / 2**20:,.1f} MiB, "
-              f"{how}]", file=sys.stderr)
-        print(f"[{status(model)}; {n_threads} threads]", file=sys.stderr)
-    return path, model, tok
 
 
 def _print_kv_cache(engine):
@@ -150,9 +99,10 @@ def cmd_run(args):
     elif words and words[0] in PRESETS:
         raise SystemExit(f"herd: error: {words[0]!r} is a shape preset without weights; give a checkpoint path")
     elif words and _looks_like_path(words[0]):
-        _model_path(words[0])                # a model the user meant to name, but it is not there: say so
+        model_path(words[0])                # a model the user meant to name, but it is not there: say so
     prompt = " ".join(words) if words else None
-    session = ChatSession(args, *_load(model_arg, args.verbose, args.dequantize, args.threads, args.mmap_experts)[1:])
+    _, model, tok = load_model(model_arg, args.verbose, args.dequantize, args.threads, args.mmap_experts)
+    session = ChatSession(args, model, tok)
     if prompt is not None:
         session.ask(prompt)
     else:
@@ -262,7 +212,7 @@ def cmd_generate(args):
     from .engine import Engine
     from .textgen import Timing, stream_completion
 
-    _, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
+    _, model, tok = load_model(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
     ids = tok.encode(args.prompt, bos=tok.add_bos)
     params = _sampling(args, tok, ignore_eos=args.ignore_eos)
     if args.ignore_eos:
@@ -287,7 +237,7 @@ def cmd_quantize(args):
 
     # bad flags fail before the (slow) load
     spec = make_spec(args.scheme, args.group_size, args.only, symmetric=not args.asymmetric)
-    src = _model_path(args.src)
+    src = model_path(args.src)
     if spec.only == "experts" and _config_of(str(src)).moe is None:        # known from the config: before the load
         raise ValueError(f"{args.src}: nothing to quantize with --only experts: the model has no routed experts "
                          "(a dense model: use --only all)")
@@ -327,7 +277,7 @@ def cmd_serve(args):
     for spec in args.models or ["default"]:
         # NAME=PATH sets the id; otherwise it is the file's or folder's short name
         name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
-        path_used, model, tok = _load(None if path == "default" else path, verbose=True,
+        path_used, model, tok = load_model(None if path == "default" else path, verbose=True,
                                            dequantize=args.dequantize, threads=args.threads,
                                            mmap_experts=args.mmap_experts)
         name = name or short_name(path_used)
@@ -373,7 +323,7 @@ def cmd_upcycle(args):
     from .tokenizer import load_tokenizer
     from .train.upcycle import closeness, upcycle
 
-    src = _model_path(args.dense)
+    src = model_path(args.dense)
     dense = herd.load(src, progress=True).float()
     if dense.config.moe is not None:
         raise ValueError(f"{src}: already a mixture-of-experts model; upcycling starts from a dense one")
@@ -400,164 +350,13 @@ def cmd_synth(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts)
-    path = _model_path(args.teacher)
+    path = model_path(args.teacher)
     model = herd.load(path, dtype=torch.bfloat16 if args.bf16 else None, progress=True)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     print(json.dumps(synthesize(model, tok, prompts, args.out, params, batch_size=args.batch_size,
                                 system=args.system, max_seq_len=args.max_seq_len)))
-
-
-def cmd_eval_niah(args):
-    from pathlib import Path
-    from .eval.niah import format_grid, parse_depths, parse_length, plot_heatmap, run_niah
-
-    lengths = [parse_length(x) for x in args.lengths.split(",")]
-    depths = parse_depths(args.depths)
-    path, model, tok = _load(args.model, args.verbose, args.dequantize, mmap_experts=args.mmap_experts)
-    chat = not args.no_chat and (tok.is_llama4 or bool(tok.chat_template))
-    print(f"needle in a haystack: {Path(str(path)).name}, context {model.config.max_seq_len:,} tokens, "
-          f"{'chat' if chat else 'raw'} prompts, {args.samples} needle(s) per cell", file=sys.stderr)
-    res = run_niah(model, tok, lengths, depths, samples=args.samples, seed=args.seed, chat=chat,
-                   log=lambda m: print(m, file=sys.stderr))
-    print(format_grid(res))
-    plot_heatmap(res, args.out, f"needle in a haystack: {Path(str(path)).name}")
-    print(f"heatmap written to {args.out}")
-
-
-# ---- herd eval lm / humaneval / perplexity (herd/eval/) ------------------------------------------------------------
-def cmd_eval_lm(args):
-    import contextlib
-    import json
-    import time
-    from .eval import lm
-
-    lm.offline()
-    tasks = [t for t in args.tasks.split(",") if t]
-    t0 = time.perf_counter()
-    if args.url or args.server:
-        extra = ["--dequantize"] if args.dequantize else []
-        extra += ["--threads", str(args.threads)] if args.threads else []
-        extra += [] if args.mmap_experts is None else ["--mmap-experts" if args.mmap_experts else "--no-mmap-experts"]
-        server = (lm.herd_server(args.model, max_batch=args.batch_size, max_seq_len=args.max_seq_len, extra=extra)
-                  if args.server else contextlib.nullcontext(args.url.removesuffix("/").removesuffix("/v1")))
-        with server as base:
-            name = args.served_model or lm.served_model_id(base)
-            how = f"lm-eval local-completions -> {base} (model {name})"
-            print(f"[{how}]", file=sys.stderr)
-            results = lm.evaluate_server(f"{base}/v1/completions", name, tasks, limit=args.limit,
-                                         batch_size=args.batch_size, max_length=args.max_seq_len,
-                                         include=args.include, tokenizer=args.tokenizer,
-                                         tokenizer_backend="huggingface" if args.tokenizer else "remote",
-                                         tokenized_requests=not args.text_prompts, api_key=args.api_key)
-    else:
-        path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
-        how = f"in process, {path}"
-        results = lm.evaluate_in_process(model, tok, tasks, limit=args.limit, batch_size=args.batch_size,
-                                         max_seq_len=args.max_seq_len, include=args.include)
-    settings = {"model": args.model, "how": how, "tasks": tasks, "limit": args.limit, "batch_size": args.batch_size,
-                "max_seq_len": args.max_seq_len, "dequantize": args.dequantize, "threads": args.threads,
-                "seconds": round(time.perf_counter() - t0, 1)}
-    print(lm.format_results(results))
-    lm.write_json(results, args.out, settings)
-    print(f"{json.dumps(settings)}\nresults written to {args.out}")
-
-
-def cmd_eval_humaneval(args):
-    import json
-    import time
-    from .eval import humaneval
-
-    path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
-    t0 = time.perf_counter()
-    outcomes = humaneval.run_humaneval(model, tok, limit=args.limit, batch_size=args.batch_size,
-                                       max_tokens=args.max_tokens)
-    settings = {"model": str(path), "limit": args.limit, "max_tokens": args.max_tokens, "greedy": True,
-                "stop": humaneval.STOP, "dequantize": args.dequantize, "threads": args.threads,
-                "seconds": round(time.perf_counter() - t0, 1)}
-    print(humaneval.format_summary(humaneval.summary(outcomes)))
-    with open(args.out, "w") as f:
-        json.dump(humaneval.as_json(outcomes, settings), f, indent=2)
-    print(f"results written to {args.out}")
-
-
-def cmd_eval_perplexity(args):
-    import json
-    import time
-    from pathlib import Path
-
-    import torch
-    from .eval.perplexity import perplexity
-
-    text = Path(args.file).read_text(encoding="utf-8")
-    path, model, tok = _load(args.model, args.verbose, args.dequantize, args.threads, args.mmap_experts)
-    ids = tok.encode(text, bos=tok.add_bos, allow_special=False)
-    if args.tokens:
-        ids = ids[:args.tokens]
-    t0 = time.perf_counter()
-    res = perplexity(model, torch.tensor(ids), args.window, args.stride, progress=True)
-    out = {"model": str(path), "file": args.file, "bytes": len(text.encode()), "text_tokens": len(ids),
-           **res.as_dict(), "dequantize": args.dequantize, "seconds": round(time.perf_counter() - t0, 1)}
-    print("| model | file | tokens scored | window | stride | perplexity | bits/token |\n|---|---|---|---|---|---|---|")
-    print(f"| {Path(str(path)).name} | {args.file} | {res.tokens} | {res.window} | {res.stride} | {res.ppl:.4f} | "
-          f"{res.bits_per_token:.4f} |")
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"results written to {args.out}")
-
-
-def _add_eval_suite_parsers(evals):
-    """`herd eval lm | humaneval | perplexity`."""
-    p = evals.add_parser("lm", help="lm-evaluation-harness tasks (default: herd's local suite), in process or through "
-                                    "a server, offline")
-    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
-    p.add_argument("--tasks", default="herd_smoke", help="comma-separated lm-eval tasks or groups (herd_smoke, "
-                   "herd_smoke_ci: herd/eval/tasks; others from --include folders or lm-eval's cached tasks)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
-    p.add_argument("--server", action="store_true", help="start `herd serve MODEL` and measure it through lm-eval's "
-                   "local-completions client (token-id prompts, echo + logprobs, the server's tokenizer endpoints)")
-    p.add_argument("--url", default=None, help="measure an already running OpenAI-compatible server instead "
-                   "(http://host:port); its model id from /v1/models unless --served-model")
-    p.add_argument("--served-model", default=None, help="the `model` to send to --url")
-    p.add_argument("--tokenizer", default=None, help="a local HF tokenizer folder for a --url server without "
-                   "/tokenize and /tokenizer_info")
-    p.add_argument("--text-prompts", action="store_true", help="send --url text prompts, not token-id arrays (for "
-                   "servers that take no token arrays; they then tokenize it again themselves)")
-    p.add_argument("--api-key", default=None, help="bearer token of a --url server")
-    p.add_argument("--include", action="append", default=[], help="another folder of lm-eval task YAMLs")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences scored together (engine rows, or prompts "
-                   "per request to the server)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context; longer inputs are left-truncated")
-    p.add_argument("--out", default="eval_lm.json", help="JSON results to write")
-    _eval_runtime_flags(p)
-    p.set_defaults(func=cmd_eval_lm)
-
-    p = evals.add_parser("humaneval", help="HumanEval pass@1 (greedy); the code runs only in herd's sandbox")
-    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
-    p.add_argument("--limit", type=int, default=None, help="the first N of the 164 problems")
-    p.add_argument("--batch-size", type=int, default=8, help="problems completed together on the engine")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per completion")
-    p.add_argument("--out", default="eval_humaneval.json", help="JSON results (every completion and outcome)")
-    _eval_runtime_flags(p)
-    p.set_defaults(func=cmd_eval_humaneval)
-
-    p = evals.add_parser("perplexity", help="perplexity of a UTF-8 text file, in (sliding) windows")
-    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
-    p.add_argument("file", help="UTF-8 text file")
-    p.add_argument("--window", type=int, default=512, help="tokens per forward")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window, "
-                   "non-overlapping; smaller: a sliding window, each scored token sees >= window - stride before it)")
-    p.add_argument("--tokens", type=int, default=None, help="score only the first N tokens of the file")
-    p.add_argument("--out", default="eval_perplexity.json", help="JSON result to write")
-    _eval_runtime_flags(p)
-    p.set_defaults(func=cmd_eval_perplexity)
-
-
-def _eval_runtime_flags(p):
-    _dequantize_arg(p)
-    _threads_arg(p)
-    p.add_argument("--verbose", action="store_true", help="print load time and the weights' form")
 
 
 def _add_sampling_flags(p, temperature):
@@ -572,26 +371,11 @@ def _add_sampling_flags(p, temperature):
     p.add_argument("--kv-int8", action="store_true",
                    help="int8 keys and values (one scale per token and head) in the global layers' KV cache")
     _kv_dtype_arg(p)
-    _threads_arg(p)
+    add_threads_flag(p)
     p.add_argument("--verbose", action="store_true", help="print load time and prefill / decode tokens per second")
 
 
 KV_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "f16": "float16"}
-
-
-def _threads_arg(p):
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads for the matmuls (0 = the cores this process may use: affinity and cgroup quota)")
-
-
-def _dequantize_arg(p):
-    p.add_argument("--dequantize", action="store_true",
-                   help="load GGUF files' weights as fp32 (default: Q4_0/Q4_1/Q8_0 stay packed for herd's int4/int8 "
-                        "CPU kernels, ~2x faster decode in ~1/5 of the memory)")
-    p.add_argument("--mmap-experts", action=argparse.BooleanOptionalAction, default=None,
-                   help="GGUF: read the routed experts in place from the file's memory map (no copy; the OS can drop "
-                        "their pages, so a model larger than memory runs) instead of copying them into memory "
-                        "(default: mapped only when they would not fit)")
 
 
 def _kv_dtype_arg(p):
@@ -623,7 +407,8 @@ def build_parser(argv=None) -> argparse.ArgumentParser:
     _add_model_parsers(sub)
     _add_serve_parsers(sub)
     _add_train_parsers(sub, argv if argv is not None else sys.argv[1:])
-    _add_eval_parsers(sub)
+    from .eval.cli import add_eval_parser      # `herd eval ...`: flags and handlers in herd/eval/cli.py
+    add_eval_parser(sub)
     from .guard.command import add_guard_command    # `herd guard` (herd/guard/command.py)
     add_guard_command(sub)
     from .agent.cli import add_agent_parser     # `herd agent`: flags and handler in herd/agent/cli.py
@@ -638,7 +423,7 @@ def _add_run_parsers(sub):
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image for the first message (repeat for several; Llama 4 vision models)")
-    _dequantize_arg(p)
+    add_weight_flags(p)
     _add_sampling_flags(p, temperature=0.0)
     p.set_defaults(func=cmd_run)
 
@@ -646,7 +431,7 @@ def _add_run_parsers(sub):
     p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
     p.add_argument("prompt")
     p.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence tokens")
-    _dequantize_arg(p)
+    add_weight_flags(p)
     _add_sampling_flags(p, temperature=0.0)
     p.set_defaults(func=cmd_generate)
 
@@ -712,8 +497,8 @@ def _add_serve_parsers(sub):
     p.add_argument("--prefix-cache-mib", type=float, default=256, metavar="MIB",
                    help="memory for keys and values of prompt prefixes reused across requests (a shared system "
                         "prompt is prefilled once); 0 turns it off (default 256)")
-    _threads_arg(p)
-    _dequantize_arg(p)
+    add_threads_flag(p)
+    add_weight_flags(p)
     _kv_dtype_arg(p)
     # Guards (herd/serve/guard.py): a guard folder (Llama Guard 4, Prompt Guard 2) or 'default'
     p.add_argument("--guard-input", default=None, metavar="GUARD",
@@ -779,23 +564,6 @@ def _add_train_parsers(sub, argv):
     p.add_argument("--bf16", action="store_true", help="run the teacher in bf16")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_synth)
-
-
-def _add_eval_parsers(sub):
-    p = sub.add_parser("eval", help="evaluations of a model")
-    evals = p.add_subparsers(dest="eval", required=True)
-    p = evals.add_parser("niah", help="needle in a haystack: recall accuracy by context length and needle depth")
-    p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
-    p.add_argument("--lengths", default="1k,4k,16k,64k", help="prompt lengths in tokens (k = 1024)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle positions, 0 = start of the haystack")
-    p.add_argument("--samples", type=int, default=1, help="needles per cell (each a new city and number)")
-    p.add_argument("--seed", type=int, default=0, help="picks the needles")
-    p.add_argument("--no-chat", action="store_true", help="raw prompt even if the model has a chat format")
-    _dequantize_arg(p)
-    p.add_argument("--out", default="niah.png", help="heatmap PNG to write")
-    p.add_argument("--verbose", action="store_true", help="print load time")
-    p.set_defaults(func=cmd_eval_niah)
-    _add_eval_suite_parsers(evals)
 
 
 # ---- dispatch -------------------------------------------------------------------------------------------------------
