@@ -198,6 +198,8 @@ class Experts(nn.Module):
 
     def forward(self, x, expert_idx, gate):
         # x (N, D), expert_idx and gate (N, top_k): only the chosen expert runs for each token
+        if expert_idx.numel() > 1 and ops.grouped_mm_runs(x):
+            return ops.run_experts_grouped(x, expert_idx, gate, self.w1, self.w2, self.w3)
         return ops.run_experts(x, expert_idx, gate, self.w1, self.w2, self.w3)
 
 

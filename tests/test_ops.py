@@ -6,27 +6,32 @@ from herd import ops
 from herd.model import attention_mask, is_plain_causal
 
 
+SPARSE = [ops.run_experts, ops.run_experts_grouped]      # the per-expert loop and the grouped GEMMs
+
+
+@pytest.mark.parametrize("run", SPARSE)
 @pytest.mark.parametrize("N", [37, 1])                  # 1: the single-token path of a batch-1 decode step
-def test_run_experts_matches_reference(N):
+def test_run_experts_matches_reference(N, run):
     D, F, E, K = 16, 24, 6, 1
     x = torch.randn(N, D)
     w1, w3, w2 = torch.randn(E, F, D), torch.randn(E, F, D), torch.randn(E, D, F)
     logits = torch.randn(N, E)
     top, idx = logits.topk(K, dim=-1)
     gate = torch.sigmoid(top)
-    fast = ops.run_experts(x, idx, gate, w1, w2, w3)
+    fast = run(x, idx, gate, w1, w2, w3)
     ref = ops.run_experts_reference(x, idx, gate, w1, w2, w3)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_run_experts_top2_and_empty_experts():
+@pytest.mark.parametrize("run", SPARSE)
+def test_run_experts_top2_and_empty_experts(run):
     N, D, F, E = 9, 8, 12, 8
     x = torch.randn(N, D)
     w1, w3, w2 = torch.randn(E, F, D), torch.randn(E, F, D), torch.randn(E, D, F)
     idx = torch.randint(0, 3, (N, 2))          # experts 3..7 receive nothing
     idx[:, 1] = (idx[:, 0] + 1) % 3
     gate = torch.rand(N, 2)
-    torch.testing.assert_close(ops.run_experts(x, idx, gate, w1, w2, w3),
+    torch.testing.assert_close(run(x, idx, gate, w1, w2, w3),
                                ops.run_experts_reference(x, idx, gate, w1, w2, w3), rtol=1e-5, atol=1e-4)
 
 
@@ -38,11 +43,40 @@ def test_run_experts_gradients_match():
     idx = torch.randint(0, E, (N, 1))
     gate = torch.rand(N, 1, requires_grad=True)
     grads = []
-    for fn in (ops.run_experts, ops.run_experts_reference):
+    for fn in (ops.run_experts_reference, *SPARSE):
         out = fn(x, idx, gate, ws[0], ws[1], ws[2])
         grads.append(torch.autograd.grad(out.square().sum(), [x, gate, *ws]))
-    for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+    for other in grads[1:]:
+        for a, b in zip(grads[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
+
+
+def test_grouped_experts_bf16_and_meta_shapes():
+    """The GPU's case without a GPU: bf16 grouped GEMMs within bf16 rounding of the fp32 reference, on whatever
+    device runs the tests (CUDA where there is one), and Scout's expert shapes (16 experts, 5120 -> 8192) through
+    the meta device, which checks what CUDA's kernel accepts (dtype, strides) without any memory."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    N, D, F, E = 64, 64, 96, 8
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g)
+    w1, w3 = torch.randn(E, F, D, generator=g) / D ** 0.5, torch.randn(E, F, D, generator=g) / D ** 0.5
+    w2 = torch.randn(E, D, F, generator=g) / F ** 0.5
+    idx = torch.randint(0, E, (N, 1), generator=g)
+    gate = torch.rand(N, 1, generator=g)
+    ref = ops.run_experts_reference(x, idx, gate, w1, w2, w3)
+    args = [t.to(device, torch.bfloat16) for t in (x, w1, w2, w3)]
+    assert ops.grouped_mm_runs(args[0])
+    out = ops.run_experts_grouped(args[0], idx.to(device), gate.to(device, torch.bfloat16), args[1], args[2],
+                                  args[3])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float().cpu(), ref, rtol=3e-2, atol=3e-2)
+    meta = dict(device="meta", dtype=torch.bfloat16)
+    N, D, F, E = 256, 5120, 8192, 16
+    out = ops.run_experts_grouped(torch.empty(N, D, **meta), torch.zeros(N, 1, dtype=torch.long, device="meta"),
+                                  torch.empty(N, 1, **meta), torch.empty(E, F, D, **meta), torch.empty(E, D, F, **meta),
+                                  torch.empty(E, F, D, **meta))
+    assert out.shape == (N, D) and out.dtype == torch.bfloat16
+    assert not ops.grouped_mm_runs(torch.empty(1, device="meta"))     # fp32 off the CPU: the per-expert loop
 
 
 def test_attention_matches_reference():
