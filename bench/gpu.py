@@ -225,7 +225,8 @@ def report(res: dict, args) -> str:
     lines = [f"device {res['device']}, torch {res['torch']}, read bandwidth {res['read_gb_s']:.0f} GB/s, bf16, "
              f"prompt {args.prompt}, decode {args.decode}", "",
              "| model | logits max diff, same routes (/ std; rerouted) | engine | "
-             + " | ".join(f"batch {b} tok/s" for b in args.batches) + " | batch 1 GB/token | % of bandwidth |", "|---|---|---|" + "---|" * (len(args.batches) + 2)]
+             + " | ".join(f"batch {b} tok/s" for b in args.batches) + " | batch 1 GB/token | % of bandwidth |",
+             "|---|---|---|" + "---|" * (len(args.batches) + 2)]
     for name, r in res.items():
         if not isinstance(r, dict):
             continue
