@@ -55,16 +55,11 @@ def _brain(spec: str, args, loaded: dict):
     if spec.startswith(("http://", "https://")):
         return ServedBrain(spec, args.served_model, args.api_key, args.max_tokens, args.temperature, args.seed)
     if spec not in loaded:
-        import herd
         from ..chat import stop_token_ids
+        from ..cli_common import load_model
         from ..engine import Engine, SamplingParams
-        from ..gguf import is_gguf
-        from ..textgen import default_model_path
-        from ..tokenizer import load_tokenizer
-        path = default_model_path() if spec == "default" else spec
         # as `herd run` loads it: GGUF weights kept packed, the model prepared for the CPU (herd.cpu.prepare)
-        model = herd.load(path, progress=True, quant="packed" if is_gguf(path) else None, prepare=True)
-        tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)
+        path, model, tok = load_model(spec)
         engine = Engine(model, max_batch=1, max_seq_len=args.max_seq_len)
         params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
                                 stop_token_ids=tuple(stop_token_ids(tok)))
