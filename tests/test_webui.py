@@ -199,7 +199,9 @@ def test_streamed_answer_regenerate_edit_and_conversations(default_server, brows
         text, notes = wait_answered(page)
         seen = [s for s in page.evaluate("window.seen") if s]
         assert "Paris" in text and seen[-1] == text
-        assert len(seen) >= 3 and all(text.startswith(s) for s in seen), seen      # it grew in place
+        # it grew in place: at least one partial answer shown before the whole (a fast machine streams this short
+        # answer in as few as two renders: 'The capital of France is', then the rest)
+        assert len(seen) >= 2 and all(text.startswith(s) for s in seen), seen
         assert any(STATS.match(n) for n in notes), notes
         page.click("text=Regenerate")
         text, _ = wait_answered(page)
