@@ -83,8 +83,34 @@ def apply_penalties(logits, output_counts, seen, repetition, presence, frequency
 
 
 def filter_logits(logits, temperature, top_k, top_p, min_p):
-    """Temperature, top-k, min-p and top-p on (B, V) logits with per-row parameters (B,); filtered entries -inf."""
+    """Temperature, top-k, min-p and top-p on (B, V) logits with per-row parameters (B,); filtered entries -inf.
+    Each filter is judged on the unfiltered distribution. Only top-p needs the vocabulary sorted: without it, top-k
+    takes torch.topk and min-p a comparison with the row's largest probability (a full sort of 16 rows x 49k took 30
+    ms here, against a 30 ms decode step; `filter_logits_sorted` is the one-sort twin they are tested against)."""
     logits = logits / temperature.clamp(min=1e-6)[:, None]
+    if bool((top_p < 1).any()):
+        return filter_logits_sorted(logits, top_k, top_p, min_p)
+    V = logits.shape[-1]
+    remove = None                                                         # (B, V) bool, once a filter is on
+    k = torch.where((top_k > 0) & (top_k < V), top_k, V)                  # (B,) tokens each row keeps
+    if bool((k < V).any()):
+        k_max = int(k.max())
+        idx = logits.topk(k_max, dim=-1).indices                          # (B, k_max) largest first
+        kept = torch.arange(k_max, device=logits.device)[None] < k[:, None]
+        remove = ~torch.zeros_like(logits, dtype=torch.bool).scatter(1, idx, kept)
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        below = probs < min_p[:, None] * probs.amax(-1, keepdim=True)
+        remove = below if remove is None else remove | below
+    if remove is None:
+        return logits
+    remove.scatter_(1, logits.argmax(-1, keepdim=True), False)            # the most likely token always stays
+    return logits.masked_fill(remove, float("-inf"))
+
+
+def filter_logits_sorted(logits, top_k, top_p, min_p):
+    """filter_logits' filters on temperature-scaled logits through one sort of each row: rank for top-k, the prefix
+    mass for top-p."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     V = logits.shape[-1]
     rank = torch.arange(V, device=logits.device)[None]
@@ -92,8 +118,9 @@ def filter_logits(logits, temperature, top_k, top_p, min_p):
     remove = rank >= k
     probs = sorted_logits.softmax(-1)
     remove |= probs < min_p[:, None] * probs[:, :1]
-    # top-p keeps the smallest prefix whose mass reaches p (the first token always stays)
-    remove |= (probs.cumsum(-1) - probs) >= top_p[:, None]
+    # top-p keeps the smallest prefix whose mass reaches p (the first token always stays); p = 1 is off (a running
+    # sum in fp32 reaches 1.0 before the tail of a 49k vocabulary, which must not cut the tail)
+    remove |= ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
     remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
@@ -115,9 +142,14 @@ def sample(logits, temperature, top_k, top_p, min_p, generators):
     if bool((temperature <= 0).all()):
         return greedy
     probs = filter_logits(logits.float(), temperature, top_k, top_p, min_p).softmax(-1)
-    drawn = torch.stack([torch.multinomial(probs[i], 1, generator=generators[i])[0] if temperature[i] > 0
-                         else greedy[i] for i in range(logits.shape[0])])
-    return drawn
+    # inverse CDF: one uniform per row, from that row's generator; the first token whose running mass passes it
+    # (tokens of zero probability add no mass, so none is ever drawn). torch.multinomial drew the same
+    # distribution at ~1 ms per 49k-vocab row here.
+    cdf = probs.cumsum(-1)                                                # (B, V)
+    u = torch.tensor([float(torch.rand((), generator=g)) if g is not None else 0.0 for g in generators],
+                     device=cdf.device)                                   # greedy rows have no generator
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0].clamp(max=cdf.shape[-1] - 1)
+    return torch.where(temperature > 0, drawn, greedy)
 
 
 # ---- KV cache -----------------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import torch
 
 from herd.config import ModelConfig, preset
 from herd.engine import (ContextLengthError, Engine, KVCache, SamplingParams, argmax_rows, filter_logits,
+                         filter_logits_sorted,
                          generate, generate_reference, sample)
 from herd.model import Transformer
 
@@ -137,6 +138,40 @@ def test_sampling_filters():
     t = torch.tensor([1.0])
     draw = lambda g: sample(big, t, torch.tensor([0]), torch.tensor([0.9]), torch.tensor([0.0]), [g])
     assert torch.equal(draw(g1), draw(g2))
+
+
+def test_filter_logits_without_top_p_equals_the_sorted_twin():
+    """top-k (per row, off in some rows) and min-p without a sort == the one-sort twin, on a 49k vocabulary."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 49152, generator=g) * 3
+    temperature = torch.tensor([1.0, 0.7, 1.3, 1.0, 0.5, 2.0])
+    top_k = torch.tensor([0, 1, 40, 0, 49152, 7])
+    min_p = torch.tensor([0.0, 0.0, 0.0, 0.05, 0.1, 0.2])
+    ones = torch.ones(6)
+    fast = filter_logits(logits, temperature, top_k, ones, min_p)
+    ref = filter_logits_sorted(logits / temperature[:, None], top_k, ones, min_p)
+    assert torch.equal(torch.isfinite(fast), torch.isfinite(ref))
+    torch.testing.assert_close(fast[torch.isfinite(fast)], ref[torch.isfinite(ref)], rtol=0, atol=0)
+    assert torch.isfinite(fast).sum(-1).tolist()[1:3] == [1, 40]
+    assert bool(torch.isfinite(fast[0]).all())                      # nothing asked, nothing removed
+
+
+def test_sample_draws_the_filtered_distribution():
+    """The inverse-CDF draw: frequencies of 40,000 seeded draws match the filtered probabilities (within 4 sigma),
+    filtered-out tokens are never drawn, greedy rows in the same batch take the argmax, and a seed repeats."""
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.15, 0.07, 0.03], [0.1, 0.2, 0.3, 0.4, 0.0]]))
+    n = 40_000
+    g = torch.Generator().manual_seed(11)
+    t, k, p, m = torch.tensor([1.0, 0.0]), torch.tensor([3, 0]), torch.ones(2), torch.zeros(2)
+    draws = torch.stack([sample(logits, t, k, p, m, [g, None]) for _ in range(n)])     # (n, 2)
+    assert bool((draws[:, 1] == 3).all())
+    freq = torch.bincount(draws[:, 0], minlength=5).float() / n
+    want = torch.tensor([0.5, 0.25, 0.15, 0.0, 0.0]) / 0.9
+    assert freq[3:].sum() == 0
+    assert bool(((freq - want).abs() <= 4 * (want * (1 - want) / n).sqrt() + 1e-9).all()), freq
+    a, b = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert [int(sample(logits, t, k, p, m, [a, None])[0]) for _ in range(20)] == \
+           [int(sample(logits, t, k, p, m, [b, None])[0]) for _ in range(20)]
 
 
 def test_seeded_sampling_reproducible_and_penalties():
