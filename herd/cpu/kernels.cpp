@@ -211,10 +211,11 @@ void int4_row_block(const uint8_t* stream, int64_t K, int64_t G, const int16_t* 
     for (int i = 0; i < MT; ++i) gacc[i] = zero();
     for (int64_t b = 0; b < G / kBlock; ++b) {
       const int64_t k0 = g * G + b * kBlock;
-      // kDotChains independent accumulators per row (simd.h: VPDPWSSD waits on its accumulator ~5 cycles)
-      i32x16 iacc[MT][kDotChains];
+      // independent accumulators per row (simd.h: VPDPWSSD waits on its accumulator ~5 cycles)
+      constexpr int C = dot_chains<MT>();
+      i32x16 iacc[MT][C];
       for (int i = 0; i < MT; ++i)
-        for (int j = 0; j < kDotChains; ++j) iacc[i][j] = zero_i32();
+        for (int j = 0; j < C; ++j) iacc[i][j] = zero_i32();
       for (int c = 0; c < kBlock / 8; ++c) {
         _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
         const i32x16 v = load_bytes(p);
@@ -225,14 +226,14 @@ void int4_row_block(const uint8_t* stream, int64_t K, int64_t G, const int16_t* 
         for (int i = 0; i < MT; ++i) {
           const int16_t* xr = xq + i * K + k0 + 8 * c;      // k0 k2 k1 k3 k4 k6 k5 k7
           for (int j = 0; j < 4; ++j) {
-            i32x16& chain = iacc[i][j % kDotChains];
+            i32x16& chain = iacc[i][j % C];
             chain = dot_i16(chain, u[j], set1_i32(load2x16(xr + 2 * j)));
           }
         }
       }
       for (int i = 0; i < MT; ++i) {
         i32x16 sum = iacc[i][0];
-        for (int j = 1; j < kDotChains; ++j) sum = add_i32(sum, iacc[i][j]);
+        for (int j = 1; j < C; ++j) sum = add_i32(sum, iacc[i][j]);
         gacc[i] = fmadd(to_f32(sum), set1(xs[i * (K / kBlock) + k0 / kBlock]), gacc[i]);
       }
     }
@@ -255,9 +256,10 @@ void int8_row_block(const int8_t* stream, const float* row_scale, int64_t K, con
   for (int i = 0; i < MT; ++i) acc[i] = zero();
   const int8_t* p = stream;
   for (int64_t b = 0; b < K / kBlock; ++b) {
-    i32x16 iacc[MT][kDotChains];
+    constexpr int C = dot_chains<MT>();
+    i32x16 iacc[MT][C];
     for (int i = 0; i < MT; ++i)
-      for (int j = 0; j < kDotChains; ++j) iacc[i][j] = zero_i32();
+      for (int j = 0; j < C; ++j) iacc[i][j] = zero_i32();
     for (int c = 0; c < kBlock / 4; ++c) {
       _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
       const i32x16 w = load_bytes(p);
@@ -266,14 +268,14 @@ void int8_row_block(const int8_t* stream, const float* row_scale, int64_t K, con
       for (int i = 0; i < MT; ++i) {
         const int16_t* xr = xq + i * K + b * kBlock + 4 * c;   // k0 k2 k1 k3
         for (int j = 0; j < 2; ++j) {
-          i32x16& chain = iacc[i][j % kDotChains];
+          i32x16& chain = iacc[i][j % C];
           chain = dot_i16(chain, u[j], set1_i32(load2x16(xr + 2 * j)));
         }
       }
     }
     for (int i = 0; i < MT; ++i) {
       i32x16 sum = iacc[i][0];
-      for (int j = 1; j < kDotChains; ++j) sum = add_i32(sum, iacc[i][j]);
+      for (int j = 1; j < C; ++j) sum = add_i32(sum, iacc[i][j]);
       acc[i] = fmadd(to_f32(sum), set1(xs[i * (K / kBlock) + b]), acc[i]);
     }
   }
