@@ -74,6 +74,33 @@ def test_int8_kernel_matches_twin(M, N, K):
 
 
 @needs_kernels
+def test_products_from_several_threads_at_once():
+    """The products run without the GIL (bindings.cpp), so Python threads can be inside them at once: one takes the
+    worker pool, the others run their call on their own thread; each gets the answer it gets alone."""
+    import threading
+    u, sz = int4_weights(4096, 2048, 32, zero=True)
+    stream = kernels.int4_stream(u, sz, 32)
+    xs = [rows(4, 2048) + i for i in range(4)]
+    want = [kernels.int4_mm(x, stream, 4096, 32) for x in xs]
+    got = [[] for _ in xs]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)                 # the pool's path
+    try:
+        def work(i):
+            for _ in range(50):
+                got[i].append(kernels.int4_mm(xs[i], stream, 4096, 32))
+
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(g, w) for outs, w in zip(got, want) for g in outs)
+
+
+@needs_kernels
 def test_kernels_refuse_mismatched_inputs():
     """A stream of the wrong size, or activations of the wrong width or dtype, raise a clear error, never read
     past a buffer."""

@@ -13,16 +13,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("isa") = HERD_ISA;
   // setup.py's sha256 of simd.h, kernels.cpp, decode.cpp and this file: extension.py refuses a build older than them
   m.attr("sources_sha") = HERD_SOURCES_SHA;
-  m.def("int4_mm", &int4_mm, "x (M, K) fp32 times an int4 stream -> (M, N) fp32");
-  m.def("int8_mm", &int8_mm, "x (M, K) fp32 times an int8 stream with row scales -> (M, N) fp32");
-  m.def("gguf_mm", &gguf_mm, "x (M, K) fp32 times a GGUF Q4_0 / Q4_1 / Q8_0 matrix's blocks, read in place -> (M, N)");
-  m.def("fp32_mm", &fp32_mm, "x (M, K) fp32 times w_t (K, N) fp32 -> (M, N) fp32, for few rows");
-  m.def("int4_dequantize", &int4_dequantize, "an int4 stream -> the weight transposed, (K, N) bf16 or fp32");
+  // The products and layers run without the GIL (they touch no Python object): a server's event loop and its
+  // other threads run Python while a decode step computes, instead of waiting for its ~30 layer calls to end.
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
+  m.def("int4_mm", &int4_mm, nogil, "x (M, K) fp32 times an int4 stream -> (M, N) fp32");
+  m.def("int8_mm", &int8_mm, nogil, "x (M, K) fp32 times an int8 stream with row scales -> (M, N) fp32");
+  m.def("gguf_mm", &gguf_mm, nogil, "x (M, K) fp32 times GGUF Q4_0 / Q4_1 / Q8_0 blocks read in place -> (M, N)");
+  m.def("fp32_mm", &fp32_mm, nogil, "x (M, K) fp32 times w_t (K, N) fp32 -> (M, N) fp32, for few rows");
+  m.def("int4_dequantize", &int4_dequantize, nogil, "an int4 stream -> the weight transposed, (K, N) bf16 or fp32");
   m.def("quantize_x", &quantize_x, "x (M, K) fp32 -> the kernels' int16 activations and their scales");
   m.def("rms_norm", &rms_norm, "RMSNorm over the last dim, fp32");
   m.def("decode_qkv", &decode_qkv, "one token's fused q|k|v -> rotary, QK-norm and q scale applied");
   m.def("attend_one", &attend_one, "one query over a KV cache, masked by positions and chunk");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up");
-  m.def("decode_layer", &decode_layer, "one whole decoder layer for one token");
-  m.def("decode_layer_rows", &decode_layer_rows, "one whole decoder layer for B tokens, each its own cache row");
+  m.def("decode_layer", &decode_layer, nogil, "one whole decoder layer for one token");
+  m.def("decode_layer_rows", &decode_layer_rows, nogil, "one whole decoder layer for B tokens, each its own cache row");
 }
