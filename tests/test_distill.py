@@ -56,7 +56,9 @@ def teacher_and_data(tmp_path):
 
 def test_synth_writes_teacher_text(teacher_and_data):
     teacher, data = teacher_and_data
-    recs = [json.loads(l) for l in data.read_text().splitlines()]
+    # "\n" only, as herd reads JSONL (train/data.py): the sampled text may hold a raw U+2028 or U+0085, where
+    # str.splitlines would also break
+    recs = [json.loads(l) for l in data.read_text(encoding="utf-8").split("\n") if l]
     assert len(recs) == 12 and recs[0]["prompt"] == " ".join(WORDS[:5])
     assert all(r["text"].startswith("<|im_start|>user\n" + r["prompt"]) for r in recs)
     assert all("<|im_start|>assistant\n" in r["text"] for r in recs)
