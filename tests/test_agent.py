@@ -283,6 +283,15 @@ def test_herd_agent_command(tiny_model, tmp_path):
     assert out.returncode != 0 and "--context is read by the planner" in out.stderr
 
 
+def test_herd_agent_with_a_missing_model_keeps_the_last_transcript(tmp_path):
+    """A mistyped model path is a clear error, and the transcript of the run before is not truncated."""
+    transcript = tmp_path / "t.jsonl"
+    transcript.write_text('{"event": "user"}\n')
+    out = _herd("agent", "hi", "--model", str(tmp_path / "nope.gguf"), "--no-code", "--transcript", str(transcript))
+    assert out.returncode == 2 and "nope.gguf: no such file or folder" in out.stderr
+    assert transcript.read_text() == '{"event": "user"}\n'
+
+
 def test_herd_agent_through_a_server(tiny_model, tmp_path):
     """The same command with the model behind `herd serve` (an OpenAI-compatible URL)."""
     with socket.socket() as s:

@@ -113,17 +113,21 @@ def cmd_agent(args):
         _refuse(f"{e} (or run with --no-code)")
     guard = _guard(args.guard)
     loaded = {}
+    if args.planner:
+        context = read_context(args.context)
+        planner, actor = _brain(args.planner, args, loaded), _brain(args.actor or args.model, args, loaded)
+    else:
+        brain = _brain(args.model, args, loaded)
+    # opened (and truncated) only once the models are loaded: a run that fails before that, on a mistyped model path
+    # say, leaves the last run's transcript as it was
     transcript = Transcript(args.transcript, echo=not args.quiet)
     try:
         if args.planner:
-            context = read_context(args.context)
-            planner, actor = _brain(args.planner, args, loaded), _brain(args.actor or args.model, args, loaded)
             print(f"[herd agent: planner {planner.name}, actor {actor.name}, tools "
                   f"{', '.join(t.name for t in tools) or 'none'}, {len(context)} context files]", file=sys.stderr)
             result = plan_and_act(planner, actor, args.task, tools, context=context, max_steps=args.max_steps,
                                   max_plan_steps=args.max_plan_steps, transcript=transcript, guard=guard)
         else:
-            brain = _brain(args.model, args, loaded)
             print(f"[herd agent: model {brain.name}, tools {', '.join(t.name for t in tools) or 'none'}]",
                   file=sys.stderr)
             result = run_agent(brain, args.task, tools, system=args.system or AGENT_SYSTEM,
