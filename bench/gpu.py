@@ -100,8 +100,9 @@ def logits_check(model, cfg, device) -> dict:
     bf16) that token's logits, and through attention every later token's, differ by O(1) whatever the precision;
     so the tolerance applies to positions before the first token routed differently in any layer (counted)."""
     tokens = torch.randint(0, cfg.vocab_size, (2, 48), generator=torch.Generator().manual_seed(1))
-    host = Transformer(cfg).eval()                  # fp32 on the CPU; its own weights replaced below
-    host.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()})
+    with torch.device("meta"):                      # fp32 on the CPU, holding only the copies made here
+        host = Transformer(cfg).eval()
+    host.load_state_dict({k: v.float().cpu() for k, v in model.state_dict().items()}, assign=True)
     runs = []
     for m, ids in ((model, tokens.to(device)), (host, tokens)):
         hooks, choices = routed(m)
