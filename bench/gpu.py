@@ -182,9 +182,8 @@ def plan_check(model, cfg, args) -> dict:
     plan = make_plan(cfg, "h100", "bf16", context, batch)
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     engine = Engine(model, max_batch=batch, max_seq_len=context, cache_dtype=torch.bfloat16, prefix_cache_mib=0)
-    cache = engine.cache.nbytes() if hasattr(engine.cache, "nbytes") else None
     out = {"plan_weights": plan.weights, "model_weights": params, "plan_kv_cache": plan.kv_cache,
-           "engine_kv_cache": cache, "plan_activations": plan.activations}
+           "engine_kv_cache": engine.cache.nbytes(), "plan_activations": plan.activations}
     if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         for p in prompts(cfg, batch, args.prompt):
@@ -245,8 +244,7 @@ def report(res: dict, args) -> str:
     lines.append("")
     for name, r in res.items():
         if isinstance(r, dict):
-            lines.append(f"plan, {name}: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in r["plan"].items()
-                                                       if v is not None))
+            lines.append(f"plan, {name}: " + ", ".join(f"{k} {v / 2**20:,.1f} MiB" for k, v in r["plan"].items()))
     return "\n".join(lines)
 
 

@@ -3,9 +3,8 @@ import pytest
 import torch
 
 from herd.config import ModelConfig, preset
-from herd.engine import (ContextLengthError, Engine, KVCache, SamplingParams, argmax_rows, filter_logits,
-                         filter_logits_sorted,
-                         generate, generate_reference, sample)
+from herd.engine import ContextLengthError, Engine, KVCache, SamplingParams, generate, generate_reference
+from herd.sampling import argmax_rows, filter_logits, filter_logits_sorted, sample
 from herd.model import Transformer
 
 
