@@ -24,10 +24,23 @@ def rows(M, K, seed=1):
     return x
 
 
-def test_int4_stream_round_trip():
-    u, sz = int4_weights(48, 128, 64)
-    u2, sz2 = kernels.int4_unstream(kernels.int4_stream(u, sz, 64), 48, 128, 64)
+@pytest.mark.parametrize("zero", [True, False])
+def test_int4_stream_round_trip(zero):
+    """Every zero 0 (Q4_0, symmetric int4) makes a symmetric stream, 32 bytes shorter per group and 16 rows: at
+    G = 32, 4.5 bits per weight (Q4_0's own 18 bytes per 32), not 5. Both round-trip."""
+    N, K, G = 48, 128, 32
+    u, sz = int4_weights(N, K, G, zero=zero)
+    stream = kernels.int4_stream(u, sz, G)
+    groups = N // 16 * (K // G)
+    assert stream.numel() == groups * ((64 if zero else 32) + G * 8)
+    assert kernels.int4_header_bytes(stream, N, K, G) == (64 if zero else 32)
+    if not zero:
+        assert stream.numel() == N * K // 32 * 18
+    u2, sz2 = kernels.int4_unstream(stream, N, K, G)
     assert torch.equal(u2, u) and torch.equal(sz2, sz)
+    with pytest.raises(ValueError, match=r"int4 stream of \(48, 128\) in groups of 32 has 3840 bytes "
+                       r"\(with zero points\) or 3456 \(symmetric\), not " + str(stream.numel() - 1)):
+        kernels.int4_unstream(stream[:-1], N, K, G)
 
 
 def test_int8_stream_round_trip():
@@ -106,7 +119,8 @@ def test_kernels_refuse_mismatched_inputs():
     past a buffer."""
     u, sz = int4_weights(32, 64, 32)
     stream = kernels.int4_stream(u, sz, 32)
-    with pytest.raises(RuntimeError, match="int4 stream has the wrong size"):
+    with pytest.raises(RuntimeError, match=r"int4 stream of \(32, 64\) in groups of 32 must be 1280 contiguous uint8 "
+                       r"bytes \(with zero points\) or 1152 \(symmetric\); got Byte of 1216"):
         kernels.int4_mm(rows(1, 64), stream[:-64], 32, 32)
     with pytest.raises(RuntimeError, match=r"fp32 \(M, 64\)"):
         extension.ext().int4_mm(rows(1, 64).double(), stream, 32, 32)
@@ -157,25 +171,30 @@ def test_herd_int4_linear_matches_int4_linear(M, zero):
 
 
 @needs_kernels
-def test_herd_int4_dequantize_equals_torch_layout():
-    mod, _ = int4_module()
+@pytest.mark.parametrize("zero", [True, False])
+def test_herd_int4_dequantize_equals_torch_layout(zero):
+    mod, _ = int4_module(zero=zero)
     herd_mod = kernels.HerdInt4Linear.from_int4(mod)
     torch_layout = _int4_dequantize_packed(mod.weight, mod.scales_and_zeros, 64)
     assert torch.equal(herd_mod.dequantize_reference(), torch_layout)
     assert torch.equal(herd_mod.dequantize(), torch_layout)          # kernels.cpp's int4_dequantize, bit for bit
     assert herd_mod.dequantize().t().is_contiguous()
-    assert herd_mod.stream.numel() == mod.weight.numel() + mod.scales_and_zeros.numel() * 2   # the same bytes
+    # the same bytes as torch's layout; the symmetric stream leaves the (all 0) zeros out
+    header_bytes = mod.scales_and_zeros.numel() * 2 // (1 if zero else 2)
+    assert herd_mod.stream.numel() == mod.weight.numel() + header_bytes
 
 
 @needs_kernels
 @pytest.mark.parametrize("N, K, G", [(16, 32, 32), (48, 128, 64), (64, 256, 128), (32, 96, 32)])
-def test_int4_dequantize_matches_its_twin(N, K, G):
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_dequantize_matches_its_twin(N, K, G, symmetric):
     """kernels.cpp's int4_dequantize against HerdInt4Linear.dequantize_reference, bit for bit: scales and zeros
-    from 1e-3 to 10 in magnitude (bf16 roundings on both sides), group sizes 32-128, 1-3 threads."""
+    from 1e-3 to 10 in magnitude (bf16 roundings on both sides), group sizes 32-128, 1-3 threads; symmetric streams
+    (no zeros stored) too."""
     g = torch.Generator().manual_seed(N + K + G)
     u = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
     scale = torch.rand(K // G, N, generator=g) * 10 + 1e-3
-    zero = torch.randn(K // G, N, generator=g) * 3
+    zero = torch.zeros(K // G, N) if symmetric else torch.randn(K // G, N, generator=g) * 3
     mod = kernels.HerdInt4Linear(K, N, G, kernels.int4_stream(u, torch.stack((scale, zero), dim=-1).bfloat16(), G))
     before = torch.get_num_threads()
     try:
@@ -185,7 +204,7 @@ def test_int4_dequantize_matches_its_twin(N, K, G):
                 assert torch.equal(mod.dequantize(dtype), mod.dequantize_reference(dtype))
     finally:
         torch.set_num_threads(before)
-    with pytest.raises(RuntimeError, match="int4 stream has the wrong size"):
+    with pytest.raises(RuntimeError, match=f"int4 stream of \\({N}, {K}\\) in groups of {G} must be"):
         extension.ext().int4_dequantize(mod.stream[:-1], N, K, G, True)
 
 

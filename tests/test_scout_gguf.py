@@ -114,6 +114,26 @@ def test_packed_close_to_dequantized(files, qtype):
     assert_close_but_for_router_flips(position_errors(got, ref), PACKED_TOL[qtype], f"{qtype} packed vs dequantized")
 
 
+def test_q4_0_streams_hold_the_files_bytes(files):
+    """A Q4_0 file's matrices become symmetric int4 streams (its zero points are all 0, so none are stored): the
+    decode kernels read exactly the bytes the file holds for them (18 per 32 weights), where a stream with zero
+    points would read 20. The token embedding is the one Q4_0 tensor herd keeps in fp32 (rows are gathered)."""
+    from gguf import GGUFReader
+    from herd.cpu import extension
+    from herd.cpu.kernels import HerdInt4Experts, HerdInt4Linear, use_herd_kernels
+
+    if not extension.available():
+        pytest.skip(f"herd kernels {extension.status()}")
+    gguf, _ = files["Q4_0"]
+    model = herd.load(gguf, quant="packed")
+    assert use_herd_kernels(model) > 0
+    streams = [m.stream for m in model.modules() if isinstance(m, HerdInt4Linear)]
+    streams += [w for m in model.modules() if isinstance(m, HerdInt4Experts) for w in (m.w13, m.w2)]
+    file_bytes = sum(int(t.n_bytes) for t in GGUFReader(gguf).tensors
+                     if t.tensor_type.name == "Q4_0" and t.name != "token_embd.weight")
+    assert sum(s.numel() for s in streams) == file_bytes
+
+
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_1", "Q8_0"])
 def test_llamacpp_same_logits(files, qtype):
     """llama.cpp on the quantized file vs herd on its dequantized weights: llama.cpp rounds each quantized matmul's

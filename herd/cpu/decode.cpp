@@ -352,6 +352,7 @@ struct LayerMatrix {
   const void* data;
   const float* row_scale;     // int8 only
   int64_t K, N, G;            // G: int4 only; for kGguf the GGML type
+  bool int4_zeros = true;     // int4 only: whether the stream holds zero points (kernels.cpp's check_int4)
 
   void apply(const float* x, int64_t M, float* y) const {      // x (M, K) -> y (M, N)
     if (kind == kFp32) {
@@ -359,7 +360,7 @@ struct LayerMatrix {
     } else if (kind == kInt8) {
       int8_mm_raw(x, M, K, static_cast<const int8_t*>(data), row_scale, N, y);
     } else if (kind == kInt4) {
-      int4_mm_raw(x, M, K, static_cast<const uint8_t*>(data), N, G, y);
+      int4_mm_raw(x, M, K, static_cast<const uint8_t*>(data), N, G, int4_zeros, y);
     } else {
       gguf_mm_raw(x, M, K, static_cast<const uint8_t*>(data), N, G, y);
     }
@@ -381,8 +382,8 @@ LayerMatrix layer_matrix(const torch::Tensor& data, const torch::Tensor& row_sca
     check_int8(data, row_scale, K);
     return {LayerMatrix::kInt8, data.data_ptr<int8_t>(), row_scale.data_ptr<float>(), K, N, G};
   }
-  check_int4(data, K, N, G);
-  return {LayerMatrix::kInt4, data.data_ptr<uint8_t>(), nullptr, K, N, G};
+  const bool zeros = check_int4(data, K, N, G);
+  return {LayerMatrix::kInt4, data.data_ptr<uint8_t>(), nullptr, K, N, G, zeros};
 }
 
 // E matrices of one shape stacked along a first dim (a MoE's routed experts: decode.HerdExperts' fp32 (E, K, N),

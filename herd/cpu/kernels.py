@@ -26,7 +26,9 @@ Math, for activation rows x (M, K) fp32:
 Layouts ("streams": one flat buffer per matrix, read front to back by one thread per block of 16 output rows):
 - int4, per block of 16 rows, per group g: 16 scales then 16 zeros (bf16, 64 bytes), then G/8 chunks of 64 bytes;
   in chunk c, bytes 4r..4r+3 belong to row r, byte j = u[r, 8c + j] | u[r, 8c + 4 + j] << 4. Same bytes as torch's
-  packed layout (K/2 per row plus the bf16 scales and zeros).
+  packed layout (K/2 per row plus the bf16 scales and zeros). Where every zero is 0 (GGUF Q4_0, symmetric int4) the
+  stream is symmetric: the 16 zeros are left out (32 bytes per group), 4.5 bits per weight at G = 32 as in Q4_0
+  itself, not 5; the stream's size says which (`int4_header_bytes`).
 - int8, per block of 16 rows: K/4 chunks of 64 bytes, bytes 4r..4r+3 = w[r, 4c .. 4c + 3].
 
 Modules: `HerdInt4Linear` / `HerdInt8Linear` and `HerdInt4Experts` / `HerdInt8Experts` replace quantize.py's
@@ -68,14 +70,28 @@ def _dequant_rows() -> int:
 
 DEQUANT_ROWS = _dequant_rows()
 # ---- layouts --------------------------------------------------------------------------------------------------------
+def int4_header_bytes(stream: torch.Tensor, N: int, K: int, group_size: int) -> int:
+    """Bytes of each group's header in an int4 stream of (N, K): 64 (16 bf16 scales, 16 bf16 zeros) or 32 (a
+    symmetric stream: scales only). The two sizes of a whole stream differ, so its size says which."""
+    groups = N // ROWS * (K // group_size)
+    for header in (64, 32):
+        if stream.numel() == groups * (header + group_size * 8):           # 16 rows of G nibbles: 8 G bytes
+            return header
+    raise ValueError(f"an int4 stream of ({N}, {K}) in groups of {group_size} has {groups * (64 + group_size * 8)} "
+                     f"bytes (with zero points) or {groups * (32 + group_size * 8)} (symmetric), not {stream.numel()}")
+
+
 def int4_stream(u: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
-    """u (N, K) in 0..15 (any integer dtype), scales_and_zeros (K/G, N, 2) bf16 -> the int4 stream, uint8 (bytes,)."""
+    """u (N, K) in 0..15 (any integer dtype), scales_and_zeros (K/G, N, 2) bf16 -> the int4 stream, uint8 (bytes,);
+    symmetric (no zeros stored) when every zero is 0."""
     N, K = u.shape
     NB, NG = N // ROWS, K // group_size
     v = u.to(torch.uint8).reshape(NB, ROWS, K // 8, 2, 4).permute(0, 2, 3, 1, 4)    # (NB, K/8, lo|hi, 16, 4)
     chunks = (v[:, :, 0] | (v[:, :, 1] << 4)).reshape(NB, NG, group_size // 8 * 64)
     sz = scales_and_zeros.to(torch.bfloat16).reshape(NG, NB, ROWS, 2).permute(1, 0, 3, 2)   # (NB, NG, s|z, 16)
-    sz = sz.contiguous().view(torch.uint8).reshape(NB, NG, 4 * ROWS)
+    if not sz[:, :, 1].any():
+        sz = sz[:, :, :1]                                                              # (NB, NG, s, 16)
+    sz = sz.contiguous().view(torch.uint8).reshape(NB, NG, -1)
     return torch.cat((sz, chunks), dim=-1).reshape(-1)
 
 
@@ -88,9 +104,12 @@ def int4_stream_from_torch(packed: torch.Tensor, scales_and_zeros: torch.Tensor,
 def int4_unstream(stream: torch.Tensor, N: int, K: int, group_size: int):
     """Inverse of int4_stream: -> (u (N, K) uint8, scales_and_zeros (K/G, N, 2) bf16)."""
     NB, NG = N // ROWS, K // group_size
-    s = stream.view(NB, NG, 4 * ROWS + group_size // 8 * 64)
-    sz = s[..., :4 * ROWS].contiguous().view(torch.bfloat16).reshape(NB, NG, 2, ROWS)
-    chunks = s[..., 4 * ROWS:].reshape(NB, K // 8, ROWS, 4)
+    header = int4_header_bytes(stream, N, K, group_size)
+    s = stream.view(NB, NG, header + group_size // 8 * 64)
+    sz = s[..., :header].contiguous().view(torch.bfloat16).reshape(NB, NG, header // 32, ROWS)
+    if header == 32:                                                                  # symmetric: zeros are 0
+        sz = torch.cat((sz, torch.zeros_like(sz)), dim=2)
+    chunks = s[..., header:].reshape(NB, K // 8, ROWS, 4)
     u = torch.stack((chunks & 15, chunks >> 4), dim=2)                                 # (NB, K/8, 2, 16, 4)
     return (u.permute(0, 3, 1, 2, 4).reshape(N, K),
             sz.permute(1, 0, 3, 2).reshape(NG, N, 2).contiguous())
@@ -219,17 +238,20 @@ class HerdInt4Linear(nn.Module):
         arithmetic runs in place in fp32 (then one rounding to bf16 if asked), like quantize._int4_dequantize_packed."""
         N, K, G = self.out_features, self.in_features, self.group_size
         NB, NG = N // ROWS, K // G
-        s = self.stream.view(NB, NG, 4 * ROWS + G // 8 * 64)
-        chunks = s[..., 4 * ROWS:].view(NB, NG, G // 8, ROWS, 4)          # (NB, NG, G/8, 16 rows, 4 bytes)
+        header = int4_header_bytes(self.stream, N, K, G)
+        s = self.stream.view(NB, NG, header + G // 8 * 64)
+        chunks = s[..., header:].view(NB, NG, G // 8, ROWS, 4)            # (NB, NG, G/8, 16 rows, 4 bytes)
         ut = torch.empty(K, N, dtype=torch.float32, device=self.stream.device)
         # k = g*G + 8c + 4*(high nibble) + j, n = 16*block + r
         dst = ut.view(NG, G // 8, 2, 4, NB, ROWS)
         src = chunks.permute(1, 2, 4, 0, 3)                                # (NG, G/8, 4, NB, 16)
         dst[:, :, 0].copy_(src & 15)
         dst[:, :, 1].copy_(src >> 4)
-        sz = s[..., :4 * ROWS].contiguous().view(torch.bfloat16).view(NB, NG, 2, ROWS)
-        sz = sz.permute(1, 2, 0, 3).reshape(NG, 2, N).float()             # (NG, scale|zero, N)
-        ut.view(NG, G, N).sub_(8).mul_(sz[:, 0, None]).add_(sz[:, 1, None])
+        sz = s[..., :header].contiguous().view(torch.bfloat16).view(NB, NG, header // 32, ROWS)
+        sz = sz.permute(1, 2, 0, 3).reshape(NG, header // 32, N).float()  # (NG, scale[|zero], N)
+        ut.view(NG, G, N).sub_(8).mul_(sz[:, 0, None])
+        if header == 64:
+            ut.view(NG, G, N).add_(sz[:, 1, None])
         return ut.to(dtype).t()
 
     def forward(self, x):
