@@ -71,17 +71,31 @@ class HerdAttention(FusedAttention):
         return self.wo(self.attend(q.view(1, 1, H, D), k, v, pos, k_pos))
 
 
+    # The last rotation's cos_sin: (rope, cos_sin). Every RoPE layer of a step gets the same rope tensor (made
+    # afresh by each Transformer.forward), so it is viewed once per step, not per layer (~5 us each). Compared by
+    # identity while the memo holds the tensor; one tuple, replaced whole, so threads running other models only
+    # miss it.
+    _rotation: tuple = (None, None)
+
+    def cos_sin(self, rope) -> torch.Tensor:
+        """rope (B, 1, 1, D/2) complex -> (B, D) fp32 pairs (cos, sin), as decode_qkv reads them."""
+        memo = HerdAttention._rotation
+        if memo[0] is not rope:
+            memo = HerdAttention._rotation = (rope, torch.view_as_real(rope).reshape(rope.shape[0], -1))
+        return memo[1]
+
     def rotation_and_q_scale(self, rope, p: int):
-        """decode_qkv's cos_sin (D/2, 2) from the step's rotation (empty on NoPE layers) and q scale: the NoPE
-        temperature of position p, on the host (model.attention_temperature computes it in torch)."""
-        cos_sin = torch.view_as_real(rope).reshape(self.head_dim // 2, 2) if self.spec.uses_rope else _EMPTY
+        """decode_qkv's cos_sin (its D/2 pairs, here as (1, D)) from the step's rotation (empty on NoPE layers) and
+        q scale: the NoPE temperature of position p, on the host (model.attention_temperature computes it in
+        torch)."""
+        cos_sin = self.cos_sin(rope) if self.spec.uses_rope else _EMPTY
         return cos_sin, self.q_scale(p)
 
     def rotations_and_q_scales(self, rope, pos):
         """rotation_and_q_scale for a decode step of B rows at positions pos (B, 1): cos_sin (B, D) from rope
         (B, 1, 1, D/2) (empty on NoPE layers), q scales (B,) fp32 (empty without temperature tuning), each the same
         number as the row's batch-1 step gets (the host formula, rounded to fp32 once)."""
-        cos_sin = torch.view_as_real(rope).reshape(pos.shape[0], self.head_dim) if self.spec.uses_rope else _EMPTY
+        cos_sin = self.cos_sin(rope) if self.spec.uses_rope else _EMPTY
         if not self.spec.temperature_tuning:
             return cos_sin, _EMPTY
         return cos_sin, torch.tensor([self.q_scale(p) for p in pos.reshape(-1).tolist()], dtype=torch.float32)
