@@ -214,7 +214,7 @@ class KVCache:
         if not self.ring[layer] and p >= S:
             raise ContextLengthError(f"position {p} is past the cache's {S} slots")
         # The row's views, made once per layer: three index ops cost ~5 us, ~0.15 ms of a 30-layer step. Kept apart
-        # by inference mode: a view made inside it cannot be written in place outside it.
+        # by inference mode: a view made inside it cannot take in-place writes of tracked values outside it.
         key = (layer, row, torch.is_inference_mode_enabled())
         views = self._row_views.get(key)
         if views is None:

@@ -109,6 +109,24 @@ def test_dense_cache_update_equals_general_path():
         fast.update(cfg.n_layers - 1, k, v, torch.full((2, 1), 64))
 
 
+def test_decode_slot_views_follow_inference_mode():
+    """decode_slot keeps each row's views across steps; one made inside inference mode cannot be written in place
+    outside it by autograd-tracked values ("A view was created in inference mode ..."), so a batch-1 update outside
+    it (a plain forward with the cache, with grad) gets views of its own."""
+    cfg = preset("debug")
+    cache = KVCache(cfg, 1, 64)
+    cache.rows = slice(0, 1)
+    k, v = torch.randn(1, 1, cfg.n_kv_heads, cfg.head_dim), torch.randn(1, 1, cfg.n_kv_heads, cfg.head_dim)
+    with torch.inference_mode():
+        first = cache.decode_slot(0, 3)
+        assert cache.decode_slot(0, 4)[0] is first[0]                   # the same views, step after step
+        cache.update(0, k, v, torch.tensor([[3]]))
+    tracked = (2 * k).requires_grad_()
+    keys, _, pos = cache.update(0, tracked, v, torch.tensor([[4]]))    # outside: would raise on the kept views
+    assert torch.equal(keys[0, 3], k[0, 0]) and torch.equal(keys[0, 4].detach(), 2 * k[0, 0])
+    assert pos[0, :5].tolist() == [-1, -1, -1, 3, 4]
+
+
 def test_argmax_rows_matches_torch_argmax():
     """The numpy path against torch's argmax: ties take the first index, a NaN counts as the largest, bf16 rows
     (torch's path), a 49k vocab."""
