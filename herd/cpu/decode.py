@@ -70,7 +70,6 @@ class HerdAttention(FusedAttention):
             return self.wo(out.view(1, 1, H * D))
         return self.wo(self.attend(q.view(1, 1, H, D), k, v, pos, k_pos))
 
-
     # The last rotation's cos_sin: (rope, cos_sin). Every RoPE layer of a step gets the same rope tensor (made
     # afresh by each Transformer.forward), so it is viewed once per step, not per layer (~5 us each). Compared by
     # identity while the memo holds the tensor; one tuple, replaced whole, so threads running other models only
