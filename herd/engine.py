@@ -242,6 +242,30 @@ class KVCache:
         per_row = memo[2][kind]
         return None if per_row is None else (kb, self.v[layer], self.pos[layer], *per_row)
 
+    def piece_slots(self, layer: int, pos):
+        """decode_slots for a piece of one sequence, T new tokens at consecutive positions pos (1, T) in the cache's
+        only row: that row T times, one slot per token. decode_layer_rows writes every token's key before any token
+        attends, and a key counts only for queries at its position or later, so each token sees its causal prefix.
+        None when decode_slots would be, the rows are not one, or on a ring layer the piece leaves its chunk (a later
+        token's slot would hold a key an earlier token of the piece still reads)."""
+        kb = self.k[layer]
+        if type(kb) is not torch.Tensor or pos.shape[0] != 1:
+            return None
+        row = self._row_ids(1)
+        if row.numel() != 1:
+            return None
+        p = pos.reshape(-1)                                                # (T,)
+        first, last, S = int(p[0]), int(p[-1]), kb.shape[1]
+        if first < 0 or last - first != p.numel() - 1 or not torch.equal(p, torch.arange(first, last + 1)):
+            return None
+        if self.ring[layer]:
+            if first // S != last // S:
+                return None
+        elif last >= S:
+            raise ContextLengthError(f"position {last} is past the cache's {S} slots")
+        n_slots = torch.full_like(p, S) if self.ring[layer] else p + 1
+        return kb, self.v[layer], self.pos[layer], row.long().expand(p.numel()).contiguous(), p % S, n_slots
+
     def _row_slots(self, pos, ring: bool, S: int):
         """decode_slots' per-row tensors (cache rows, slots, slots read) for positions pos (B, 1) in layers of this
         kind, or None when a position is padding."""

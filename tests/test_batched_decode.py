@@ -76,6 +76,47 @@ def test_decode_layer_rows_matches_block_forward(kind, scheme, B):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["llama4", "llama3"])
+@pytest.mark.parametrize("scheme", ["int4", "fp32"])
+@pytest.mark.parametrize("row, T", [(0, 12), (2, 7), (1, 31)])
+def test_prefill_piece_as_rows_matches_block_forward(kind, scheme, row, T):
+    """A prefill piece, T new tokens of one sequence after its prompt (row 0: positions 3-14, row 2: 17-23, row 1:
+    40-70), as T rows of its one cache row through decode_layer_rows (KVCache.piece_slots) against Block.forward,
+    layer by layer: output and the cache buffers written. llama4's rings hold 16-token chunks: row 1's piece leaves
+    its chunk, which those layers refuse (None: the twin runs them); its NoPE layer still takes the rows."""
+    model = packed_tiny(kind, scheme)
+    assert decode.use_decode_kernels(model) > 0
+    engine = prefilled(model, 3)
+    cache = engine.cache
+    cache.rows = slice(row, row + 1)
+    start = len(engine.rows[row].prompt)
+    pos = torch.arange(start, start + T)[None]
+    x = torch.randn(1, T, model.config.dim, generator=torch.Generator().manual_seed(T))
+    rope = rope_angles(pos, rope_frequencies(model.config))
+    leaves_chunk = start // 16 != (start + T - 1) // 16
+    taken = 0
+    with torch.inference_mode():
+        for layer in model.layers:
+            i = layer.attention.layer_id
+            twin_cache = copy.deepcopy(cache)
+            ref = decode.Block.forward(layer, x, pos, rope, twin_cache)
+            args = layer._piece_call_args(x, pos, rope, cache)
+            if cache.ring[i] and leaves_chunk:
+                assert args is None
+                decode.Block.forward(layer, x, pos, rope, cache)
+            else:
+                taken += 1
+                got = extension.ext().decode_layer_rows(*args).view_as(x)
+                scale = float(ref.abs().max())
+                torch.testing.assert_close(got, ref, rtol=0, atol=(2e-6 if scheme == "fp32" else QUANT_ATOL) * scale)
+                torch.testing.assert_close(cache.k[i], twin_cache.k[i], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(cache.v[i], twin_cache.v[i], rtol=1e-5, atol=1e-5)
+                assert torch.equal(cache.pos[i], twin_cache.pos[i])
+            x = ref
+    assert taken >= 1
+
+
+@needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 def test_decode_layer_rows_long_context_equals_each_row_alone(threads):
     """A NoPE layer's 2100-slot cache row is attended in key ranges split over the threads at batch 1 and on one
@@ -140,7 +181,9 @@ def test_engine_batched_greedy_equals_alone(kind, scheme, monkeypatch):
     params = [SamplingParams(max_tokens=n, ignore_eos=True, logprobs=0) for n in (30, 12, 40, 25, 35)]
     calls = []
     rows_call = extension.ext().decode_layer_rows
-    monkeypatch.setattr(extension.ext(), "decode_layer_rows", lambda *a: calls.append(a[0].shape[0]) or rows_call(*a))
+    # rows of distinct cache rows: decode steps (a prefill piece's rows share one cache row: KVCache.piece_slots)
+    record = lambda *a: calls.append(int(a[-5].unique().numel())) or rows_call(*a)        # noqa: E731
+    monkeypatch.setattr(extension.ext(), "decode_layer_rows", record)
     tokens, logprobs = staggered(model, prompt_list, params)
     assert max(calls) == 5 and 2 in calls, "batched steps of 5 down to 2 rows took the one call"
     ref_tokens, ref_logprobs = alone(model, prompt_list, params)
@@ -186,7 +229,7 @@ def test_decode_layer_rows_refuses_bad_rows():
     engine.cache.rows = torch.tensor(rows)
     args = list(model.layers[0]._rows_call_args(x, pos, rope, engine.cache))
     ext = extension.ext()
-    for i, value, message in [(-5, torch.tensor([2, 2]), "taken by an earlier row"),
+    for i, value, message in [(-5, torch.tensor([2, 2]), "its slot .* is taken by an earlier row"),
                               (-5, torch.tensor([2, 3]), "outside the cache's 3 rows"),
                               (-4, torch.tensor([4000, 4096]), "slot 4096 / 4097 slots"),
                               (-2, torch.tensor([5]), r"pos must be a contiguous Long \(2,\)"),
@@ -195,6 +238,9 @@ def test_decode_layer_rows_refuses_bad_rows():
         bad[i] = value
         if i == -4:
             bad[-3] = value + 1                         # n_slots
+        if message.startswith("its slot"):              # rows may share a cache row (a prefill piece), not a slot
+            bad[-4] = args[-4][:1].repeat(2)
+            bad[-3] = torch.maximum(bad[-4] + 1, args[-3])
         with pytest.raises(RuntimeError, match=message):
             ext.decode_layer_rows(*bad)
     ext.decode_layer_rows(*args)
@@ -218,7 +264,8 @@ def test_default_model_batched_equals_alone(monkeypatch):
     params = [SamplingParams(max_tokens=n, ignore_eos=True, logprobs=0) for n in (12, 8, 12, 10)]
     calls = []
     rows_call = extension.ext().decode_layer_rows
-    monkeypatch.setattr(extension.ext(), "decode_layer_rows", lambda *a: calls.append(a[0].shape[0]) or rows_call(*a))
+    record = lambda *a: calls.append(int(a[-5].unique().numel())) or rows_call(*a)        # noqa: E731
+    monkeypatch.setattr(extension.ext(), "decode_layer_rows", record)                   # distinct cache rows
     tokens, logprobs = staggered(model, prompt_list, params)
     assert max(calls) == 4 and len(calls) % model.config.n_layers == 0
     ref_tokens, ref_logprobs = alone(model, prompt_list, params)

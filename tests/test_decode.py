@@ -163,7 +163,9 @@ def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
     """HerdBlock's one C++ call per layer against Block.forward (the same Herd* modules, layer by layer), through
     the engine: 70 tokens past a 20-token prompt (chunk rings wrapping, QK-norm, the NoPE layer's temperature).
     Every layer takes the C++ layer, llama4's MoE ones included: fp32 (HerdLinear, HerdExperts), int4 / int8 (every
-    trunk matrix and the routed experts quantized: HerdInt4Experts / HerdInt8Experts)."""
+    trunk matrix and the routed experts quantized: HerdInt4Experts / HerdInt8Experts). The prompt's prefill takes it
+    too (decode_layer_rows, its 20 tokens as rows of one cache row) where its piece stays in one chunk: llama3's
+    layers and llama4's NoPE layer."""
     model = packed_tiny(kind, scheme)
     assert decode.use_decode_kernels(model) > 0
     assert type(model.layers[0]) is decode.HerdBlock
@@ -189,7 +191,10 @@ def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
     ref_tokens, ref_lp = run()
     assert tokens == ref_tokens
     assert len(set(ref_tokens)) > 5, "degenerate model: the comparison would prove little"
-    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4)
+    # fp32: float error. int4 / int8: the prefill's keys differ from the twin's in their last bits (C++ vs torch
+    # attention and norms), which can move an int16 activation level in every later step's kernels: measured up
+    # to 2.2e-3 (int4) and 4e-4 (int8) over the 70 steps; a wrong slot, row or expert is O(1)
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4 if scheme == "fp32" else 5e-3)
 
 
 def one_call_step(model, layer: int):

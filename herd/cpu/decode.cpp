@@ -706,15 +706,17 @@ torch::Tensor decode_layer_rows(torch::Tensor x, torch::Tensor attn_norm, torch:
   if (q_scale.numel() > 0) check_row_vector(q_scale, B, "q_scale", torch::kFloat32);
   const int64_t *rp = rows.data_ptr<int64_t>(), *sp = slots.data_ptr<int64_t>(), *np = n_slots.data_ptr<int64_t>(),
                 *pp = pos.data_ptr<int64_t>();
-  std::vector<bool> taken(R, false);
+  // Rows may share a cache row (a prefill piece: one sequence's new tokens, KVCache.piece_slots) but never a slot:
+  // layer_rows writes every row's key and value before any row attends, each to its own slot.
   std::vector<RowStep> steps(B);
   const size_t elem = k_cache.element_size();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(rp[b] >= 0 && rp[b] < R && !taken[rp[b]], "decode_layer_rows: row ", b, "'s cache row ", rp[b],
-                " is outside the cache's ", R, " rows or taken by an earlier row");
+    bool shared_slot = false;
+    for (int64_t a = 0; a < b; ++a) shared_slot |= rp[a] == rp[b] && sp[a] == sp[b];
+    TORCH_CHECK(rp[b] >= 0 && rp[b] < R && !shared_slot, "decode_layer_rows: row ", b, "'s cache row ", rp[b],
+                " is outside the cache's ", R, " rows or its slot ", sp[b], " is taken by an earlier row");
     TORCH_CHECK(sp[b] >= 0 && sp[b] < np[b] && np[b] <= S && pp[b] >= 0, "decode_layer_rows: row ", b, "'s slot ",
                 sp[b], " / ", np[b], " slots at position ", pp[b], " do not fit a cache row of ", S, " slots");
-    taken[rp[b]] = true;
     steps[b] = {static_cast<char*>(k_cache.data_ptr()) + rp[b] * row_values * elem,
                 static_cast<char*>(v_cache.data_ptr()) + rp[b] * row_values * elem,
                 pos_cache.data_ptr<int64_t>() + rp[b] * S, sp[b], np[b], pp[b],
