@@ -197,7 +197,10 @@ def test_mapped_layers_take_the_one_call_decode(files, qtype, monkeypatch):
     monkeypatch.setattr(decode.HerdBlock, "forward", decode.Block.forward)
     ref_tokens, ref_lp = run()
     assert tokens == ref_tokens and len(set(tokens)) > 5
-    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=1e-4)
+    # the 10-token prompt's prefill takes the C++ layer too (decode_layer_rows, its tokens as rows of one cache row):
+    # keys that differ from the twin's in their last bits can move an int16 activation level in every later step's
+    # kernels (measured 2e-4 to 7.5e-4 here); a wrong slot, row or expert is O(1)
+    torch.testing.assert_close(lp, ref_lp, rtol=0, atol=2e-3)
 
 
 @needs_kernels
