@@ -226,21 +226,7 @@ class KVCache:
         (R, S), the layer's whole buffers; then per row, int64 (B,) each: its cache row, its slot, how many slots from
         0 attention reads). `update` writes slots itself; decode.HerdBlock has its C++ layer (decode_layer_rows) write
         them. None when keys are int8 or a row is padding (position < 0)."""
-        kb = self.k[layer]
-        if type(kb) is not torch.Tensor:
-            return None
-        # Every layer of a step gets the same positions and rows, and the per-row tensors depend only on the
-        # layer's kind (ring or not, S): computed once per kind and step (~10 us of torch ops per layer otherwise).
-        # Compared by value (copies kept): inference tensors have no version counter to tell in-place changes.
-        memo = self._slots_memo
-        if memo is None or not (_same(memo[0], pos) and _same(memo[1], self.rows)):
-            memo = self._slots_memo = (pos.clone(), self.rows.clone() if torch.is_tensor(self.rows) else self.rows,
-                                       {})
-        kind = (self.ring[layer], kb.shape[1])
-        if kind not in memo[2]:
-            memo[2][kind] = self._row_slots(pos, *kind)
-        per_row = memo[2][kind]
-        return None if per_row is None else (kb, self.v[layer], self.pos[layer], *per_row)
+        return self._step_slots(layer, pos, self._row_slots)
 
     def piece_slots(self, layer: int, pos):
         """decode_slots for a piece of one sequence, T new tokens at consecutive positions pos (1, T) in the cache's
@@ -248,23 +234,25 @@ class KVCache:
         attends, and a key counts only for queries at its position or later, so each token sees its causal prefix.
         None when decode_slots would be, the rows are not one, or on a ring layer the piece leaves its chunk (a later
         token's slot would hold a key an earlier token of the piece still reads)."""
+        return self._step_slots(layer, pos, self._piece_slots)
+
+    def _step_slots(self, layer: int, pos, per_row_of):
+        """(the layer's buffers, *per_row_of(pos, ring, S)) or None. Every layer of a step gets the same positions
+        and rows, and the per-row tensors depend only on the layer's kind (ring or not, S): computed once per kind and
+        step (~10 us of torch ops per layer otherwise). Compared by value (copies kept): inference tensors have no
+        version counter to tell in-place changes."""
         kb = self.k[layer]
-        if type(kb) is not torch.Tensor or pos.shape[0] != 1:
+        if type(kb) is not torch.Tensor:
             return None
-        row = self._row_ids(1)
-        if row.numel() != 1:
-            return None
-        p = pos.reshape(-1)                                                # (T,)
-        first, last, S = int(p[0]), int(p[-1]), kb.shape[1]
-        if first < 0 or last - first != p.numel() - 1 or not torch.equal(p, torch.arange(first, last + 1)):
-            return None
-        if self.ring[layer]:
-            if first // S != last // S:
-                return None
-        elif last >= S:
-            raise ContextLengthError(f"position {last} is past the cache's {S} slots")
-        n_slots = torch.full_like(p, S) if self.ring[layer] else p + 1
-        return kb, self.v[layer], self.pos[layer], row.long().expand(p.numel()).contiguous(), p % S, n_slots
+        memo = self._slots_memo
+        if memo is None or not (_same(memo[0], pos) and _same(memo[1], self.rows)):
+            memo = self._slots_memo = (pos.clone(), self.rows.clone() if torch.is_tensor(self.rows) else self.rows,
+                                       {})
+        kind = (per_row_of.__name__, self.ring[layer], kb.shape[1])
+        if kind not in memo[2]:
+            memo[2][kind] = per_row_of(pos, *kind[1:])
+        per_row = memo[2][kind]
+        return None if per_row is None else (kb, self.v[layer], self.pos[layer], *per_row)
 
     def _row_slots(self, pos, ring: bool, S: int):
         """decode_slots' per-row tensors (cache rows, slots, slots read) for positions pos (B, 1) in layers of this
@@ -273,10 +261,17 @@ class KVCache:
         lowest, highest = torch.aminmax(p)
         if int(lowest) < 0:
             return None
-        if not ring and int(highest) >= S:
-            raise ContextLengthError(f"position {int(highest)} is past the cache's {S} slots")
-        n_slots = torch.full_like(p, S) if ring else p + 1
-        return self._row_ids(p.shape[0]).long().contiguous(), p % S, n_slots
+        return (self._row_ids(p.shape[0]).long().contiguous(), *_slots_and_reads(p, int(highest), ring, S))
+
+    def _piece_slots(self, pos, ring: bool, S: int):
+        """piece_slots' per-row tensors for positions pos (1, T), or None (see piece_slots)."""
+        row, p = self._row_ids(1), pos.reshape(-1)                         # (T,)
+        first, last = int(p[0]), int(p[-1])
+        if (pos.shape[0] != 1 or row.numel() != 1 or first < 0
+                or not torch.equal(p, torch.arange(first, first + p.numel(), device=p.device))
+                or (ring and first // S != last // S)):
+            return None
+        return (row.long().expand(p.numel()).contiguous(), *_slots_and_reads(p, last, ring, S))
 
     def _update_dense(self, layer: int, k, v, pos):
         """`update` when every new token is real (no padding) and the rows are a slice: a single prompt's prefill,
@@ -296,6 +291,14 @@ class KVCache:
         if self.ring[layer]:
             return kb[self.rows], vb[self.rows], pb[self.rows]
         return kb[self.rows, :top + 1], vb[self.rows, :top + 1], pb[self.rows, :top + 1]
+
+
+def _slots_and_reads(p, highest: int, ring: bool, S: int):
+    """(slot, slots read from 0) of positions p (n,) >= 0, the largest `highest`, in a layer of this kind (ring or not,
+    S slots); past a global layer's slots: ContextLengthError."""
+    if not ring and highest >= S:
+        raise ContextLengthError(f"position {highest} is past the cache's {S} slots")
+    return p % S, torch.full_like(p, S) if ring else p + 1
 
 
 def _same(a, b) -> bool:
