@@ -265,9 +265,11 @@ class KVCache:
 
     def _piece_slots(self, pos, ring: bool, S: int):
         """piece_slots' per-row tensors for positions pos (1, T), or None (see piece_slots)."""
-        row, p = self._row_ids(1), pos.reshape(-1)                         # (T,)
+        rows, p = self.rows, pos.reshape(-1)                               # (T,)
+        n_rows = (rows.stop or 0) - (rows.start or 0) if isinstance(rows, slice) else rows.numel()
+        row = self._row_ids(1)
         first, last = int(p[0]), int(p[-1])
-        if (pos.shape[0] != 1 or row.numel() != 1 or first < 0
+        if (pos.shape[0] != 1 or n_rows != 1 or first < 0
                 or not torch.equal(p, torch.arange(first, first + p.numel(), device=p.device))
                 or (ring and first // S != last // S)):
             return None

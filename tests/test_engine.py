@@ -127,6 +127,27 @@ def test_decode_slot_views_follow_inference_mode():
     assert pos[0, :5].tolist() == [-1, -1, -1, 3, 4]
 
 
+def test_piece_slots_only_for_one_row_of_consecutive_positions():
+    """KVCache.piece_slots (a prefill piece as rows of one cache row) refuses what it cannot take: padding, positions
+    out of order, several sequences, several cache rows, a ring layer's piece that leaves its chunk (debug preset:
+    chunks of 16); a global layer past its slots is a ContextLengthError, as in decode_slots."""
+    cfg = preset("debug")
+    cache = KVCache(cfg, 2, 64)
+    cache.rows = slice(1, 2)
+    ring, nope = 0, cfg.n_layers - 1
+    rows, slots, n_slots = cache.piece_slots(ring, torch.arange(3, 7)[None])[3:]
+    assert rows.tolist() == [1] * 4 and slots.tolist() == [3, 4, 5, 6] and n_slots.tolist() == [16] * 4
+    assert cache.piece_slots(nope, torch.arange(3, 7)[None])[5].tolist() == [4, 5, 6, 7]
+    for pos in ([[-1, 0, 1]], [[3, 5, 4]], [[3, 4], [3, 4]], [[14, 15, 16]]):
+        assert cache.piece_slots(ring, torch.tensor(pos)) is None, pos
+    assert cache.piece_slots(nope, torch.tensor([[14, 15, 16]])) is not None
+    cache.rows = slice(0, 2)
+    assert cache.piece_slots(nope, torch.arange(3, 7)[None]) is None
+    cache.rows = slice(1, 2)
+    with pytest.raises(ContextLengthError, match="position 64 is past the cache's 64 slots"):
+        cache.piece_slots(nope, torch.arange(62, 65)[None])
+
+
 def test_argmax_rows_matches_torch_argmax():
     """The numpy path against torch's argmax: ties take the first index, a NaN counts as the largest, bf16 rows
     (torch's path), a 49k vocab."""
