@@ -204,7 +204,7 @@ constexpr int64_t int4_header_bytes(bool zeros) { return zeros ? 64 : 32; }
 template <int MT, bool Zeros>
 void int4_row_block(const uint8_t* stream, int64_t K, int64_t G, const int16_t* xq, const float* xs,
                     const float* xsum, int64_t n_groups, float* out, int64_t out_stride) {
-  const i32x16 low4 = set1_i8(0x0F), low8 = set1_i16(0x00FF);
+  const i32x16 low4 = set1_i16(0x000F);
   const f32x16 eight = set1(8.0f);
   f32x16 acc[MT];
   for (int i = 0; i < MT; ++i) acc[i] = zero();
@@ -225,9 +225,10 @@ void int4_row_block(const uint8_t* stream, int64_t K, int64_t G, const int16_t* 
         _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetch, _MM_HINT_T0);
         const i32x16 v = load_bytes(p);
         p += 64;
-        // per 32-bit lane: lo = bytes u[k0..k3], hi = bytes u[k4..k7]; as int16 pairs (k0, k2), (k1, k3), ...
-        const i32x16 lo = and_bits(v, low4), hi = and_bits(srli_i16<4>(v), low4);
-        const i32x16 u[4] = {and_bits(lo, low8), srli_i16<8>(lo), and_bits(hi, low8), srli_i16<8>(hi)};
+        // per 32-bit lane, int16 halves: bits 0-3 u[k0] / u[k2], 4-7 u[k4] / u[k6], 8-11 u[k1] / u[k3], 12-15
+        // u[k5] / u[k7]; as int16 pairs (k0, k2), (k1, k3), (k4, k6), (k5, k7)
+        const i32x16 u[4] = {and_bits(v, low4), and_bits(srli_i16<8>(v), low4), and_bits(srli_i16<4>(v), low4),
+                             srli_i16<12>(v)};
         for (int i = 0; i < MT; ++i) {
           const int16_t* xr = xq + i * K + k0 + 8 * c;      // k0 k2 k1 k3 k4 k6 k5 k7
           for (int j = 0; j < 4; ++j) {
