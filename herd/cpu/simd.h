@@ -37,15 +37,18 @@ constexpr int kDotChains = 4;
 #else
 struct f32x16 { __m256 lo, hi; };          // lanes 0-7, 8-15
 struct i32x16 { __m256i lo, hi; };
-// AVX2 has no VPDPWSSD: a dot step is VPMADDWD (independent of the accumulator) + VPADDD (1 cycle), so one chain
-// suffices, and more would not fit in 16 registers at 4 activation rows.
-constexpr int kDotChains = 1;
+// AVX2 has no VPDPWSSD: a dot step is VPMADDWD (independent of the accumulator) + VPADDD (1 cycle), so few chains
+// suffice: 2 at one activation row (measured on AMD Zen 2, int4 4096 x 4096, 1 thread: 523 -> 500 us; 4 chains
+// 588), 1 from two rows on (2 chains at 2 rows: 874 -> 937 us), where more would not fit in 16 registers.
+constexpr int kDotChains = 2;
 #endif
 // Chains per activation row when MT rows share each weight load: the rows are independent chains themselves, and
 // 4 rows x 4 chains of accumulators overflow AVX-512's 32 registers (measured, 576 x 3072 int4 at 2 threads: 122
 // GMAC/s at 3 rows x 4 chains, 89 at 4 x 4). At most 8 accumulators in all, at least one per row.
 template <int MT>
-constexpr int dot_chains() { return kDotChains < 8 / MT ? kDotChains : (8 / MT > 0 ? 8 / MT : 1); }
+constexpr int dot_chains() {
+  return HERD_AVX512 ? (kDotChains < 8 / MT ? kDotChains : (8 / MT > 0 ? 8 / MT : 1)) : (MT == 1 ? kDotChains : 1);
+}
 
 // ---- floats ---------------------------------------------------------------------------------------------------------
 #if HERD_AVX512
