@@ -153,10 +153,16 @@ def int4_module(N=64, K=256, G=64, zero=True):
     return mod, (unpack_int4(q), scale, z)
 
 
+# The row count from which the modules take the dequantize + dense path, pinned in the tests that cover both paths:
+# kernels.DEQUANT_ROWS depends on the CPU (never on AVX2), and both paths must be right on every CPU.
+DENSE_FROM = 64
+
+
 @needs_kernels
-@pytest.mark.parametrize("M", [1, 5, kernels.DEQUANT_ROWS + 3])    # the kernel; the dequantize + dense path
+@pytest.mark.parametrize("M", [1, 5, DENSE_FROM + 3])    # the kernel; the dequantize + dense path
 @pytest.mark.parametrize("zero", [True, False])
-def test_herd_int4_linear_matches_int4_linear(M, zero):
+def test_herd_int4_linear_matches_int4_linear(M, zero, monkeypatch):
+    monkeypatch.setattr(kernels, "DEQUANT_ROWS", DENSE_FROM)
     mod, (q, scale, z) = int4_module(zero=zero)
     herd_mod = kernels.HerdInt4Linear.from_int4(mod)
     x = rows(M, mod.in_features)
@@ -209,8 +215,9 @@ def test_int4_dequantize_matches_its_twin(N, K, G, symmetric):
 
 
 @needs_kernels
-@pytest.mark.parametrize("M", [1, kernels.DEQUANT_ROWS])
-def test_herd_int8_linear_matches_int8_linear(M):
+@pytest.mark.parametrize("M", [1, DENSE_FROM])
+def test_herd_int8_linear_matches_int8_linear(M, monkeypatch):
+    monkeypatch.setattr(kernels, "DEQUANT_ROWS", DENSE_FROM)
     w = torch.randn(48, 128, generator=torch.Generator().manual_seed(3))
     q, scale, _ = quantize_tensor(w, "int8")
     mod = Int8Linear(128, 48, device="meta")
@@ -256,8 +263,9 @@ def quantized_experts(scheme: str):
 
 @needs_kernels
 @pytest.mark.parametrize("scheme", ["int4", "int8"])
-@pytest.mark.parametrize("M", [1, 7, 600])        # a decode token, a few tokens, an expert with >= DEQUANT_ROWS
-def test_herd_experts_match_quantized_experts(scheme, M):
+@pytest.mark.parametrize("M", [1, 7, 600])        # a decode token, a few tokens, experts with >= DENSE_FROM rows
+def test_herd_experts_match_quantized_experts(scheme, M, monkeypatch):
+    monkeypatch.setattr(kernels, "DEQUANT_ROWS", DENSE_FROM)
     mod, reference = quantized_experts(scheme)
     assert kernels.can_convert(mod)
     herd_mod = (kernels.HerdInt4Experts.from_int4(mod) if scheme == "int4" else kernels.HerdInt8Experts.from_int8(mod))

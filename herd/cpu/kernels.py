@@ -33,12 +33,14 @@ Layouts ("streams": one flat buffer per matrix, read front to back by one thread
 
 Modules: `HerdInt4Linear` / `HerdInt8Linear` and `HerdInt4Experts` / `HerdInt8Experts` replace quantize.py's
 Int4Linear / Int8Linear / Int4Experts / Int8Experts holding the same weights (`use_herd_kernels` swaps them in after
-loading and fusing). Few rows run the kernels; from DEQUANT_ROWS rows on (prefill) they dequantize the matrix to
-bf16 and run a dense matmul, as quantize.py's modules do. `HerdGGUFExperts` replaces gguf.GGUFExperts (routed experts
+loading and fusing). Few rows run the kernels; from DEQUANT_ROWS rows on (prefill on AVX-512 CPUs; never on AVX2
+ones, where the kernels win at every row count) they dequantize the matrix to quantize.dense_dtype() and run a
+dense matmul, as quantize.py's modules do. `HerdGGUFExperts` replaces gguf.GGUFExperts (routed experts
 mapped from a GGUF file) with the same views, run by `gguf_mm` at every row count.
 """
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -56,16 +58,18 @@ ROWS = 16            # output rows per block (one 512-bit register of 32-bit lan
 X_BLOCK = 32         # inputs per activation scale
 
 
-def _dequant_rows() -> int:
+def _dequant_rows() -> float:
     """From this many rows on the modules dequantize + dense matmul instead of the kernels. The kernels re-read the
     weights once per 4 rows, so their cost grows with the rows; the dense path's is mostly the dequantization.
     AVX512-VNNI (vs a bf16 dense matmul; SmolLM2's shapes, 1 thread, bench/quant_matmul.py): the kernels are faster
     up to 192 rows for every shape (int4: 1.3-1.8x at 192 rows), so 256, where quantize.py switches too. AVX2 (half
-    the multiply width; vs an fp32 dense matmul, quantize.dense_dtype; AMD EPYC, 2 threads): even at 32-64 rows
-    (3072x576 int4: 5.1 vs 5.8 ms at 32 rows, 10.0 vs 6.7 ms at 64), so 64."""
+    the multiply width; vs an fp32 dense matmul, quantize.dense_dtype): never (inf). The kernels (~78 GMAC/s at 2
+    threads) out-multiply torch's fp32 matmul itself (~70) before its dequantization is counted: AMD EPYC Zen 2, 2
+    threads, 512 rows, int4 3072x576 11.6 vs 13.8 ms, Scout's 7168x5120 241 vs 334 ms, int8 7168x5120 203 vs 386 ms,
+    and wider margins at 32-256 rows."""
     flags = extension.cpu_flags() or set()
     avx512 = set(extension.VARIANTS["avx512"][1]) <= flags and os.environ.get("HERD_KERNELS", "1").lower() != "avx2"
-    return 256 if avx512 else 64
+    return 256 if avx512 else math.inf
 
 
 DEQUANT_ROWS = _dequant_rows()
