@@ -61,7 +61,8 @@ def test_activation_quantization_matches_reference():
 # The kernels sum int16 x int4/int8 products exactly in int32 and combine the blocks in fp32 FMAs (in a different
 # order than the float64 twin): measured max error ~3e-7 of the largest output; stated 1e-5.
 @needs_kernels
-@pytest.mark.parametrize("M", [1, 3, 4, 9])                         # 4-row tiles, and a partial tile
+# 4-row tiles, a partial tile; many rows (prefill): 64-row chunks shared out over the threads, and a partial chunk
+@pytest.mark.parametrize("M", [1, 3, 4, 9, 137])
 @pytest.mark.parametrize("N,K,G", [(16, 32, 32), (96, 576, 32), (48, 256, 64), (32, 512, 128), (16, 256, 256)])
 @pytest.mark.parametrize("zero", [True, False])
 def test_int4_kernel_matches_twin(M, N, K, G, zero):
@@ -74,7 +75,7 @@ def test_int4_kernel_matches_twin(M, N, K, G, zero):
 
 
 @needs_kernels
-@pytest.mark.parametrize("M", [1, 6])
+@pytest.mark.parametrize("M", [1, 6, 137])
 @pytest.mark.parametrize("N,K", [(16, 32), (80, 576)])
 def test_int8_kernel_matches_twin(M, N, K):
     g = torch.Generator().manual_seed(0)
