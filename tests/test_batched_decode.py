@@ -118,6 +118,39 @@ def test_prefill_piece_as_rows_matches_block_forward(kind, scheme, row, T):
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
+def test_prefill_piece_after_a_long_prompt_matches_block_forward(threads):
+    """A 12-token piece after a 2100-token prompt: its rows attend together over their shared cache row, each key read
+    once for all of them, in key ranges split over the threads (or on one): layer by layer against Block.forward."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = packed_tiny("llama4", "int4")
+        decode.use_decode_kernels(model)
+        engine = prefilled(model, 3, lengths=[2100, 7, 300])
+        cache = engine.cache
+        cache.rows = slice(0, 1)
+        T = 12
+        pos = torch.arange(2100, 2100 + T)[None]                   # inside one 16-token chunk of the ring layers
+        x = torch.randn(1, T, model.config.dim, generator=torch.Generator().manual_seed(5))
+        rope = rope_angles(pos, rope_frequencies(model.config))
+        with torch.inference_mode():
+            for layer in model.layers:
+                i = layer.attention.layer_id
+                twin_cache = copy.deepcopy(cache)
+                ref = decode.Block.forward(layer, x, pos, rope, twin_cache)
+                args = layer._piece_call_args(x, pos, rope, cache)
+                assert args is not None, "the piece must take the rows"
+                got = extension.ext().decode_layer_rows(*args).view_as(x)
+                torch.testing.assert_close(got, ref, rtol=0, atol=QUANT_ATOL * float(ref.abs().max()))
+                torch.testing.assert_close(cache.k[i], twin_cache.k[i], rtol=1e-5, atol=1e-5)
+                assert torch.equal(cache.pos[i], twin_cache.pos[i])
+                x = ref
+    finally:
+        torch.set_num_threads(before)
+
+
+@needs_kernels
+@pytest.mark.parametrize("threads", [1, 2])
 def test_decode_layer_rows_long_context_equals_each_row_alone(threads):
     """A NoPE layer's 2100-slot cache row is attended in key ranges split over the threads at batch 1 and on one
     thread inside a batch (the rows are on the threads): the same bits either way, and the twin's numbers."""

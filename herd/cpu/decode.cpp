@@ -71,40 +71,74 @@ inline void prefetch_ahead(const void* row, int64_t row_bytes, int64_t rows_left
   for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T0);
 }
 
+// The queries of one attention call: Q rows (a decode token, or the tokens of a prefill piece, which share one cache
+// row), row t's H*D values at q + t * stride, its position pos[t] and the first position it may see lo[t] (its
+// chunk's start; 0 on global layers). Key j counts for row t iff lo[t] <= k_pos[j] <= pos[t] (k_pos -1: empty slot).
+struct Queries {
+  const float* q;
+  int64_t stride, Q;
+  const int64_t *pos, *lo;
+};
+
+// a (16 C) += sum over the n keys i that `sees` of w[i] * x[i * stride .. + 16 C], in key order: the sums stay in
+// registers across the keys (C is a compile-time count, so the compiler keeps them there).
+template <int C, typename T, typename Sees>
+inline void value_tile(const float* w, const T* x, int64_t stride, int64_t n, Sees sees, float* a) {
+  f32x16 r[C];
+  for (int c = 0; c < C; ++c) r[c] = load(a + 16 * c);
+  for (int64_t i = 0; i < n; ++i) {
+    if (!sees(i)) continue;
+    const f32x16 p = set1(w[i]);
+    for (int c = 0; c < C; ++c) r[c] = fmadd(p, load16(x + i * stride + 16 * c), r[c]);
+  }
+  for (int c = 0; c < C; ++c) store(a + 16 * c, r[c]);
+}
+
 // Keys j0..j1-1 of `attend_one`, read in memory order: all kv heads of key j, then key j + 1 (the cache is
-// (S, K, D)). Measured on SmolLM2's shapes, 517 keys, 30 layers' caches from L3, 1 thread: one kv head at a time
-// 262 us per layer, in memory order 230, with the prefetch 172-189; 4 keys' sums at once: 105 -> 77 us from L2.
-// For each query head h:
-// top[h] = the largest visible score, total[h] = sum of e^(score - top[h]), acc[h] (D) = the sum of those weights
-// times the values; the caller merges ranges (log-sum-exp). No visible key: top = -inf, total 0, acc 0.
+// (S, K, D)), each key once for all Q queries (a piece's rows read their shared prefix once, not once per row).
+// Measured on SmolLM2's shapes, 517 keys, 30 layers' caches from L3, 1 thread: one kv head at a time 262 us per
+// layer, in memory order 230, with the prefetch 172-189; 4 keys' sums at once: 105 -> 77 us from L2.
+// For each query t and head h, at index t * H + h:
+// top = the largest visible score, total = sum of e^(score - top), acc (D) = the sum of those weights times the
+// values; the caller merges ranges (log-sum-exp). No visible key: top = -inf, total 0, acc 0.
 template <typename T>
-void attend_range(const float* q, const T* k, const T* v, const uint8_t* visible, int64_t j0, int64_t j1,
-                  int64_t K, int64_t G, int64_t D, float* top, float* total, float* acc) {
-  const int64_t H = K * G, n = j1 - j0;
+void attend_range(const Queries& qs, const T* k, const T* v, const int64_t* kp, int64_t j0, int64_t j1, int64_t K,
+                  int64_t G, int64_t D, float* top, float* total, float* acc) {
+  const int64_t H = K * G, n = j1 - j0, QH = qs.Q * H;
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  std::vector<float> scores(H * n);                    // (H, n)
-  std::fill(top, top + H, neg_inf);
+  std::vector<uint8_t> visible(qs.Q * n);             // (Q, n): key j0 + i counts for query t
+  for (int64_t t = 0; t < qs.Q; ++t)
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = kp[j0 + i];
+      visible[t * n + i] = p >= 0 && p >= qs.lo[t] && p <= qs.pos[t];
+    }
+  auto sees = [&](int64_t t, int64_t j) { return visible[t * n + (j - j0)] != 0; };
+  std::vector<float> scores(QH * n);                   // (Q * H, n)
+  std::fill(top, top + QH, neg_inf);
   const int64_t row_bytes = K * D * static_cast<int64_t>(sizeof(T));
   int64_t j = j0;
   if (D % 16 == 0) {         // 4 keys at a time: their 4 dot products per head summed across lanes together
     for (; j + 4 <= j1; j += 4) {
       const T* row = k + j * K * D;
       prefetch_ahead(row, 4 * row_bytes, (j1 - j) / 4);
-      for (int64_t h = 0; h < H; ++h) {
-        const float* qh = q + h * D;
-        const T* kh = row + (h / G) * D;
-        f32x16 a[4] = {zero(), zero(), zero(), zero()};
-        for (int64_t d = 0; d < D; d += 16) {
-          const f32x16 qv = load(qh + d);
-          for (int r = 0; r < 4; ++r) a[r] = fmadd(qv, load16(kh + r * K * D + d), a[r]);
-        }
-        float dots[4];
-        _mm_storeu_ps(dots, hsum4(a));
-        for (int r = 0; r < 4; ++r) {
-          const float s = visible[j + r] ? dots[r] * scale : neg_inf;
-          scores[h * n + (j + r - j0)] = s;
-          top[h] = std::max(top[h], s);
+      for (int64_t t = 0; t < qs.Q; ++t) {
+        for (int64_t h = 0; h < H; ++h) {
+          const float* qh = qs.q + t * qs.stride + h * D;
+          const T* kh = row + (h / G) * D;
+          f32x16 a[4] = {zero(), zero(), zero(), zero()};
+          for (int64_t d = 0; d < D; d += 16) {
+            const f32x16 qv = load(qh + d);
+            for (int r = 0; r < 4; ++r) a[r] = fmadd(qv, load16(kh + r * K * D + d), a[r]);
+          }
+          float dots[4];
+          _mm_storeu_ps(dots, hsum4(a));
+          const int64_t th = t * H + h;
+          for (int r = 0; r < 4; ++r) {
+            const float sc = sees(t, j + r) ? dots[r] * scale : neg_inf;
+            scores[th * n + (j + r - j0)] = sc;
+            top[th] = std::max(top[th], sc);
+          }
         }
       }
     }
@@ -112,20 +146,23 @@ void attend_range(const float* q, const T* k, const T* v, const uint8_t* visible
   for (; j < j1; ++j) {
     const T* row = k + j * K * D;
     prefetch_ahead(row, row_bytes, j1 - j);
-    for (int64_t h = 0; h < H; ++h) {
-      const float s = visible[j] ? dot(q + h * D, row + (h / G) * D, D) * scale : neg_inf;
-      scores[h * n + (j - j0)] = s;
-      top[h] = std::max(top[h], s);
+    for (int64_t t = 0; t < qs.Q; ++t) {
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t th = t * H + h;
+        const float sc = sees(t, j) ? dot(qs.q + t * qs.stride + h * D, row + (h / G) * D, D) * scale : neg_inf;
+        scores[th * n + (j - j0)] = sc;
+        top[th] = std::max(top[th], sc);
+      }
     }
   }
-  for (int64_t h = 0; h < H; ++h) {                    // e^(s - top); masked scores are -inf and give exactly 0
-    float* sh = scores.data() + h * n;
-    total[h] = 0.0f;
-    if (top[h] == neg_inf) {                           // nothing visible here: weights all 0
+  for (int64_t th = 0; th < QH; ++th) {                // e^(s - top); masked scores are -inf and give exactly 0
+    float* sh = scores.data() + th * n;
+    total[th] = 0.0f;
+    if (top[th] == neg_inf) {                          // nothing visible here: weights all 0
       std::fill(sh, sh + n, 0.0f);
       continue;
     }
-    const f32x16 m = set1(top[h]);
+    const f32x16 m = set1(top[th]);
     f32x16 sum = zero();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
@@ -133,18 +170,46 @@ void attend_range(const float* q, const T* k, const T* v, const uint8_t* visible
       store(sh + i, e);
       sum = add(sum, e);
     }
-    total[h] = reduce_add(sum);
+    total[th] = reduce_add(sum);
     for (; i < n; ++i) {
-      sh[i] = std::exp(sh[i] - top[h]);
-      total[h] += sh[i];
+      sh[i] = std::exp(sh[i] - top[th]);
+      total[th] += sh[i];
     }
   }
-  std::fill(acc, acc + H * D, 0.0f);
+  std::fill(acc, acc + QH * D, 0.0f);
+  if (qs.Q > 1 && D % 16 == 0) {
+    // Several queries (a piece): tiles of kValueTile keys (one kv head's values of a tile stay in L1 across the
+    // queries and heads that read it); per query and head, up to 64 of its D sums in registers across the tile's
+    // keys, instead of loaded and stored for every key (SmolLM2, a 16-token piece's step at position 2000: 93 -> 79
+    // ms). One query (decode) keeps the key-by-key loop below: the tiles measured slower there with an f16 cache.
+    constexpr int64_t kValueTile = 32;
+    for (int64_t jt = j0; jt < j1; jt += kValueTile) {
+      const int64_t je = std::min(j1, jt + kValueTile);
+      for (int64_t t = 0; t < qs.Q; ++t) {
+        for (int64_t h = 0; h < H; ++h) {
+          const int64_t th = t * H + h;
+          const float* w = scores.data() + th * n + (jt - j0);          // the tile's weights
+          const T* x = v + jt * K * D + (h / G) * D;                     // its first key's values of head h's kv head
+          float* a = acc + th * D;
+          auto seen = [&](int64_t i) { return sees(t, jt + i); };
+          int64_t d0 = 0;
+          for (; d0 + 64 <= D; d0 += 64) value_tile<4>(w, x + d0, K * D, je - jt, seen, a + d0);
+          for (; d0 < D; d0 += 16) value_tile<1>(w, x + d0, K * D, je - jt, seen, a + d0);
+        }
+      }
+    }
+    return;
+  }
   for (j = j0; j < j1; ++j) {
-    if (!visible[j]) continue;
     const T* row = v + j * K * D;
     prefetch_ahead(row, row_bytes, j1 - j);
-    for (int64_t h = 0; h < H; ++h) axpy(scores[h * n + (j - j0)], row + (h / G) * D, acc + h * D, D);
+    for (int64_t t = 0; t < qs.Q; ++t) {
+      if (!sees(t, j)) continue;
+      for (int64_t h = 0; h < H; ++h) {
+        const int64_t th = t * H + h;
+        axpy(scores[th * n + (j - j0)], row + (h / G) * D, acc + th * D, D);
+      }
+    }
   }
 }
 
@@ -230,26 +295,26 @@ void check_cache(const torch::Tensor& k, const torch::Tensor& v) {
               k.sizes(), " ", k.scalar_type(), " and ", v.sizes(), " ", v.scalar_type());
 }
 
-// attend_one on raw pointers: k, v (S, K, D) of T, k_pos (S,), out (H*D) written. Long caches are cut in key ranges
-// (how many depends only on the cache's size and the thread count, so a row's sums are the same bits either way);
-// `split_threads` false runs them all on this thread (decode_layer_rows: its rows already run in parallel, and the
-// WorkerPool does not nest).
+// attend_one on raw pointers for the queries qs (one token, or the rows of a prefill piece sharing this cache row):
+// k, v (S, K, D) of T, k_pos (S,); query t's output (H*D) written at op + t * out_stride. Long caches are cut in key
+// ranges (how many depends only on the cache's size and the thread count, so a query's sums are the same bits
+// whichever thread runs its ranges and whichever queries share the call); `split_threads` false runs them all on
+// this thread (decode_layer_rows: its rows already run in parallel, and the WorkerPool does not nest).
 template <typename T>
-void attend_one_raw(const float* qp, const T* k, const T* v, const int64_t* kp, int64_t S, int64_t K, int64_t D,
-                    int64_t H, int64_t q_pos, int64_t chunk, float* op, bool split_threads = true) {
-  const int64_t G = H / K;
-  const int64_t lo = chunk > 0 ? q_pos - q_pos % chunk : 0;
-  std::vector<uint8_t> visible(S);
-  for (int64_t j = 0; j < S; ++j) visible[j] = kp[j] >= 0 && kp[j] >= lo && kp[j] <= q_pos;
-  // Key ranges in parallel (kernels.cpp's SpinPool, as the matmuls around it) only when there is enough cache to
-  // read: a short context is cheaper on one thread. Ranges of at least 256 keys.
-  const int64_t n_ranges = S * K * D >= 65536 ? std::min<int64_t>(at::get_num_threads(), (S + 255) / 256) : 1;
+void attend_queries_raw(const Queries& qs, const T* k, const T* v, const int64_t* kp, int64_t S, int64_t K,
+                        int64_t D, int64_t H, float* op, int64_t out_stride, bool split_threads = true) {
+  const int64_t G = H / K, QH = qs.Q * H;
+  // Key ranges in parallel (kernels.cpp's SpinPool, as the matmuls around it) only when there is enough work: a
+  // short context is cheaper on one thread. Ranges of at least 256 keys for one query, fewer for more (16 for 16).
+  const int64_t min_keys = std::max<int64_t>(16, 256 / qs.Q);
+  const int64_t n_ranges = S * K * D * qs.Q >= 65536
+                               ? std::min<int64_t>(at::get_num_threads(), (S + min_keys - 1) / min_keys) : 1;
   const int64_t per = (S + n_ranges - 1) / n_ranges;
-  std::vector<float> top(n_ranges * H), total(n_ranges * H), acc(n_ranges * H * D);
+  std::vector<float> top(n_ranges * QH), total(n_ranges * QH), acc(n_ranges * QH * D);
   auto ranges = [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t j0 = std::min(S, r * per), j1 = std::min(S, j0 + per);
-      attend_range(qp, k, v, visible.data(), j0, j1, K, G, D, &top[r * H], &total[r * H], &acc[r * H * D]);
+      attend_range(qs, k, v, kp, j0, j1, K, G, D, &top[r * QH], &total[r * QH], &acc[r * QH * D]);
     }
   };
   if (n_ranges > 1 && split_threads) {
@@ -257,20 +322,29 @@ void attend_one_raw(const float* qp, const T* k, const T* v, const int64_t* kp, 
   } else {
     ranges(0, n_ranges);
   }
-  // merge: out[h] = sum_r e^(top_r - M) acc_r / sum_r e^(top_r - M) total_r, M = max_r top_r
-  std::fill(op, op + H * D, 0.0f);
-  for (int64_t h = 0; h < H; ++h) {
+  // merge: out[t, h] = sum_r e^(top_r - M) acc_r / sum_r e^(top_r - M) total_r, M = max_r top_r
+  for (int64_t th = 0; th < QH; ++th) {
+    float* o = op + (th / H) * out_stride + (th % H) * D;
+    std::fill(o, o + D, 0.0f);
     float M = -std::numeric_limits<float>::infinity(), denom = 0.0f;
-    for (int64_t r = 0; r < n_ranges; ++r) M = std::max(M, top[r * H + h]);
+    for (int64_t r = 0; r < n_ranges; ++r) M = std::max(M, top[r * QH + th]);
     if (M == -std::numeric_limits<float>::infinity()) continue;      // no visible key at all: zeros
     for (int64_t r = 0; r < n_ranges; ++r) {
-      if (total[r * H + h] == 0.0f) continue;
-      const float w = std::exp(top[r * H + h] - M);
-      denom += w * total[r * H + h];
-      axpy(w, &acc[(r * H + h) * D], op + h * D, D);
+      if (total[r * QH + th] == 0.0f) continue;
+      const float w = std::exp(top[r * QH + th] - M);
+      denom += w * total[r * QH + th];
+      axpy(w, &acc[(r * QH + th) * D], o, D);
     }
-    for (int64_t i = 0; i < D; ++i) op[h * D + i] /= denom;
+    for (int64_t i = 0; i < D; ++i) o[i] /= denom;
   }
+}
+
+// One query at position q_pos, on a layer of chunk `chunk` (0: global), out (H*D).
+template <typename T>
+void attend_one_raw(const float* qp, const T* k, const T* v, const int64_t* kp, int64_t S, int64_t K, int64_t D,
+                    int64_t H, int64_t q_pos, int64_t chunk, float* op, bool split_threads = true) {
+  const int64_t lo = chunk > 0 ? q_pos - q_pos % chunk : 0;
+  attend_queries_raw(Queries{qp, 0, 1, &q_pos, &lo}, k, v, kp, S, K, D, H, op, 0, split_threads);
 }
 
 void attend_one_raw(const float* q, const torch::Tensor& k, const torch::Tensor& v, const int64_t* kp, int64_t S,
@@ -510,18 +584,26 @@ void write_slot(const float* src, void* row, c10::ScalarType dtype, int64_t slot
   }
 }
 
-// attend_one_raw for one row's query q (H*D) over its cache row -> out (H*D)
-void attend_row(const float* q, const RowStep& r, c10::ScalarType dtype, int64_t K, int64_t D, int64_t H,
-                int64_t chunk, float* out, bool split_threads) {
+// Attention for n rows of a step that share one cache row (a prefill piece's tokens, or one decode row alone): their
+// queries (row i's at q + i * q_stride) read the row's keys once for all of them -> row i's (H*D) at out + i * H*D.
+void attend_rows(const float* q, int64_t q_stride, const RowStep* rows, int64_t n, c10::ScalarType dtype, int64_t K,
+                 int64_t D, int64_t H, int64_t chunk, float* out, bool split_threads) {
+  std::vector<int64_t> pos(n), lo(n);
+  for (int64_t i = 0; i < n; ++i) {
+    pos[i] = rows[i].pos;
+    lo[i] = chunk > 0 ? pos[i] - pos[i] % chunk : 0;
+  }
+  const Queries qs{q, q_stride, n, pos.data(), lo.data()};
+  const RowStep& r = rows[0];
   if (dtype == torch::kFloat32) {
-    attend_one_raw(q, static_cast<const float*>(r.k), static_cast<const float*>(r.v), r.k_pos, r.n_slots, K, D, H,
-                   r.pos, chunk, out, split_threads);
+    attend_queries_raw(qs, static_cast<const float*>(r.k), static_cast<const float*>(r.v), r.k_pos, r.n_slots, K, D,
+                       H, out, H * D, split_threads);
   } else if (dtype == torch::kBFloat16) {
-    attend_one_raw(q, static_cast<const at::BFloat16*>(r.k), static_cast<const at::BFloat16*>(r.v), r.k_pos,
-                   r.n_slots, K, D, H, r.pos, chunk, out, split_threads);
+    attend_queries_raw(qs, static_cast<const at::BFloat16*>(r.k), static_cast<const at::BFloat16*>(r.v), r.k_pos,
+                       r.n_slots, K, D, H, out, H * D, split_threads);
   } else {
-    attend_one_raw(q, static_cast<const at::Half*>(r.k), static_cast<const at::Half*>(r.v), r.k_pos, r.n_slots, K,
-                   D, H, r.pos, chunk, out, split_threads);
+    attend_queries_raw(qs, static_cast<const at::Half*>(r.k), static_cast<const at::Half*>(r.v), r.k_pos, r.n_slots,
+                       K, D, H, out, H * D, split_threads);
   }
 }
 
@@ -579,16 +661,26 @@ void layer_rows(const LayerWeights& w, const float* x, int64_t B, const std::vec
     write_slot(t + (H + K) * D, r.v, cache_dtype, r.slot, K * D);
     r.k_pos[r.slot] = r.pos;
   }
-  // rows on the threads when there are enough of them, else one row at a time with its keys split over the threads
-  const bool by_rows = B > 1 && B >= at::get_num_threads();
+  // Consecutive rows sharing a cache row (a prefill piece's tokens) attend as one group, reading its keys once for
+  // all of them (a 16-token piece at position 1000 read each key 16 times before). Groups on the threads when there
+  // are enough of them, else one group at a time with its keys split over the threads.
+  std::vector<int64_t> group_start{0};
+  for (int64_t b = 1; b < B; ++b)
+    if (rows[b].k != rows[b - 1].k || rows[b].n_slots != rows[b - 1].n_slots) group_start.push_back(b);
+  group_start.push_back(B);
+  const int64_t n_groups = static_cast<int64_t>(group_start.size()) - 1;
+  const bool by_groups = n_groups > 1 && n_groups >= at::get_num_threads();
   auto attend = [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b)
-      attend_row(&qkv[b * n_qkv], rows[b], cache_dtype, K, D, H, chunk, &attn[b * H * D], !by_rows);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t b0 = group_start[g];
+      attend_rows(&qkv[b0 * n_qkv], n_qkv, &rows[b0], group_start[g + 1] - b0, cache_dtype, K, D, H, chunk,
+                  &attn[b0 * H * D], !by_groups);
+    }
   };
-  if (by_rows) {
-    parallel_rows(B, attend);
+  if (by_groups) {
+    parallel_rows(n_groups, attend);
   } else {
-    attend(0, B);
+    attend(0, n_groups);
   }
   w.o.apply(attn.data(), B, h.data());
   for (int64_t i = 0; i < B * dim; ++i) h[i] += x[i];                    // h = x + wo(...), in the model's order

@@ -41,10 +41,11 @@ from .fuse import FusedAttention, FusedFeedForward, retype
 _EMPTY = torch.empty(0)
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)      # what attend_one reads
 # A prefill piece runs as rows of one cache row (HerdBlock._piece_call_args) while T x (its last position + 1) stays
-# under this: each row reads its own prefix of keys, where the twin's SDPA reads them once for all. Measured on SmolLM2
-# (AVX2, 2 threads), rows against twin: T=4 at position 100 13.8 vs 25.0 ms, at 8000 104.7 vs 107.5; T=16 at 1000
-# 63.7 vs 70.6, at 4000 148.5 vs 125.1; T=32 at 1000 118.1 vs 119.6, at 4000 274.1 vs 201.6.
-PIECE_ROW_KEYS = 32768
+# under this: the rows' attention (decode.cpp, each key read once for all of them) costs ~T x position, where the
+# twin's SDPA does better on long prefixes. Measured on SmolLM2 (AVX2, 2 threads, a noisy VM: +-10% between runs), a
+# piece's step, rows against twin: T=4 at position 2000 30.6 vs 44.3 ms, at 3900 50.9 vs 63.5; T=16 at 2000 89.4 vs
+# 97.2, at 3000 117.0 vs 104.6; T=64 at 500 157.6 vs 172.2, at 1000 198.7 vs 197.7, at 2000 279.2 vs 251.3.
+PIECE_ROW_KEYS = 40960
 # Up to this many rows fp32 products run kernels.cpp's fp32_mm, from here on torch's GEMM. Measured one row at a time
 # over 160 MB of matrices (cold caches) at the tiny MoE's and the 8192-row vocab head's shapes: at 2 threads 10-60 us
 # faster per matrix than x @ w_t (no OpenMP region per call), at 1 thread the same within noise.
@@ -226,7 +227,7 @@ class HerdBlock(Block):
                 q_scales, *cache, pos.reshape(-1), attn.chunk_size or 0)
 
     def _piece_call_args(self, x, pos, rope, kv_cache):
-        """decode_layer_rows' arguments for a few new tokens of one sequence (x (1, T, dim), 1 < T < DEQUANT_ROWS: a
+        """decode_layer_rows' arguments for new tokens of one sequence (x (1, T, dim), 1 < T < DEQUANT_ROWS: a
         prefill piece beside decoding streams, a short prompt, a chat turn) as T rows of its one cache row
         (KVCache.piece_slots), or None, also from PIECE_ROW_KEYS on. Why: the twin's per-layer torch calls and SDPA
         cost a 4-token piece 25 ms at position 100 on SmolLM2 (AVX2, 2 threads), the rows 13.8."""
