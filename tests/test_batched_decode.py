@@ -116,69 +116,67 @@ def test_prefill_piece_as_rows_matches_block_forward(kind, scheme, row, T):
     assert taken >= 1
 
 
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def long_prompt_engine(request):
+    """(model, engine) on 1 or 2 torch threads: the tiny llama4 int4 model with the decode kernels, its three cache
+    rows prefilled with 2100, 7 and 300 tokens (long enough that attention splits its keys over the threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        model = packed_tiny("llama4", "int4")
+        decode.use_decode_kernels(model)
+        yield model, prefilled(model, 3, lengths=[2100, 7, 300])
+    finally:
+        torch.set_num_threads(before)
+
+
 @needs_kernels
-@pytest.mark.parametrize("threads", [1, 2])
-def test_prefill_piece_after_a_long_prompt_matches_block_forward(threads):
+def test_prefill_piece_after_a_long_prompt_matches_block_forward(long_prompt_engine):
     """A 12-token piece after a 2100-token prompt: its rows attend together over their shared cache row, each key read
     once for all of them, in key ranges split over the threads (or on one): layer by layer against Block.forward."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model = packed_tiny("llama4", "int4")
-        decode.use_decode_kernels(model)
-        engine = prefilled(model, 3, lengths=[2100, 7, 300])
-        cache = engine.cache
-        cache.rows = slice(0, 1)
-        T = 12
-        pos = torch.arange(2100, 2100 + T)[None]                   # inside one 16-token chunk of the ring layers
-        x = torch.randn(1, T, model.config.dim, generator=torch.Generator().manual_seed(5))
-        rope = rope_angles(pos, rope_frequencies(model.config))
-        with torch.inference_mode():
-            for layer in model.layers:
-                i = layer.attention.layer_id
-                twin_cache = copy.deepcopy(cache)
-                ref = decode.Block.forward(layer, x, pos, rope, twin_cache)
-                args = layer._piece_call_args(x, pos, rope, cache)
-                assert args is not None, "the piece must take the rows"
-                got = extension.ext().decode_layer_rows(*args).view_as(x)
-                torch.testing.assert_close(got, ref, rtol=0, atol=QUANT_ATOL * float(ref.abs().max()))
-                torch.testing.assert_close(cache.k[i], twin_cache.k[i], rtol=1e-5, atol=1e-5)
-                assert torch.equal(cache.pos[i], twin_cache.pos[i])
-                x = ref
-    finally:
-        torch.set_num_threads(before)
+    model, engine = long_prompt_engine
+    cache = engine.cache
+    cache.rows = slice(0, 1)
+    T = 12
+    pos = torch.arange(2100, 2100 + T)[None]                       # inside one 16-token chunk of the ring layers
+    x = torch.randn(1, T, model.config.dim, generator=torch.Generator().manual_seed(5))
+    rope = rope_angles(pos, rope_frequencies(model.config))
+    with torch.inference_mode():
+        for layer in model.layers:
+            i = layer.attention.layer_id
+            twin_cache = copy.deepcopy(cache)
+            ref = decode.Block.forward(layer, x, pos, rope, twin_cache)
+            args = layer._piece_call_args(x, pos, rope, cache)
+            assert args is not None, "the piece must take the rows"
+            got = extension.ext().decode_layer_rows(*args).view_as(x)
+            torch.testing.assert_close(got, ref, rtol=0, atol=QUANT_ATOL * float(ref.abs().max()))
+            torch.testing.assert_close(cache.k[i], twin_cache.k[i], rtol=1e-5, atol=1e-5)
+            assert torch.equal(cache.pos[i], twin_cache.pos[i])
+            x = ref
 
 
 @needs_kernels
-@pytest.mark.parametrize("threads", [1, 2])
-def test_decode_layer_rows_long_context_equals_each_row_alone(threads):
+def test_decode_layer_rows_long_context_equals_each_row_alone(long_prompt_engine):
     """A NoPE layer's 2100-slot cache row is attended in key ranges split over the threads at batch 1 and on one
     thread inside a batch (the rows are on the threads): the same bits either way, and the twin's numbers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        model = packed_tiny("llama4", "int4")
-        decode.use_decode_kernels(model)
-        engine = prefilled(model, 3, lengths=[2100, 7, 300])
-        rows = [0, 1, 2]
-        x, pos, rope = decode_step(model, engine, rows)
-        layer = model.layers[3]
-        assert layer.attention.spec.temperature_tuning and not layer.attention.spec.chunked
-        with torch.inference_mode():
-            alone = []
-            for b, r in enumerate(rows):
-                one = copy.deepcopy(engine.cache)
-                one.rows = slice(r, r + 1)
-                alone.append(extension.ext().decode_layer(*layer._one_call_args(x[b:b + 1], pos[b:b + 1],
-                                                                                  rope[b:b + 1], one)))
-            twin = copy.deepcopy(engine.cache)
-            engine.cache.rows = twin.rows = slice(0, 3)
-            got = extension.ext().decode_layer_rows(*layer._rows_call_args(x, pos, rope, engine.cache))
-            ref = decode.Block.forward(layer, x, pos, rope, twin)
-        assert torch.equal(got, torch.cat(alone))
-        torch.testing.assert_close(got.view_as(ref), ref, rtol=0, atol=QUANT_ATOL * float(ref.abs().max()))
-    finally:
-        torch.set_num_threads(before)
+    model, engine = long_prompt_engine
+    rows = [0, 1, 2]
+    x, pos, rope = decode_step(model, engine, rows)
+    layer = model.layers[3]
+    assert layer.attention.spec.temperature_tuning and not layer.attention.spec.chunked
+    with torch.inference_mode():
+        alone = []
+        for b, r in enumerate(rows):
+            one = copy.deepcopy(engine.cache)
+            one.rows = slice(r, r + 1)
+            alone.append(extension.ext().decode_layer(*layer._one_call_args(x[b:b + 1], pos[b:b + 1],
+                                                                              rope[b:b + 1], one)))
+        twin = copy.deepcopy(engine.cache)
+        engine.cache.rows = twin.rows = slice(0, 3)
+        got = extension.ext().decode_layer_rows(*layer._rows_call_args(x, pos, rope, engine.cache))
+        ref = decode.Block.forward(layer, x, pos, rope, twin)
+    assert torch.equal(got, torch.cat(alone))
+    torch.testing.assert_close(got.view_as(ref), ref, rtol=0, atol=QUANT_ATOL * float(ref.abs().max()))
 
 
 def staggered(model, prompt_list, params, max_batch=None) -> tuple[list[list[int]], list]:
