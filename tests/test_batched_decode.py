@@ -92,8 +92,16 @@ def test_prefill_piece_as_rows_matches_block_forward(kind, scheme, row, T):
     start = len(engine.rows[row].prompt)
     pos = torch.arange(start, start + T)[None]
     x = torch.randn(1, T, model.config.dim, generator=torch.Generator().manual_seed(T))
+    assert piece_through_layers(model, cache, x, pos, 2e-6 if scheme == "fp32" else QUANT_ATOL) >= 1
+
+
+def piece_through_layers(model, cache, x, pos, atol: float) -> int:
+    """The piece x (1, T, dim) at positions pos (1, T) through every layer as T rows of its one cache row
+    (decode_layer_rows) against Block.forward on a copy of the cache, layer by layer: the output (within atol of its
+    largest value) and the keys, values and positions written. A ring layer must refuse a piece that leaves its
+    16-token chunk (the twin runs it there). Returns how many layers took the rows."""
     rope = rope_angles(pos, rope_frequencies(model.config))
-    leaves_chunk = start // 16 != (start + T - 1) // 16
+    leaves_chunk = int(pos[0, 0]) // 16 != int(pos[0, -1]) // 16
     taken = 0
     with torch.inference_mode():
         for layer in model.layers:
@@ -105,15 +113,15 @@ def test_prefill_piece_as_rows_matches_block_forward(kind, scheme, row, T):
                 assert args is None
                 decode.Block.forward(layer, x, pos, rope, cache)
             else:
+                assert args is not None, "the piece must take the rows"
                 taken += 1
                 got = extension.ext().decode_layer_rows(*args).view_as(x)
-                scale = float(ref.abs().max())
-                torch.testing.assert_close(got, ref, rtol=0, atol=(2e-6 if scheme == "fp32" else QUANT_ATOL) * scale)
+                torch.testing.assert_close(got, ref, rtol=0, atol=atol * float(ref.abs().max()))
                 torch.testing.assert_close(cache.k[i], twin_cache.k[i], rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(cache.v[i], twin_cache.v[i], rtol=1e-5, atol=1e-5)
                 assert torch.equal(cache.pos[i], twin_cache.pos[i])
             x = ref
-    assert taken >= 1
+    return taken
 
 
 @pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
@@ -137,22 +145,9 @@ def test_prefill_piece_after_a_long_prompt_matches_block_forward(long_prompt_eng
     model, engine = long_prompt_engine
     cache = engine.cache
     cache.rows = slice(0, 1)
-    T = 12
-    pos = torch.arange(2100, 2100 + T)[None]                       # inside one 16-token chunk of the ring layers
-    x = torch.randn(1, T, model.config.dim, generator=torch.Generator().manual_seed(5))
-    rope = rope_angles(pos, rope_frequencies(model.config))
-    with torch.inference_mode():
-        for layer in model.layers:
-            i = layer.attention.layer_id
-            twin_cache = copy.deepcopy(cache)
-            ref = decode.Block.forward(layer, x, pos, rope, twin_cache)
-            args = layer._piece_call_args(x, pos, rope, cache)
-            assert args is not None, "the piece must take the rows"
-            got = extension.ext().decode_layer_rows(*args).view_as(x)
-            torch.testing.assert_close(got, ref, rtol=0, atol=QUANT_ATOL * float(ref.abs().max()))
-            torch.testing.assert_close(cache.k[i], twin_cache.k[i], rtol=1e-5, atol=1e-5)
-            assert torch.equal(cache.pos[i], twin_cache.pos[i])
-            x = ref
+    pos = torch.arange(2100, 2112)[None]                           # inside one 16-token chunk of the ring layers
+    x = torch.randn(1, 12, model.config.dim, generator=torch.Generator().manual_seed(5))
+    assert piece_through_layers(model, cache, x, pos, QUANT_ATOL) == len(model.layers)
 
 
 @needs_kernels
