@@ -44,7 +44,8 @@ constexpr int kDotChains = 2;
 #endif
 // Chains per activation row when MT rows share each weight load: the rows are independent chains themselves, and
 // 4 rows x 4 chains of accumulators overflow AVX-512's 32 registers (measured, 576 x 3072 int4 at 2 threads: 122
-// GMAC/s at 3 rows x 4 chains, 89 at 4 x 4). At most 8 accumulators in all, at least one per row.
+// GMAC/s at 3 rows x 4 chains, 89 at 4 x 4). AVX-512: at most 8 accumulators in all, at least one per row; AVX2:
+// kDotChains at one row, one per row from two rows on (above).
 template <int MT>
 constexpr int dot_chains() {
   return HERD_AVX512 ? (kDotChains < 8 / MT ? kDotChains : (8 / MT > 0 ? 8 / MT : 1)) : (MT == 1 ? kDotChains : 1);
@@ -166,7 +167,6 @@ inline f32x16 load_f16(const void* p) {
 #if HERD_AVX512
 inline i32x16 load_bytes(const void* p) { return {_mm512_loadu_si512(p)}; }        // 64 bytes
 inline i32x16 zero_i32() { return {_mm512_setzero_si512()}; }
-inline i32x16 set1_i8(int8_t x) { return {_mm512_set1_epi8(x)}; }
 inline i32x16 set1_i16(int16_t x) { return {_mm512_set1_epi16(x)}; }
 inline i32x16 set1_i32(int32_t x) { return {_mm512_set1_epi32(x)}; }
 inline i32x16 and_bits(i32x16 a, i32x16 b) { return {_mm512_and_si512(a.v, b.v)}; }
@@ -191,7 +191,6 @@ inline i32x16 load_bytes(const void* p) {
   return {_mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)};
 }
 inline i32x16 zero_i32() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
-inline i32x16 set1_i8(int8_t x) { return {_mm256_set1_epi8(x), _mm256_set1_epi8(x)}; }
 inline i32x16 set1_i16(int16_t x) { return {_mm256_set1_epi16(x), _mm256_set1_epi16(x)}; }
 inline i32x16 set1_i32(int32_t x) { return {_mm256_set1_epi32(x), _mm256_set1_epi32(x)}; }
 inline i32x16 and_bits(i32x16 a, i32x16 b) { return {_mm256_and_si256(a.lo, b.lo), _mm256_and_si256(a.hi, b.hi)}; }
