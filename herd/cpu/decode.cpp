@@ -297,9 +297,9 @@ void check_cache(const torch::Tensor& k, const torch::Tensor& v) {
 
 // attend_one on raw pointers for the queries qs (one token, or the rows of a prefill piece sharing this cache row):
 // k, v (S, K, D) of T, k_pos (S,); query t's output (H*D) written at op + t * out_stride. Long caches are cut in key
-// ranges (how many depends only on the cache's size and the thread count, so a query's sums are the same bits
-// whichever thread runs its ranges and whichever queries share the call); `split_threads` false runs them all on
-// this thread (decode_layer_rows: its rows already run in parallel, and the WorkerPool does not nest).
+// ranges (how many depends only on the cache's size, the number of queries and the thread count, so a query's sums
+// are the same bits whichever thread runs its ranges); `split_threads` false runs them all on this thread
+// (decode_layer_rows: its rows already run in parallel, and the WorkerPool does not nest).
 template <typename T>
 void attend_queries_raw(const Queries& qs, const T* k, const T* v, const int64_t* kp, int64_t S, int64_t K,
                         int64_t D, int64_t H, float* op, int64_t out_stride, bool split_threads = true) {
