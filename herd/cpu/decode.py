@@ -41,11 +41,11 @@ from .fuse import FusedAttention, FusedFeedForward, retype
 _EMPTY = torch.empty(0)
 _CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)      # what attend_one reads
 # A prefill piece runs as rows of one cache row (HerdBlock._piece_call_args) while T x (its last position + 1) stays
-# under this: the rows' attention (decode.cpp, each key read once for all of them) costs ~T x position, where the
-# twin's SDPA does better on long prefixes. Measured on SmolLM2 (AVX2, 2 threads, a noisy VM: +-10% between runs), a
-# piece's step, rows against twin: T=4 at position 2000 30.6 vs 44.3 ms, at 3900 50.9 vs 63.5; T=16 at 2000 89.4 vs
-# 97.2, at 3000 117.0 vs 104.6; T=64 at 500 157.6 vs 172.2, at 1000 198.7 vs 197.7, at 2000 279.2 vs 251.3.
-PIECE_ROW_KEYS = 40960
+# under this: the rows' attention (decode.cpp, each key read once for all of them) costs ~T x position, and from
+# some length on the twin's SDPA does as well. Measured on SmolLM2 (AVX2, 2 threads, a noisy VM: +-10% between runs),
+# a piece's step, rows against twin: T=16 at position 1000 49.5 vs 73.5 ms, at 2000 67.5 vs 97.1, at 3900 101.7 vs
+# 120.6; T=64 at 1000 183.0 vs 202.4, at 2000 248.1 vs 253.2, at 3000 305.8 vs 307.0, at 3900 354.4 vs 351.1.
+PIECE_ROW_KEYS = 131072
 # Up to this many rows fp32 products run kernels.cpp's fp32_mm, from here on torch's GEMM. Measured one row at a time
 # over 160 MB of matrices (cold caches) at the tiny MoE's and the 8192-row vocab head's shapes: at 2 threads 10-60 us
 # faster per matrix than x @ w_t (no OpenMP region per call), at 1 thread the same within noise.
