@@ -73,18 +73,19 @@ def gguf_weight_bytes_per_token(path) -> float:
 
 def module_weight_bytes_per_token(model, n_experts: int = 0, top_k: int = 0, all_experts: bool = False) -> float:
     """Weight bytes one batch-1 decode step reads from a loaded torch model (herd's or transformers'): every
-    parameter and buffer storage once (tied tensors share one), routed-expert storages (names with '.experts.')
-    at top_k / n_experts unless all_experts, an embedding storage that is not also the output head at one row."""
+    parameter and buffer's memory once (tied tensors view the same bytes), routed-expert tensors (names with
+    '.experts.') at top_k / n_experts unless all_experts, an embedding that is not also the output head at one row.
+    Keyed by each tensor's own bytes, not its storage: herd.cpu.prepare puts every tensor in one arena."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
-    by_storage: dict[int, list[str]] = {}
-    size: dict[int, int] = {}
+    by_storage: dict[tuple, list[str]] = {}
+    size: dict[tuple, int] = {}
     for name, t in tensors.items():
         if t.is_meta:
             continue
-        key = t.untyped_storage().data_ptr()
+        key = (t.data_ptr(), t.numel() * t.element_size())
         by_storage.setdefault(key, []).append(name)
-        size[key] = t.untyped_storage().nbytes()
+        size[key] = key[1]
     total = 0.0
     for key, names in by_storage.items():
         n = size[key]

@@ -7,6 +7,7 @@ import torch
 import herd
 from bench.roofline import gguf_weight_bytes_per_token, kv_read_bytes, module_weight_bytes_per_token
 from bench.scout_gguf import scout_config, tensor_specs, write_scout_gguf
+from herd.cpu.hugepages import move_to_huge_pages
 from herd.model import rope_frequencies
 from herd.textgen import default_model_path
 
@@ -199,6 +200,8 @@ def test_bytes_per_token(files):
     assert module_weight_bytes_per_token(model, E, 1) == pytest.approx(dense * 4, rel=1e-6)
     every = dense + cfg.n_layers * 3 * D * F * (E - 1)
     assert module_weight_bytes_per_token(model, E, 1, all_experts=True) == pytest.approx(every * 4, rel=1e-6)
+    move_to_huge_pages(model)                   # every tensor now views one arena: still counted one by one
+    assert module_weight_bytes_per_token(model, E, 1) == pytest.approx(dense * 4, rel=1e-6)
     # keys + values: chunked layers see the positions of the current 8192-token chunk, the NoPE layer all of them
     per_pos = 2 * cfg.n_kv_heads * cfg.head_dim * 2
     assert kv_read_bytes(cfg, 9000, 2) == 3 * per_pos * (9000 - 8192 + 1) + per_pos * 9001
