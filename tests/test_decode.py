@@ -10,7 +10,7 @@ from herd.cpu import decode, kernels, extension
 from herd.config import preset
 from herd.engine import Engine, SamplingParams
 from herd.cpu.fuse import fuse_model
-from herd.model import RMSNorm, rope_angles
+from herd.model import RMSNorm, rope_angles, rope_frequencies
 from herd.model import Transformer
 
 needs_kernels = pytest.mark.skipif(not extension.available(), reason=f"herd kernels {extension.status()}")
@@ -160,8 +160,9 @@ def packed_tiny(kind: str, scheme: str) -> Transformer:
 @pytest.mark.parametrize("kind", ["llama3", "llama4"])
 @pytest.mark.parametrize("scheme", ["int4", "int8", "fp32"])
 def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
-    """HerdBlock's one C++ call per layer against Block.forward (the same Herd* modules, layer by layer), through
-    the engine: 70 tokens past a 20-token prompt (chunk rings wrapping, QK-norm, the NoPE layer's temperature).
+    """HerdTransformer's one C++ call per decode step (decode_step over a LayerStack), against HerdBlock's one call
+    per layer (the same bits) and Block.forward (the same Herd* modules, layer by layer), through the engine: 70
+    tokens past a 20-token prompt (chunk rings wrapping, QK-norm, the NoPE layer's temperature).
     Every layer takes the C++ layer, llama4's MoE ones included: fp32 (HerdLinear, HerdExperts), int4 / int8 (every
     trunk matrix and the routed experts quantized: HerdInt4Experts / HerdInt8Experts). The prompt's prefill takes it
     too (decode_layer_rows, its 20 tokens as rows of one cache row) where its piece stays in one chunk: llama3's
@@ -181,12 +182,20 @@ def test_whole_layer_decode_equals_block_forward(kind, scheme, monkeypatch):
                 engine.step()
         return req.output, torch.tensor([x["logprob"] for x in req.logprobs])
 
+    steps, one_step = [], extension.ext().decode_step
+    monkeypatch.setattr(extension.ext(), "decode_step", lambda *a: steps.append(1) or one_step(*a))
     monkeypatch.setattr(extension.ext(), "decode_layer", lambda *a: calls.append(1) or one_call(*a))
     tokens, lp = run()
+    assert type(model) is decode.HerdTransformer
     if kind == "llama4":
         experts = {"int4": kernels.HerdInt4Experts, "int8": kernels.HerdInt8Experts, "fp32": decode.HerdExperts}
         assert type(model.layers[1].feed_forward.experts) is experts[scheme]
+    assert len(steps) == 69 and not calls, "every decode step in one call for all layers"
+    # layer by layer (HerdBlock's decode_layer): the same C++ layers, so the same bits
+    monkeypatch.setattr(decode.HerdTransformer, "forward", decode.Transformer.forward)
+    layer_tokens, layer_lp = run()
     assert len(calls) == 69 * model.config.n_layers, "every decode step of every layer in one call"
+    assert layer_tokens == tokens and torch.equal(layer_lp, lp)
     monkeypatch.setattr(decode.HerdBlock, "forward", decode.Block.forward)
     ref_tokens, ref_lp = run()
     assert tokens == ref_tokens
@@ -231,6 +240,79 @@ def test_whole_layer_arguments_follow_replaced_modules():
     assert fp32.layers[0]._one_call_args(*step) is not None
     fp32.to(torch.bfloat16)                                             # HerdLinear's weights become bf16
     assert fp32.layers[0]._one_call_args(*step) is None
+
+
+def stack_step(model, p: int = 3):
+    """decode_step's arguments for a model swapped by use_decode_kernels, one token at position p in a fresh cache
+    row: (stack, x, cos_sin, q_scales, k, v, pos, slots, n_slots, p)."""
+    cache = Engine(model, max_batch=1, max_seq_len=64).cache
+    cache.rows = slice(0, 1)
+    k, v, pos, slot, n_slots = zip(*[cache.decode_slot(i, p) for i in range(len(model.layers))])
+    rope = rope_angles(torch.tensor([[p]]), rope_frequencies(model.config, "cpu"))
+    attns = [layer.attention for layer in model.layers]
+    return [model._layer_stack(), torch.randn(1, model.config.dim), attns[0].cos_sin(rope),
+            [a.q_scale(p) for a in attns], list(k), list(v), list(pos), list(slot), list(n_slots), p]
+
+
+@needs_kernels
+def test_layer_stack_follows_replaced_modules():
+    """HerdTransformer keeps its LayerStack between steps: replacing a matrix rebuilds it; a matrix the C++ layer
+    cannot take, or another dtype, drops it, and decoding falls back to the layers' own forward (same tokens)."""
+    model = packed_tiny("llama4", "int4")
+    decode.use_decode_kernels(model)
+    stack = model._layer_stack()
+    assert stack is not None and len(stack) == model.config.n_layers and model._layer_stack() is stack
+    model.layers[2].attention.wo = copy.deepcopy(model.layers[2].attention.wo)
+    assert model._layer_stack() is not stack and model._layer_stack() is not None
+    prompt = list(range(3, 23))
+
+    def tokens():
+        engine = Engine(model, max_batch=1)
+        req = engine.add(prompt, SamplingParams(max_tokens=20, ignore_eos=True))
+        with torch.inference_mode():
+            while not req.finished:
+                engine.step()
+        return req.output
+
+    before = tokens()
+    wo = model.layers[2].attention.wo
+    model.layers[2].attention.wo = torch.nn.Linear(64, 64, bias=False)      # not a matrix decode_layer takes
+    assert model._layer_stack() is None
+    model.layers[2].attention.wo = wo
+    assert model._layer_stack() is not None and tokens() == before
+    fp32 = packed_tiny("llama3", "fp32")
+    decode.use_decode_kernels(fp32)
+    assert fp32._layer_stack() is not None
+    fp32.to(torch.bfloat16)                                             # HerdLinear's weights become bf16
+    assert fp32._stack is None and fp32._layer_stack() is None
+
+
+@needs_kernels
+def test_decode_step_refuses_bad_input():
+    model = packed_tiny("llama4", "int4")
+    decode.use_decode_kernels(model)
+    args = stack_step(model)
+    out = extension.ext().decode_step(*args)
+    assert out.shape == (1, model.config.dim) and torch.isfinite(out).all()
+    bad = list(args)
+    bad[4] = bad[4][:-1]                                                # a cache row short
+    with pytest.raises(RuntimeError, match="layers"):
+        extension.ext().decode_step(*bad)
+    bad = list(args)
+    bad[7] = [64] * len(args[7])                                        # slot outside the cache
+    with pytest.raises(RuntimeError, match="do not fit a cache"):
+        extension.ext().decode_step(*bad)
+    bad = list(args)
+    bad[4] = [torch.zeros(64, 1, 16)] * len(args[4])                    # the cache holds other heads
+    bad[5] = [torch.zeros(64, 1, 16)] * len(args[5])
+    with pytest.raises(RuntimeError, match="kv heads"):
+        extension.ext().decode_step(*bad)
+    bad = list(args)
+    bad[1] = torch.randn(1, model.config.dim + 1)
+    with pytest.raises(RuntimeError, match="row"):
+        extension.ext().decode_step(*bad)
+    with pytest.raises(RuntimeError, match="33 items"):
+        extension.ext().layer_stack([(1, 2, 3)])
 
 
 @needs_kernels

@@ -191,9 +191,15 @@ def test_mapped_layers_take_the_one_call_decode(files, qtype, monkeypatch):
                 engine.step()
         return req.output, torch.tensor([x["logprob"] for x in req.logprobs])
 
+    steps, one_step = [], extension.ext().decode_step
+    monkeypatch.setattr(extension.ext(), "decode_step", lambda *a: steps.append(1) or one_step(*a))
     monkeypatch.setattr(extension.ext(), "decode_layer", lambda *a: calls.append(1) or one_call(*a))
     tokens, lp = run()
+    assert len(steps) == 29 and not calls, "every decode step in one call for all layers"
+    monkeypatch.setattr(decode.HerdTransformer, "forward", decode.Transformer.forward)
+    layer_tokens, layer_lp = run()
     assert len(calls) == 29 * model.config.n_layers, "every decode step of every layer in one call"
+    assert layer_tokens == tokens and torch.equal(layer_lp, lp)
     monkeypatch.setattr(decode.HerdBlock, "forward", decode.Block.forward)
     ref_tokens, ref_lp = run()
     assert tokens == ref_tokens and len(set(tokens)) > 5

@@ -28,4 +28,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, "silu(gate) * up of a fused gate|up");
   m.def("decode_layer", &decode_layer, nogil, "one whole decoder layer for one token");
   m.def("decode_layer_rows", &decode_layer_rows, nogil, "one whole decoder layer for B tokens, each its own cache row");
+  py::class_<LayerStack, std::shared_ptr<LayerStack>>(m, "LayerStack")
+      .def("__len__", [](const LayerStack& s) { return s.layers.size(); });
+  m.def("layer_stack", &layer_stack, "a model's decode layers' weights, checked once, for decode_step");
+  m.def("decode_step", &decode_step, nogil, "one token through every layer of a LayerStack");
 }

@@ -518,8 +518,9 @@ struct LayerWeights {
   ExpertMatrices e_13, e_3, e_2;
 };
 
-// The checks and raw pointers of a layer's weights for activations of `dim` and a cache of kv heads (..., K, D).
-LayerWeights layer_weights(int64_t dim, const torch::Tensor& k_cache, torch::Tensor attn_norm, torch::Tensor ffn_norm,
+// The checks and raw pointers of a layer's weights for activations of `dim` and K kv heads of D (the cache's
+// (..., K, D), checked by the callers against its own shape: check_cache_heads).
+LayerWeights layer_weights(int64_t dim, int64_t D, torch::Tensor attn_norm, torch::Tensor ffn_norm,
                            double eps, torch::Tensor wqkv, torch::Tensor wqkv_scale, int64_t wqkv_n, int64_t wqkv_g,
                            torch::Tensor wo, torch::Tensor wo_scale, int64_t wo_n, int64_t wo_g, torch::Tensor w13,
                            torch::Tensor w13_scale, int64_t w13_n, int64_t w13_g, torch::Tensor w2,
@@ -527,10 +528,10 @@ LayerWeights layer_weights(int64_t dim, const torch::Tensor& k_cache, torch::Ten
                            torch::Tensor experts_w13, torch::Tensor experts_w13_scale, torch::Tensor experts_w2,
                            torch::Tensor experts_w2_scale, int64_t expert_hidden, int64_t experts_g,
                            torch::Tensor experts_w3, int64_t experts_type, int64_t H, int64_t K, bool qk_norm) {
-  const int64_t D = k_cache.size(-1), F = w13_n / 2;
-  TORCH_CHECK(H > 0 && k_cache.size(-2) == K && H % K == 0 && wqkv_n == (H + 2 * K) * D && w13_n % 2 == 0,
+  const int64_t F = w13_n / 2;
+  TORCH_CHECK(H > 0 && K > 0 && D > 0 && H % K == 0 && wqkv_n == (H + 2 * K) * D && w13_n % 2 == 0,
               "decode_layer: ", H, " query heads and ", K, " kv heads of ", D, " do not match wqkv's ", wqkv_n,
-              " outputs or the cache ", k_cache.sizes());
+              " outputs");
   check_norm(attn_norm, dim, "attn_norm");
   check_norm(ffn_norm, dim, "ffn_norm");
   LayerWeights w{attn_norm.data_ptr<float>(), ffn_norm.data_ptr<float>(), static_cast<float>(eps), dim, H, K, D, F,
@@ -557,6 +558,11 @@ LayerWeights layer_weights(int64_t dim, const torch::Tensor& k_cache, torch::Ten
     }
   }
   return w;
+}
+
+void check_cache_heads(const torch::Tensor& k_cache, int64_t K, int64_t D) {
+  TORCH_CHECK(k_cache.size(-2) == K && k_cache.size(-1) == D, "decode_layer: the cache ", k_cache.sizes(),
+              " does not hold the layer's ", K, " kv heads of ", D);
 }
 
 // One row's token in the KV cache: its cache row's keys and values (S, K, D, in the cache's dtype) and positions
@@ -697,6 +703,21 @@ void layer_rows(const LayerWeights& w, const float* x, int64_t B, const std::vec
   for (int64_t i = 0; i < B * dim; ++i) out[i] = h[i] + ffn[i];
 }
 
+// One token through one layer (decode_layer, decode_step): x (dim) -> out (dim), its key, value and position written
+// to slot `slot` of the cache row k_cache, v_cache (S, K, D) / pos_cache (S,), attention over its first n_slots.
+void one_token_layer(const LayerWeights& w, const float* x, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                     const torch::Tensor& pos_cache, int64_t slot, int64_t n_slots, int64_t pos, const float* cos_sin,
+                     float q_scale, int64_t chunk, float* out) {
+  check_cache_heads(k_cache, w.K, w.D);
+  TORCH_CHECK(slot >= 0 && slot < k_cache.size(0) && n_slots > slot && n_slots <= k_cache.size(0) &&
+                  pos_cache.scalar_type() == torch::kLong && pos_cache.is_contiguous() &&
+                  pos_cache.numel() == k_cache.size(0),
+              "decode_layer: slot ", slot, " / ", n_slots, " slots do not fit a cache of ", k_cache.sizes());
+  const std::vector<RowStep> row{{k_cache.data_ptr(), v_cache.data_ptr(), pos_cache.data_ptr<int64_t>(), slot,
+                                  n_slots, pos, cos_sin, q_scale}};
+  layer_rows(w, x, 1, row, k_cache.scalar_type(), chunk, out);
+}
+
 }  // namespace
 
 // One whole decoder layer for one token (decode.HerdBlock; twin: model.Block.forward through the engine's cache),
@@ -728,21 +749,86 @@ torch::Tensor decode_layer(torch::Tensor x, torch::Tensor attn_norm, torch::Tens
               "decode_layer: x must be one contiguous fp32 (1, dim) row; got ", x.scalar_type(), " of shape ",
               x.sizes());
   check_cache(k_cache, v_cache);
-  TORCH_CHECK(slot >= 0 && slot < k_cache.size(0) && n_slots > slot && n_slots <= k_cache.size(0) &&
-                  pos_cache.scalar_type() == torch::kLong && pos_cache.is_contiguous() &&
-                  pos_cache.numel() == k_cache.size(0),
-              "decode_layer: slot ", slot, " / ", n_slots, " slots do not fit a cache of ", k_cache.sizes());
-  const LayerWeights w = layer_weights(x.size(1), k_cache, attn_norm, ffn_norm, eps, wqkv, wqkv_scale, wqkv_n, wqkv_g,
-                                       wo, wo_scale, wo_n, wo_g, w13, w13_scale, w13_n, w13_g, w2, w2_scale, w2_n,
-                                       w2_g, router_t, experts_w13, experts_w13_scale, experts_w2, experts_w2_scale,
-                                       expert_hidden, experts_g, experts_w3, experts_type, H, K, qk_norm);
+  const LayerWeights w = layer_weights(x.size(1), k_cache.size(-1), attn_norm, ffn_norm, eps, wqkv, wqkv_scale,
+                                       wqkv_n, wqkv_g, wo, wo_scale, wo_n, wo_g, w13, w13_scale, w13_n, w13_g, w2,
+                                       w2_scale, w2_n, w2_g, router_t, experts_w13, experts_w13_scale, experts_w2,
+                                       experts_w2_scale, expert_hidden, experts_g, experts_w3, experts_type, H, K,
+                                       qk_norm);
   check_cos_sin(cos_sin, w.D);
-  const std::vector<RowStep> row{{k_cache.data_ptr(), v_cache.data_ptr(), pos_cache.data_ptr<int64_t>(), slot, n_slots,
-                                  pos, cos_sin.numel() ? cos_sin.data_ptr<float>() : nullptr,
-                                  static_cast<float>(q_scale)}};
   auto out = torch::empty({1, w.dim}, torch::kFloat32);
-  layer_rows(w, x.data_ptr<float>(), 1, row, k_cache.scalar_type(), chunk, out.data_ptr<float>());
+  one_token_layer(w, x.data_ptr<float>(), k_cache, v_cache, pos_cache, slot, n_slots, pos,
+                  cos_sin.numel() ? cos_sin.data_ptr<float>() : nullptr, static_cast<float>(q_scale), chunk,
+                  out.data_ptr<float>());
   return out;
+}
+
+// A model's decode layers, their weights checked once (layer_weights) and held: `decode_step` runs a batch-1 decode
+// token through all of them in one call. Built by `layer_stack` from one tuple per layer: decode_layer's weight
+// arguments (attn_norm .. experts_type), then H, K, qk_norm, the layer's chunk (0: global) and whether it rotates.
+struct LayerStack {
+  std::vector<LayerWeights> layers;
+  std::vector<int64_t> chunk;
+  std::vector<bool> rope;
+  std::vector<torch::Tensor> held;           // every tensor the layers' raw pointers point into
+};
+
+std::shared_ptr<LayerStack> layer_stack(const std::vector<py::tuple>& layers) {
+  auto s = std::make_shared<LayerStack>();
+  for (const py::tuple& a : layers) {
+    TORCH_CHECK(a.size() == 33, "layer_stack: each layer takes decode_layer's 28 weight arguments, then H, K, "
+                "qk_norm, chunk and uses_rope (33 items); got ", a.size());
+    auto T = [&](int i) {
+      torch::Tensor t = a[i].cast<torch::Tensor>();
+      s->held.push_back(t);
+      return t;
+    };
+    auto I = [&](int i) { return a[i].cast<int64_t>(); };
+    const torch::Tensor attn_norm = T(0);
+    const int64_t H = I(28), K = I(29), qkv_n = I(5);
+    TORCH_CHECK(H > 0 && K > 0 && qkv_n % (H + 2 * K) == 0, "layer_stack: wqkv's ", qkv_n, " outputs are not (",
+                H, " + 2 * ", K, ") heads");
+    s->layers.push_back(layer_weights(attn_norm.numel(), qkv_n / (H + 2 * K), attn_norm, T(1), a[2].cast<double>(),
+                                      T(3), T(4), qkv_n, I(6), T(7), T(8), I(9), I(10), T(11), T(12), I(13), I(14),
+                                      T(15), T(16), I(17), I(18), T(19), T(20), T(21), T(22), T(23), I(24), I(25),
+                                      T(26), I(27), H, K, a[30].cast<bool>()));
+    s->chunk.push_back(I(31));
+    s->rope.push_back(a[32].cast<bool>());
+    TORCH_CHECK(s->layers.back().dim == s->layers.front().dim, "layer_stack: layer ", s->layers.size() - 1,
+                " is ", s->layers.back().dim, " wide, layer 0 ", s->layers.front().dim);
+  }
+  return s;
+}
+
+// decode_layer for every layer of a stack in turn, one token at position `pos`: x (1, dim) fp32; per layer l its
+// cache row k[l], v[l] (S, K, D) and positions pos_cache[l] (S,), its slot and slots read, its q scale; cos_sin
+// (D/2, 2) fp32 this position's rotation, given to the layers that rotate. Twin: decode_layer layer by layer.
+torch::Tensor decode_step(const LayerStack& s, torch::Tensor x, torch::Tensor cos_sin, const std::vector<double>& q_scale,
+                          const std::vector<torch::Tensor>& k, const std::vector<torch::Tensor>& v,
+                          const std::vector<torch::Tensor>& pos_cache, const std::vector<int64_t>& slot,
+                          const std::vector<int64_t>& n_slots, int64_t pos) {
+  const size_t L = s.layers.size();
+  TORCH_CHECK(L > 0 && q_scale.size() == L && k.size() == L && v.size() == L && pos_cache.size() == L &&
+                  slot.size() == L && n_slots.size() == L,
+              "decode_step: the stack has ", L, " layers; got ", q_scale.size(), " q scales, ", k.size(), " / ",
+              v.size(), " / ", pos_cache.size(), " cache rows, ", slot.size(), " slots, ", n_slots.size(),
+              " slot counts");
+  const int64_t dim = s.layers[0].dim;
+  TORCH_CHECK(x.dim() == 2 && x.size(0) == 1 && x.size(1) == dim && x.scalar_type() == torch::kFloat32 &&
+                  x.is_contiguous(),
+              "decode_step: x must be one contiguous fp32 (1, ", dim, ") row; got ", x.scalar_type(), " of shape ",
+              x.sizes());
+  check_cos_sin(cos_sin, s.layers[0].D);
+  torch::Tensor a = x.clone(), b = torch::empty_like(x);
+  for (size_t l = 0; l < L; ++l) {
+    const LayerWeights& w = s.layers[l];
+    check_cache(k[l], v[l]);
+    TORCH_CHECK(!s.rope[l] || cos_sin.numel() == w.D, "decode_step: layer ", l, " rotates; cos_sin is empty");
+    one_token_layer(w, a.data_ptr<float>(), k[l], v[l], pos_cache[l], slot[l], n_slots[l], pos,
+                    s.rope[l] ? cos_sin.data_ptr<float>() : nullptr, static_cast<float>(q_scale[l]), s.chunk[l],
+                    b.data_ptr<float>());
+    std::swap(a, b);
+  }
+  return a;
 }
 
 namespace {
@@ -791,10 +877,12 @@ torch::Tensor decode_layer_rows(torch::Tensor x, torch::Tensor attn_norm, torch:
   check_row_vector(slots, B, "slots", torch::kLong);
   check_row_vector(n_slots, B, "n_slots", torch::kLong);
   check_row_vector(pos, B, "pos", torch::kLong);
-  const LayerWeights w = layer_weights(x.size(1), k_cache, attn_norm, ffn_norm, eps, wqkv, wqkv_scale, wqkv_n, wqkv_g,
-                                       wo, wo_scale, wo_n, wo_g, w13, w13_scale, w13_n, w13_g, w2, w2_scale, w2_n,
-                                       w2_g, router_t, experts_w13, experts_w13_scale, experts_w2, experts_w2_scale,
-                                       expert_hidden, experts_g, experts_w3, experts_type, H, K, qk_norm);
+  const LayerWeights w = layer_weights(x.size(1), k_cache.size(-1), attn_norm, ffn_norm, eps, wqkv, wqkv_scale,
+                                       wqkv_n, wqkv_g, wo, wo_scale, wo_n, wo_g, w13, w13_scale, w13_n, w13_g, w2,
+                                       w2_scale, w2_n, w2_g, router_t, experts_w13, experts_w13_scale, experts_w2,
+                                       experts_w2_scale, expert_hidden, experts_g, experts_w3, experts_type, H, K,
+                                       qk_norm);
+  check_cache_heads(k_cache, w.K, w.D);
   const int64_t D = w.D, row_values = S * w.K * D;
   TORCH_CHECK(cos_sin.numel() == 0 || (cos_sin.scalar_type() == torch::kFloat32 && cos_sin.is_contiguous() &&
                                        cos_sin.numel() == B * D),

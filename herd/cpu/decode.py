@@ -21,6 +21,9 @@ Modules (swapped in by `use_decode_kernels` after fusing, in place):
   as one C++ call (`decode_layer`: the steps above plus the matmuls, the routing, the cache slot write and the
   residuals); a batched decode step of B rows (each its own position and cache row) as one `decode_layer_rows` call,
   every matrix one product of all B rows, a MoE's rows grouped by expert; Block.forward, its twin, everywhere else.
+- HerdTransformer (model.Transformer, the root, retyped in place): a batch-1 decode step whose layers all take the
+  one call runs them all in one C++ call (`decode_step` over a `LayerStack`, the layers' weights checked once);
+  Transformer.forward (HerdBlock by HerdBlock), its twin, everywhere else.
 Where the extension cannot run (extension.status()) `use_decode_kernels` swaps nothing. tests/test_decode.py checks each
 C++ step against its torch twin and whole decode steps against the unswapped model.
 """
@@ -32,7 +35,8 @@ import torch
 from torch import nn
 
 from .. import ops
-from ..model import MoE, Block, Experts, RMSNorm, apply_rope, attention_mask, rms_normalize
+from ..model import (MoE, Block, Experts, RMSNorm, Transformer, apply_rope, attention_mask, rms_normalize, rope_angles,
+                     rope_frequencies)
 from ..quantize import set_module
 from . import kernels
 from .extension import ext
@@ -263,6 +267,66 @@ class HerdBlock(Block):
         return super()._apply(fn, recurse)
 
 
+class HerdTransformer(Transformer):
+    """A model whose batch-1 decode step runs every layer in one C++ call (`decode_step`) when all of them are
+    HerdBlocks that take the one-call layer: the layers' weights are checked once into a `LayerStack`, and a step
+    passes only its position, rotation, q scales and cache rows. Anything else runs Transformer.forward (HerdBlock
+    by HerdBlock), its twin. Why: per layer, the module call, HerdBlock's arguments and decode_layer's 40 arguments
+    and checks cost ~25 us, ~0.7 ms of a 6.4 ms SmolLM2 step (AVX2, 2 threads). The root model is retyped in place
+    (use_decode_kernels): callers hold it."""
+
+    _stack = None      # (every layer's _parts, the LayerStack or None)
+
+    def forward(self, tokens, *, input_pos=None, kv_cache=None, embeddings=None, logit_index=None, images=None):
+        if (tokens.shape == (1, 1) and embeddings is None and images is None and input_pos is not None
+                and kv_cache is not None and hasattr(kv_cache, "decode_slot") and not self.training):
+            h = self._one_call_step(tokens, input_pos, kv_cache)
+            if h is not None:
+                if logit_index is not None:
+                    h = h[torch.arange(1, device=h.device), logit_index][:, None]     # (1, 1, dim), as the twin
+                return self.output(self.norm(h)).float()
+        return super().forward(tokens, input_pos=input_pos, kv_cache=kv_cache, embeddings=embeddings,
+                               logit_index=logit_index, images=images)
+
+    def _one_call_step(self, tokens, input_pos, kv_cache):
+        """The layers' output (1, 1, dim) for one decode token through decode_step, or None where it cannot run."""
+        p = int(input_pos)
+        stack = self._layer_stack() if p >= 0 else None
+        if stack is None:
+            return None
+        rows = [kv_cache.decode_slot(i, p) for i in range(len(self.layers))]   # (k, v, pos, slot, n_slots) each
+        h = self.embed(tokens)
+        if any(r is None for r in rows) or h.dtype != torch.float32 or h.device.type != "cpu":
+            return None
+        rope = rope_angles(input_pos, rope_frequencies(self.config, tokens.device))
+        attns = [layer._modules["attention"] for layer in self.layers]
+        cos_sin = attns[0].cos_sin(rope)                       # (1, D): this position's (cos, sin) pairs
+        k, v, pos, slot, n_slots = zip(*rows)
+        out = ext().decode_step(stack, h.reshape(1, -1), cos_sin, [a.q_scale(p) for a in attns], k, v, pos, slot,
+                                n_slots, p)
+        return out.view(1, 1, -1)
+
+    def _layer_stack(self):
+        """The LayerStack of the layers as they are now (rebuilt when any module a layer reads was replaced), or
+        None when a layer cannot take the one call."""
+        if not all(type(layer) is HerdBlock for layer in self.layers):
+            return None
+        parts = tuple(_parts(layer) for layer in self.layers)
+        if self._stack is None or self._stack[0] != parts:
+            args = [_layer_args(*p) for p in parts]
+            stack = None
+            if all(a is not None for a in args):
+                attns = [p[2] for p in parts]
+                stack = ext().layer_stack([(*a, at.n_heads, at.n_kv_heads, at.spec.qk_norm, at.chunk_size or 0,
+                                            at.spec.uses_rope) for a, at in zip(args, attns)])
+            self._stack = (parts, stack)
+        return self._stack[1]
+
+    def _apply(self, fn, recurse=True):
+        self._stack = None                  # .to() / .float() ... may replace the tensors the stack holds
+        return super()._apply(fn, recurse)
+
+
 def _parts(block: HerdBlock) -> tuple:
     """The modules decode_layer reads, through the module dicts: nn.Module's attribute lookup costs ~1 us here, and
     a layer's arguments read ~25 of them (~1.1 ms of a 30-layer SmolLM2 step). Compared by identity, so replacing
@@ -363,6 +427,9 @@ def use_decode_kernels(model: torch.nn.Module) -> int:
         if new is not None:
             set_module(model, name, new)
             count += 1
+    if type(model) is Transformer:      # the root in place: its callers hold it (HerdTransformer adds no state)
+        model.__class__ = HerdTransformer
+        count += 1
     return count
 
 
