@@ -221,6 +221,27 @@ class KVCache:
             views = self._row_views[key] = (kb[row], self.v[layer][row], self.pos[layer][row])
         return (*views, p % S, S if self.ring[layer] else p + 1)
 
+    def decode_slot_all(self, p: int):
+        """decode_slot for every layer at once (decode.HerdTransformer's one call per step): lists, one item per
+        layer, of the row's k, v and pos views, the slots and the slot counts; None where decode_slot would be for
+        any layer. The views are kept per row and inference mode, as decode_slot's."""
+        first = self.decode_slot(0, p)                  # the checks, and the context-length error on layer 0
+        if first is None:
+            return None
+        row = self.rows.start or 0
+        key = ("all", row, torch.is_inference_mode_enabled())
+        views = self._row_views.get(key)
+        if views is None:
+            if any(type(kb) is not torch.Tensor for kb in self.k):
+                return None
+            views = self._row_views[key] = ([kb[row] for kb in self.k], [vb[row] for vb in self.v],
+                                             [pb[row] for pb in self.pos], [kb.shape[1] for kb in self.k])
+        k, v, pos, sizes = views
+        if any(not ring and p >= S for ring, S in zip(self.ring, sizes)):
+            raise ContextLengthError(f"position {p} is past the cache's {min(sizes)} slots")
+        return (k, v, pos, [p % S for S in sizes],
+                [S if ring else p + 1 for ring, S in zip(self.ring, sizes)])
+
     def decode_slots(self, layer: int, pos):
         """Where a decode step's tokens go, one per row of `rows` at positions pos (B, 1): (k, v (R, S, K, D) and pos
         (R, S), the layer's whole buffers; then per row, int64 (B,) each: its cache row, its slot, how many slots from

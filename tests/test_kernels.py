@@ -318,6 +318,11 @@ def test_tied_int8_embedding_reads_the_head_stream():
     assert isinstance(model.tok_embeddings, kernels.HerdInt8Embedding)
     assert torch.equal(model.tok_embeddings(tokens), before)
     assert len(list(model.buffers())) == 2                        # one int8 matrix (the stream) and its scales
+    # the C++ rows (int8_rows) against the torch twin, every token (each place in its 16-row block)
+    every = torch.arange(64)
+    assert torch.equal(model.tok_embeddings(every), model.tok_embeddings.forward_reference(every))
+    with pytest.raises(RuntimeError, match="outside the 64 rows"):
+        model.tok_embeddings(torch.tensor([64]))
 
 
 def test_status_explains_itself(monkeypatch):

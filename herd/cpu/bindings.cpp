@@ -19,6 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int4_mm", &int4_mm, nogil, "x (M, K) fp32 times an int4 stream -> (M, N) fp32");
   m.def("int8_mm", &int8_mm, nogil, "x (M, K) fp32 times an int8 stream with row scales -> (M, N) fp32");
   m.def("gguf_mm", &gguf_mm, nogil, "x (M, K) fp32 times GGUF Q4_0 / Q4_1 / Q8_0 blocks read in place -> (M, N)");
+  m.def("int8_rows", &int8_rows, "rows of an int8 stream times their scales -> fp32 (a tied int8 embedding)");
   m.def("fp32_mm", &fp32_mm, nogil, "x (M, K) fp32 times w_t (K, N) fp32 -> (M, N) fp32, for few rows");
   m.def("int4_dequantize", &int4_dequantize, nogil, "an int4 stream -> the weight transposed, (K, N) bf16 or fp32");
   m.def("quantize_x", &quantize_x, "x (M, K) fp32 -> the kernels' int16 activations and their scales");

@@ -89,7 +89,7 @@ def move_to_huge_pages(model: nn.Module) -> int:
             at, n = places[key[0]], t.numel() * t.element_size()
             new = arena[at:at + n].view(t.dtype).view(t.shape).copy_(t)
             copies[key] = nn.Parameter(new, requires_grad=t.requires_grad) if kind == "_parameters" else new
-        getattr(mod, kind)[name] = copies[key]
+        setattr(mod, name, copies[key])          # through nn.Module: its registration hooks see the change
         del t
     for mod in model.modules():
         if not isinstance(mod, _MAPPED):

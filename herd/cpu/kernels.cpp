@@ -602,6 +602,30 @@ torch::Tensor int8_mm(torch::Tensor x, torch::Tensor stream, torch::Tensor row_s
   return out;
 }
 
+// Rows `tokens` (n,) int64 of an int8 stream (N/16 * K/4 * 64, row scales (N,)) as fp32 (n, K): row t, input
+// k = 4c + j is byte (t / 16) * 16K + 64c + 4 (t % 16) + j, times scale[t] (kernels.HerdInt8Embedding: a tied
+// embedding reading the head's stream; its torch twin there). One call where the twin's ~6 torch ops cost ~70 us.
+torch::Tensor int8_rows(torch::Tensor stream, torch::Tensor row_scale, torch::Tensor tokens, int64_t K) {
+  check_int8(stream, row_scale, K);
+  const int64_t N = row_scale.numel(), n = tokens.numel();
+  TORCH_CHECK(tokens.scalar_type() == torch::kLong && tokens.is_contiguous(), "int8_rows: tokens must be a "
+              "contiguous int64 tensor; got ", tokens.scalar_type());
+  const int64_t* tp = tokens.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(tp[i] >= 0 && tp[i] < N, "int8_rows: token ", tp[i], " is outside the ", N, " rows");
+  auto out = torch::empty({n, K}, torch::kFloat32);
+  const int8_t* sp = stream.data_ptr<int8_t>();
+  const float* scale = row_scale.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t t = tp[i];
+    const int8_t* row = sp + (t / kRows) * kRows * K + 4 * (t % kRows);
+    for (int64_t c = 0; c < K / 4; ++c)
+      for (int j = 0; j < 4; ++j) o[i * K + 4 * c + j] = static_cast<float>(row[64 * c + j]) * scale[t];
+  }
+  return out;
+}
+
 // x (M, K) fp32, w uint8 (a GGUF matrix's N * K/32 blocks of the GGML type `type`) -> (M, N) fp32 (gguf_mm_raw).
 torch::Tensor gguf_mm(torch::Tensor x, torch::Tensor w, int64_t N, int64_t type) {
   const int64_t M = x.size(0), K = x.size(1);

@@ -293,6 +293,14 @@ class HerdInt8Embedding(nn.Module):
 
     def forward(self, tokens):
         head = self.head[0]
+        if self.dtype == torch.float32 and tokens.device.type == "cpu" and ext() is not None:
+            rows = ext().int8_rows(head.stream, head.scale, tokens.reshape(-1).contiguous(), head.in_features)
+            return rows.view(*tokens.shape, head.in_features)
+        return self.forward_reference(tokens)
+
+    def forward_reference(self, tokens):
+        """forward's twin in torch ops (any device and dtype)."""
+        head = self.head[0]
         K = head.in_features
         # int8_stream's layout: input k = 4c + j of row t is byte (t // 16) * 16K + 64c + 4 (t % 16) + j. One flat
         # index_select: indexing the (N/16, K/4, 16, 4) view as blocks[t // 16, :, t % 16] runs an OpenMP region
