@@ -245,6 +245,31 @@ def test_decode_slots_raises_past_the_context():
     assert rows.tolist() == [1, 0] and slots.tolist() == [3, 63] and n_slots.tolist() == [4, 64]
 
 
+def test_decode_slot_all_is_decode_slot_for_every_layer():
+    """The one-call step's cache rows: decode_slot layer by layer (the same views, slots and counts; ring layers
+    wrap, global ones count p + 1), the same refusals (past the context, several rows, int8 keys)."""
+    from herd.config import preset
+    from herd.model import Transformer
+    cfg = preset("debug")                                  # chunked ring layers of 16 and a global NoPE layer
+    model = Transformer(cfg)
+    cache = Engine(model, max_batch=2, max_seq_len=64).cache
+    cache.rows = slice(1, 2)
+    for p in (0, 21, 63):
+        k, v, pos, slots, n_slots = cache.decode_slot_all(p)
+        for i in range(cfg.n_layers):
+            one = cache.decode_slot(i, p)
+            assert all(a.data_ptr() == b.data_ptr() and a.shape == b.shape for a, b in zip((k[i], v[i], pos[i]), one))
+            assert (slots[i], n_slots[i]) == one[3:]
+    assert any(r for r in cache.ring) and not all(cache.ring)
+    with pytest.raises(ContextLengthError, match="position 64 is past"):
+        cache.decode_slot_all(64)
+    cache.rows = slice(0, 2)
+    assert cache.decode_slot_all(3) is None
+    int8 = Engine(model, max_batch=1, max_seq_len=64, kv_int8=True).cache
+    int8.rows = slice(0, 1)
+    assert int8.decode_slot_all(3) is None
+
+
 @needs_kernels
 def test_decode_layer_rows_refuses_bad_rows():
     model = packed_tiny("llama3", "int4")
