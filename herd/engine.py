@@ -20,7 +20,7 @@ import torch
 from .config import ModelConfig
 from .ops import QuantizedKV, quantize_kv
 from .prefix_cache import PrefixCache
-from .sampling import apply_penalties, sample
+from .sampling import apply_penalties, argmax_rows, sample
 
 
 # Scoring a prompt (prompt_logprobs) needs the logits of every prompt position, (B, piece, V) fp32: prefill pieces
@@ -421,10 +421,11 @@ class Engine:
         if params.temperature > 0:
             req.generator = torch.Generator(device="cpu")
             req.generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        V = self.cfg.vocab_size
-        req.counts = torch.zeros(V, device=self.device)
-        req.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
-        req.seen[torch.tensor(prompt, device=self.device)] = True
+        if _penalized(params):                       # the penalties' token counts, kept only where they apply
+            V = self.cfg.vocab_size
+            req.counts = torch.zeros(V, device=self.device)
+            req.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
+            req.seen[torch.tensor(prompt, device=self.device)] = True
         self.waiting.append(req)
         return req
 
@@ -627,9 +628,11 @@ class Engine:
         P = [r.params for r in reqs]
         f = lambda name: torch.tensor([getattr(p, name) for p in P], dtype=torch.float32, device=dev)
         logits = logits.float()
-        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in P):
-            counts = torch.stack([r.counts for r in reqs])      # (B, V) copies: only when a penalty is on
-            seen = torch.stack([r.seen for r in reqs])
+        if any(_penalized(p) for p in P):
+            # (B, V) copies, only when a penalty is on; a row without penalties gets zeros, which leave it unchanged
+            none = torch.zeros(logits.shape[-1], device=dev)
+            counts = torch.stack([r.counts if r.counts is not None else none for r in reqs])
+            seen = torch.stack([r.seen if r.seen is not None else none.bool() for r in reqs])
             logits = apply_penalties(logits, counts, seen, f("repetition_penalty"), f("presence_penalty"),
                                      f("frequency_penalty"))
         scores = logits                  # logprobs report the model's distribution, before any constraint
@@ -638,8 +641,11 @@ class Engine:
             for i, r in enumerate(reqs):
                 if r.constraint is not None:
                     r.constraint.mask(logits[i])
-        ids = sample(logits, f("temperature"), f("top_k").long(), f("top_p"), f("min_p"),
-                     [r.generator for r in reqs])
+        if all(p.temperature <= 0 for p in P):      # all greedy: sample's own first step, without its tensors
+            ids = argmax_rows(logits)
+        else:
+            ids = sample(logits, f("temperature"), f("top_k").long(), f("top_p"), f("min_p"),
+                         [r.generator for r in reqs])
         want_logprobs = any(p.logprobs is not None for p in P)
         logprobs = scores.log_softmax(-1) if want_logprobs else None
         events = []
@@ -648,8 +654,9 @@ class Engine:
             r.output.append(tok)
             if r.constraint is not None:
                 r.constraint.accept(tok)
-            r.counts[tok] += 1
-            r.seen[tok] = True
+            if r.counts is not None:
+                r.counts[tok] += 1
+                r.seen[tok] = True
             if r.params.logprobs is not None:
                 top = logprobs[i].topk(r.params.logprobs) if r.params.logprobs else None
                 r.logprobs.append({"logprob": float(logprobs[i, tok]),
@@ -663,6 +670,10 @@ class Engine:
             if r.finished:
                 self._release(r)
         return events
+
+
+def _penalized(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
 
 
 def _average(mean: float | None, x: float) -> float:

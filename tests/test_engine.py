@@ -224,6 +224,26 @@ def test_seeded_sampling_reproducible_and_penalties():
     assert len(set(rep.output)) >= len(set(plain.output))
 
 
+def test_penalized_and_plain_requests_batched_get_their_own_tokens():
+    """Penalty counts are kept only for requests with a penalty: batched with a plain greedy request, each gets the
+    tokens it gets alone (the plain row's logits pass the penalties unchanged)."""
+    model = tiny("llama4")
+    rep = SamplingParams(max_tokens=25, frequency_penalty=2.0, presence_penalty=0.5, repetition_penalty=1.3,
+                         ignore_eos=True)
+    plain = SamplingParams(max_tokens=25, ignore_eos=True)
+
+    def run(pairs):
+        engine = Engine(model, max_batch=len(pairs))
+        reqs = [engine.add(prompt, params) for prompt, params in pairs]
+        while engine.has_work():
+            engine.step()
+        return [r.output for r in reqs]
+
+    both = run([([5, 6, 7], rep), ([9, 8], plain)])
+    assert both == run([([5, 6, 7], rep)]) + run([([9, 8], plain)])
+    assert both[0] != run([([5, 6, 7], plain)])[0], "the penalty changed nothing: the test would prove little"
+
+
 def test_stop_tokens_max_tokens_logprobs():
     model = tiny("llama4")
     prompt = [5, 6, 7]
