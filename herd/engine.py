@@ -237,8 +237,9 @@ class KVCache:
             views = self._row_views[key] = ([kb[row] for kb in self.k], [vb[row] for vb in self.v],
                                              [pb[row] for pb in self.pos], [kb.shape[1] for kb in self.k])
         k, v, pos, sizes = views
-        if any(not ring and p >= S for ring, S in zip(self.ring, sizes)):
-            raise ContextLengthError(f"position {p} is past the cache's {min(sizes)} slots")
+        for ring, S in zip(self.ring, sizes):
+            if not ring and p >= S:
+                raise ContextLengthError(f"position {p} is past the cache's {S} slots")
         return (k, v, pos, [p % S for S in sizes],
                 [S if ring else p + 1 for ring, S in zip(self.ring, sizes)])
 

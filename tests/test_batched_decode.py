@@ -261,7 +261,7 @@ def test_decode_slot_all_is_decode_slot_for_every_layer():
             assert all(a.data_ptr() == b.data_ptr() and a.shape == b.shape for a, b in zip((k[i], v[i], pos[i]), one))
             assert (slots[i], n_slots[i]) == one[3:]
     assert any(r for r in cache.ring) and not all(cache.ring)
-    with pytest.raises(ContextLengthError, match="position 64 is past"):
+    with pytest.raises(ContextLengthError, match="position 64 is past the cache's 64 slots"):
         cache.decode_slot_all(64)
     cache.rows = slice(0, 2)
     assert cache.decode_slot_all(3) is None
