@@ -27,8 +27,9 @@ _status: str | None = None
 
 
 def ext():
-    """The extension module (its functions: int4_mm, int8_mm, fp32_mm, int4_dequantize, quantize_x, rms_norm,
-    decode_qkv, attend_one, silu_mul, decode_layer, decode_layer_rows), or None with `status()` saying why not."""
+    """The extension module (its functions: int4_mm, int8_mm, int8_rows, fp32_mm, int4_dequantize, quantize_x,
+    rms_norm, decode_qkv, attend_one, silu_mul, decode_layer, decode_layer_rows, layer_stack, decode_step), or None
+    with `status()` saying why not."""
     global _ext, _status
     if _status is None:
         _ext, _status = _load()

@@ -293,7 +293,8 @@ class HerdInt8Embedding(nn.Module):
 
     def forward(self, tokens):
         head = self.head[0]
-        if self.dtype == torch.float32 and tokens.device.type == "cpu" and ext() is not None:
+        cpu_rows = self.dtype == torch.float32 and tokens.dtype == torch.long and tokens.device.type == "cpu"
+        if cpu_rows and ext() is not None:
             rows = ext().int8_rows(head.stream, head.scale, tokens.reshape(-1).contiguous(), head.in_features)
             return rows.view(*tokens.shape, head.in_features)
         return self.forward_reference(tokens)
