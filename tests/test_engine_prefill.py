@@ -3,7 +3,7 @@ one-shot prefill; a long prompt never stalls the running streams; a cache entry 
 import pytest
 import torch
 
-from herd.engine import Engine, SamplingParams, generate
+from herd.engine import MIN_PREFILL_PIECE, Engine, SamplingParams, generate
 from herd.prefix_cache import PrefixCache
 
 from test_engine import tiny
@@ -70,9 +70,9 @@ def test_long_prompt_interleaves_with_decoding():
 
 def test_default_budget_follows_measured_speeds():
     """Without step_tokens the budget is what the measured prefill rate runs in two decode steps' time, within
-    [16, prefill_chunk]."""
+    [MIN_PREFILL_PIECE, prefill_chunk]."""
     engine = Engine(tiny("llama4"), max_batch=2, prefill_chunk=64)
-    assert engine._prefill_budget(1) == 16                      # nothing measured yet
+    assert engine._prefill_budget(1) == MIN_PREFILL_PIECE       # nothing measured yet
     engine._decode_seconds, engine._prefill_rate = 0.010, 2000.0
     assert engine._prefill_budget(1) == 40
     engine._prefill_rate = 1e6
