@@ -15,7 +15,7 @@ def load(path, dtype=None, device="cpu", progress=False, quant=None, prepare=Fal
     progress: show a progress bar while reading tensors.
     quant: "packed" (GGUF files only) keeps Q4_0 / Q4_1 / Q8_0 weights packed in quantize.py's int4 / int8 modules
         instead of dequantizing them (herd/gguf.py).
-    prepare: apply herd.cpu.prepare to the loaded model (fused matmuls, herd's kernels, C++ decode steps).
+    prepare: apply herd.cpu.prepare to the loaded model (fused matmuls, herd's kernels, C++ decode steps, 2 MB pages).
     mmap_experts (with quant="packed"): True leaves the routed experts in the file, mapped (gguf.GGUFExperts: pages
         the OS can drop and re-read, so a model larger than memory runs); False copies them into memory; None (the
         default) maps them only where they would not fit, i.e. the in-memory load's peak (~3x their bytes) exceeds
