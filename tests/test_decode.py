@@ -275,6 +275,11 @@ def test_layer_stack_follows_replaced_modules():
         return req.output
 
     before = tokens()
+    twin = copy.deepcopy(model)                         # after a step: the copy builds its own stack
+    assert type(twin) is decode.HerdTransformer and twin._stack is None
+    model, original = twin, model
+    assert tokens() == before and model._layer_stack() is not original._layer_stack()
+    model = original
     wo = model.layers[2].attention.wo
     model.layers[2].attention.wo = torch.nn.Linear(64, 64, bias=False)      # not a matrix decode_layer takes
     assert model._layer_stack() is None

@@ -58,6 +58,8 @@ def test_moved_model_decodes_the_same_tokens_from_one_arena():
     assert tokens == ref_tokens and len(set(tokens)) > 5
     assert torch.equal(lp, ref_lp)
     assert hugepages.move_to_huge_pages(moved) == 0, "a second call moves nothing"
+    twin = copy.deepcopy(moved)                   # a copy's tensors are new, in ordinary memory: it moves them
+    assert hugepages.move_to_huge_pages(twin) == total
 
 
 def test_shared_tensors_stay_shared_and_mapped_experts_stay_in_the_file():

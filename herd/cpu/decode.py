@@ -328,6 +328,13 @@ class HerdTransformer(Transformer):
         self._stack = None                  # .to() / .float() ... may replace the tensors the stack holds
         return super()._apply(fn, recurse)
 
+    def __getstate__(self):
+        # copy.deepcopy: the stack is a C++ object over this model's own tensors (it cannot be copied); the copy
+        # builds its own at its first step
+        state = dict(super().__getstate__())
+        state.pop("_stack", None)
+        return state
+
 
 # Module, parameter and buffer assignments anywhere in the process (nn.Module.__setattr__ and register_* call torch's
 # global registration hooks): HerdTransformer's LayerStack is current while this count has not moved.

@@ -14,6 +14,7 @@ GGUF file's memory map (gguf.GGUFExperts, kernels.HerdGGUFExperts: experts large
 from __future__ import annotations
 
 import mmap
+import weakref
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from .kernels import HerdGGUFExperts
 HUGE_PAGE = 2 << 20
 _ALIGN = 64                                     # each tensor starts on a cache line, as torch's allocator places them
 _MAPPED = (GGUFExperts, HerdGGUFExperts)         # their tensors are the file's pages: never copied
+_MOVED: weakref.WeakSet = weakref.WeakSet()     # modules already moved (a deep copy of one is a new module)
 
 
 def thp_mode() -> str:
@@ -70,7 +72,7 @@ def move_to_huge_pages(model: nn.Module) -> int:
     bytes moved. Run it before the first forward: anything built from the old tensors keeps them alive."""
     slots = []                                   # (module, "_parameters" / "_buffers", name): no tensors held,
     for mod in model.modules():                  # so each old one is freed as soon as it is replaced
-        if isinstance(mod, _MAPPED) or getattr(mod, "_in_huge_pages", False):
+        if isinstance(mod, _MAPPED) or mod in _MOVED:
             continue
         for kind in ("_parameters", "_buffers"):
             slots += [(mod, kind, name) for name, t in getattr(mod, kind).items() if _movable(t)]
@@ -91,7 +93,5 @@ def move_to_huge_pages(model: nn.Module) -> int:
             copies[key] = nn.Parameter(new, requires_grad=t.requires_grad) if kind == "_parameters" else new
         setattr(mod, name, copies[key])          # through nn.Module: its registration hooks see the change
         del t
-    for mod in model.modules():
-        if not isinstance(mod, _MAPPED):
-            mod._in_huge_pages = True
+    _MOVED.update(mod for mod in model.modules() if not isinstance(mod, _MAPPED))
     return total
