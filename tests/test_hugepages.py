@@ -95,8 +95,12 @@ def _anon_huge_kb(address: int) -> int | None:
 
 
 def _thp_fallbacks() -> int:
-    text = Path("/proc/vmstat").read_text()
-    return int(re.search(r"thp_fault_fallback (\d+)", text).group(1))
+    """The kernel's count of huge-page faults that fell back to 4 KB pages (0 where it does not say)."""
+    try:
+        m = re.search(r"thp_fault_fallback (\d+)", Path("/proc/vmstat").read_text())
+    except OSError:
+        return 0
+    return int(m.group(1)) if m else 0
 
 
 @pytest.mark.skipif(hugepages.thp_mode() not in ("always", "madvise") or not os.path.exists("/proc/self/smaps"),
