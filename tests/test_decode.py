@@ -257,7 +257,8 @@ def stack_step(model, p: int = 3):
 @needs_kernels
 def test_layer_stack_follows_replaced_modules():
     """HerdTransformer keeps its LayerStack between steps: replacing a matrix rebuilds it; a matrix the C++ layer
-    cannot take, or another dtype, drops it, and decoding falls back to the layers' own forward (same tokens)."""
+    cannot take, or another dtype, drops it and decoding runs the layers' own forward; the matrix put back gives the
+    first tokens again."""
     model = packed_tiny("llama4", "int4")
     decode.use_decode_kernels(model)
     stack = model._layer_stack()
@@ -283,6 +284,7 @@ def test_layer_stack_follows_replaced_modules():
     wo = model.layers[2].attention.wo
     model.layers[2].attention.wo = torch.nn.Linear(64, 64, bias=False)      # not a matrix decode_layer takes
     assert model._layer_stack() is None
+    assert len(tokens()) == 20                                          # through Transformer.forward
     model.layers[2].attention.wo = wo
     assert model._layer_stack() is not None and tokens() == before
     fp32 = packed_tiny("llama3", "fp32")
