@@ -207,44 +207,39 @@ class KVCache:
         """Where one token at position p in the cache's only row (a batch-1 decode step) goes: (k, v (S, K, D), pos
         (S,) of that row, its slot, how many slots from 0 attention reads). `update` writes the slot itself;
         decode.HerdBlock has its C++ layer write it. None when the rows are not a single slice row or keys are int8."""
-        kb = self.k[layer]
-        if type(kb) is not torch.Tensor or not isinstance(self.rows, slice):
+        kb, row = self.k[layer], self._single_row()
+        if type(kb) is not torch.Tensor or row is None:
             return None
-        row = self.rows.start or 0
-        if (self.rows.stop or 0) - row != 1:
-            return None
-        S = kb.shape[1]
-        if not self.ring[layer] and p >= S:
-            raise ContextLengthError(f"position {p} is past the cache's {S} slots")
+        slot, reads = _slots_and_reads(p, p, self.ring[layer], kb.shape[1])
         # The row's views, made once per layer: three index ops cost ~5 us, ~0.15 ms of a 30-layer step. Kept apart
         # by inference mode: a view made inside it cannot take in-place writes of tracked values outside it.
         key = (layer, row, torch.is_inference_mode_enabled())
         views = self._row_views.get(key)
         if views is None:
             views = self._row_views[key] = (kb[row], self.v[layer][row], self.pos[layer][row])
-        return (*views, p % S, S if self.ring[layer] else p + 1)
+        return (*views, slot, reads)
 
     def decode_slot_all(self, p: int):
         """decode_slot for every layer at once (decode.HerdTransformer's one call per step): lists, one item per
         layer, of the row's k, v and pos views, the slots and the slot counts; None where decode_slot would be for
         any layer. The views are kept per row and inference mode, as decode_slot's."""
-        first = self.decode_slot(0, p)                  # the checks, and the context-length error on layer 0
-        if first is None:
+        row = self._single_row()
+        if row is None or any(type(kb) is not torch.Tensor for kb in self.k):
             return None
-        row = self.rows.start or 0
+        slots, reads = zip(*(_slots_and_reads(p, p, ring, kb.shape[1]) for ring, kb in zip(self.ring, self.k)))
         key = ("all", row, torch.is_inference_mode_enabled())
         views = self._row_views.get(key)
         if views is None:
-            if any(type(kb) is not torch.Tensor for kb in self.k):
-                return None
             views = self._row_views[key] = ([kb[row] for kb in self.k], [vb[row] for vb in self.v],
-                                             [pb[row] for pb in self.pos], [kb.shape[1] for kb in self.k])
-        k, v, pos, sizes = views
-        for ring, S in zip(self.ring, sizes):
-            if not ring and p >= S:
-                raise ContextLengthError(f"position {p} is past the cache's {S} slots")
-        return (k, v, pos, [p % S for S in sizes],
-                [S if ring else p + 1 for ring, S in zip(self.ring, sizes)])
+                                             [pb[row] for pb in self.pos])
+        return (*views, list(slots), list(reads))
+
+    def _single_row(self) -> int | None:
+        """The cache row of a batch-1 step (rows a slice of one row), else None."""
+        rows = self.rows
+        if not isinstance(rows, slice) or (rows.stop or 0) - (rows.start or 0) != 1:
+            return None
+        return rows.start or 0
 
     def decode_slots(self, layer: int, pos):
         """Where a decode step's tokens go, one per row of `rows` at positions pos (B, 1): (k, v (R, S, K, D) and pos
@@ -321,11 +316,13 @@ class KVCache:
 
 
 def _slots_and_reads(p, highest: int, ring: bool, S: int):
-    """(slot, slots read from 0) of positions p (n,) >= 0, the largest `highest`, in a layer of this kind (ring or not,
-    S slots); past a global layer's slots: ContextLengthError."""
+    """(slot, slots read from 0) of positions p >= 0 (a tensor (n,), or one int), the largest `highest`, in a layer of
+    this kind (ring or not, S slots); past a global layer's slots: ContextLengthError."""
     if not ring and highest >= S:
         raise ContextLengthError(f"position {highest} is past the cache's {S} slots")
-    return p % S, torch.full_like(p, S) if ring else p + 1
+    if not ring:
+        return p % S, p + 1
+    return p % S, torch.full_like(p, S) if torch.is_tensor(p) else S
 
 
 def _same(a, b) -> bool:
