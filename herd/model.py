@@ -282,7 +282,7 @@ class Transformer(nn.Module):
         """tokens (B, T) -> logits (B, T, V) in fp32.
 
         input_pos: (B, T) absolute positions, -1 for padding; default 0..T-1 in every row.
-        kv_cache: the engine's cache (see engine.KVCache.update); None recomputes everything.
+        kv_cache: the engine's cache (see kv_cache.KVCache.update); None recomputes everything.
         embeddings: (B, T, dim) input rows to use instead of the token embeddings (early fusion, see vision.py).
         logit_index: (B,) one position per row whose logits are wanted -> (B, 1, V); saves the full-vocab matmul.
         images: (n_tiles, 3, S, S) normalized tiles of every image in these rows (images.prepare_images), in the

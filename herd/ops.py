@@ -102,7 +102,7 @@ def _attend_block(q, k, v, mask):
 class QuantizedKV:
     """Keys or values stored as int8 with one fp32 scale per token and head: x ~= values * scale, values (..., D)
     int8, scale (..., 1). Slices and transposes (never along D) like the tensor it stands for, so attention can
-    dequantize one key block at a time (engine.KVCache holds its global layers this way when asked)."""
+    dequantize one key block at a time (kv_cache.KVCache holds its global layers this way when asked)."""
 
     def __init__(self, values: torch.Tensor, scale: torch.Tensor):
         self.values, self.scale = values, scale

@@ -136,8 +136,8 @@ def kv_cache_tokens(cfg: ModelConfig, context: int) -> list[int]:
 def kv_cache_bytes(cfg: ModelConfig, context: int, batch: int = 1, dtype_bytes: int = 2, pos_bytes: int = 0,
                    kv_int8: bool = False) -> int:
     """Bytes of the hybrid KV cache for `batch` sequences of `context` tokens. pos_bytes: per-slot position
-    bookkeeping (engine.KVCache keeps an int64 position per slot and layer: pass 8 to match its nbytes()).
-    kv_int8: global layers hold int8 K and V plus one fp32 scale per token and head (engine.KVCache kv_int8)."""
+    bookkeeping (kv_cache.KVCache keeps an int64 position per slot and layer: pass 8 to match its nbytes()).
+    kv_int8: global layers hold int8 K and V plus one fp32 scale per token and head (kv_cache.KVCache kv_int8)."""
     per_slot = kv_bytes_per_token_per_layer(cfg, dtype_bytes) + pos_bytes
     int8_slot = 2 * cfg.n_kv_heads * (cfg.head_dim + 4) + pos_bytes
     return batch * sum(n * (int8_slot if kv_int8 and not s.chunked else per_slot)

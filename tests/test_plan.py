@@ -3,7 +3,7 @@ import pytest
 
 from herd.cli import main as cli_main
 from herd.config import preset
-from herd.engine import KVCache
+from herd.kv_cache import KVCache
 from herd.plan import (
     ALLOCATOR_SLACK_PCT, DEVICES, GiB, PREFILL_CHUNK, RUNTIME_FIXED, activation_bytes, kv_cache_bytes,
     kv_cache_bytes_per_token, longest_context, make_plan,

@@ -220,7 +220,7 @@ class LlamaGuard:
     def _classify(self, ids: list[int], pixels) -> tuple[str, float, bool, int]:
         """Greedy answer to one prompt: (text, P(unsafe) where the verdict starts, finished before the limit, prompt
         tokens). A KV cache sized for this prompt; the prompt runs as one forward, then one token per step."""
-        from ..engine import KVCache
+        from ..kv_cache import KVCache
         model, cfg = self.model, self.model.config
         p = next(model.parameters())
         cache = KVCache(cfg, 1, len(ids) + self.max_new_tokens, p.dtype if p.is_floating_point() else torch.float32,
