@@ -82,17 +82,13 @@ def module_weight_bytes_per_token(model, n_experts: int = 0, top_k: int = 0, all
     Keyed by each tensor's own bytes, not its storage: herd.cpu.prepare puts every tensor in one arena."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(dict(model.named_buffers(remove_duplicate=False)))
-    by_storage: dict[tuple, list[str]] = {}
-    size: dict[tuple, int] = {}
+    by_memory: dict[tuple, list[str]] = {}        # (address, bytes) -> the names viewing those bytes
     for name, t in tensors.items():
         if t.is_meta:
             continue
-        key = (t.data_ptr(), t.numel() * t.element_size())
-        by_storage.setdefault(key, []).append(name)
-        size[key] = key[1]
+        by_memory.setdefault((t.data_ptr(), t.numel() * t.element_size()), []).append(name)
     total = 0.0
-    for key, names in by_storage.items():
-        n = size[key]
+    for (_, n), names in by_memory.items():
         embedding = any("embed" in name for name in names)
         head = any(name.split(".")[-2] in ("output", "lm_head") for name in names)
         if embedding and not head:

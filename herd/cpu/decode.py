@@ -280,7 +280,7 @@ class HerdTransformer(Transformer):
 
     def forward(self, tokens, *, input_pos=None, kv_cache=None, embeddings=None, logit_index=None, images=None):
         if (tokens.shape == (1, 1) and embeddings is None and images is None and input_pos is not None
-                and kv_cache is not None and hasattr(kv_cache, "decode_slot") and not self.training):
+                and kv_cache is not None and hasattr(kv_cache, "decode_slot_all") and not self.training):
             h = self._one_call_step(tokens, input_pos, kv_cache)
             if h is not None:
                 if logit_index is not None:
@@ -295,7 +295,7 @@ class HerdTransformer(Transformer):
         stack = self._layer_stack() if p >= 0 else None
         if stack is None:
             return None
-        rows = kv_cache.decode_slot_all(p) if hasattr(kv_cache, "decode_slot_all") else None
+        rows = kv_cache.decode_slot_all(p)
         h = self.embed(tokens)
         if rows is None or h.dtype != torch.float32 or h.device.type != "cpu":
             return None
