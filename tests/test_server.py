@@ -77,6 +77,14 @@ class LiveServer:
         return sum(float(m.group(2)) for m in re.finditer(rf"^{re.escape(name)}(?:{{([^}}]*)}})? (\S+)$", text, re.M)
                    if want <= set((m.group(1) or "").split(",")))
 
+    def wait_metric(self, name: str, at_least: float, timeout_s: float = 30, **labels: str) -> float:
+        """The series once it reaches at_least (or its value at the deadline). The engine thread counts a request's
+        end when it handles the cancel or finish, which may come just after the HTTP answer went out."""
+        deadline = time.monotonic() + timeout_s
+        while (value := self.metric(name, **labels)) < at_least and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return value
+
     def metrics_text(self) -> str:
         with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
             return r.read().decode()

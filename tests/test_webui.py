@@ -262,10 +262,7 @@ def test_stop_cancels_the_request_on_the_server(default_server, browser):
         page.click("#stop")
         _, notes = wait_answered(page, 10)
         assert any(n.startswith("Stopped") for n in notes), notes
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and s.metric("herd_finished_requests_total", reason="cancelled") == cancelled:
-            time.sleep(0.2)
-        assert s.metric("herd_finished_requests_total", reason="cancelled") == cancelled + 1
+        assert s.wait_metric("herd_finished_requests_total", cancelled + 1, reason="cancelled") == cancelled + 1
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and s.metric("herd_running_requests") > 0:
             time.sleep(0.2)
