@@ -9,7 +9,7 @@ import sys
 # loaded CPU; measured 23 ms instead of 0.8 ms for one SmolLM2 FFN matmul with 2 spinning threads (bench/speed.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .cli_common import add_threads_flag, add_weight_flags, load_model, model_path  # noqa: E402
+from .cli_common import add_threads_flag, add_weight_flags, count, load_model, model_path, number  # noqa: E402
 
 
 def _looks_like_path(word: str) -> bool:
@@ -94,13 +94,15 @@ def cmd_run(args):
     # `herd run PROMPT` and `herd run MODEL [PROMPT]`: the first word is a model when it names one.
     words = list(args.words)
     model_arg = None
-    if words and (Path(words[0]).exists() or words[0] == "default"):
+    if words and words[0].strip() and (Path(words[0]).exists() or words[0] == "default"):    # Path("") is "."
         model_arg = words.pop(0)
     elif words and words[0] in PRESETS:
         raise SystemExit(f"herd: error: {words[0]!r} is a shape preset without weights; give a checkpoint path")
     elif words and _looks_like_path(words[0]):
         model_path(words[0])                # a model the user meant to name, but it is not there: say so
     prompt = " ".join(words) if words else None
+    if prompt is not None and not prompt.strip() and not args.image:
+        raise SystemExit("herd: error: the prompt is empty: give one, or none for an interactive chat")
     _, model, tok = load_model(model_arg, args.verbose, args.dequantize, args.threads, args.mmap_experts)
     session = ChatSession(args, model, tok)
     if prompt is not None:
@@ -361,13 +363,14 @@ def cmd_synth(args):
 
 def _add_sampling_flags(p, temperature):
     # Sampling
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    p.add_argument("--max-tokens", type=count(1), default=256, help="most tokens to generate")
+    p.add_argument("--temperature", type=number(0), default=temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=number(0, 1, above=True), default=1.0, help="nucleus sampling mass")
+    p.add_argument("--top-k", type=count(0), default=0, help="sample among the k most likely tokens (0 = off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     # Runtime
-    p.add_argument("--max-seq-len", type=int, default=4096, help="context window to allocate (prompt + output)")
+    p.add_argument("--max-seq-len", type=count(1), default=4096,
+                   help="context window to allocate (prompt + output); 128k = 131072")
     p.add_argument("--kv-int8", action="store_true",
                    help="int8 keys and values (one scale per token and head) in the global layers' KV cache")
     _kv_dtype_arg(p)
@@ -448,7 +451,8 @@ def _add_model_parsers(sub):
     p.add_argument("dst", help="output folder")
     p.add_argument("--scheme", required=True, choices=["int8", "int4", "fp8"],
                    help="int8 per output row, int4 group-wise (Meta's recipe), fp8 e4m3 per output row")
-    p.add_argument("--group-size", type=int, default=None, help="int4 group size along the input dim (default 128)")
+    p.add_argument("--group-size", type=count(1), default=None,
+                   help="int4 group size along the input dim (default 128)")
     p.add_argument("--asymmetric", action="store_true",
                    help="int4 only: a zero point per group as well as a scale (w = q * scale + zero, the 16 levels "
                         "spanning each group's min..max) instead of Meta's symmetric max|w| / 8; same run-time cost")
@@ -463,8 +467,9 @@ def _add_model_parsers(sub):
                    help="8xh100 / 8xh200: one node, tensor parallel (as vLLM / SGLang --tensor-parallel-size 8)")
     p.add_argument("--quant", default="bf16", choices=["bf16", "fp8", "int4"],
                    help="Meta's recipes: fp8_mixed (routed experts) or int4_mixed (routed + shared experts)")
-    p.add_argument("--context", type=int, default=8192, help="tokens per sequence")
-    p.add_argument("--batch", type=int, default=1, help="sequences held at once")
+    p.add_argument("--context", type=count(1), default=8192,
+                   help="tokens per sequence (128k = 131072, 10M = 10485760)")
+    p.add_argument("--batch", type=count(1), default=1, help="sequences held at once")
     p.set_defaults(func=cmd_plan)
 
 
@@ -474,7 +479,7 @@ def _add_serve_parsers(sub):
                    help="GGUF file or HF folder, optionally NAME=PATH to set its id; 'default' = the default model")
     # Server
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--port", type=count(1, 65535), default=8000, help="port to listen on")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn log level")
@@ -486,15 +491,17 @@ def _add_serve_parsers(sub):
     # Limits (a request past one gets a 400, or 413 for the body, that names the flag)
     from .serve.limits import flag, limit_fields
     for name, default, help in limit_fields():
-        p.add_argument(flag(name), type=type(default), default=default, help=f"{help} (default {default})")
+        p.add_argument(flag(name), type=count(0) if isinstance(default, int) else number(0), default=default,
+                       help=f"{help} (default {default})")
     # Engine
-    p.add_argument("--max-batch", type=int, default=16, help="requests decoded together per model")
-    p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a slot before HTTP 429")
-    p.add_argument("--max-seq-len", type=int, default=4096, help="context per request (prompt + output)")
-    p.add_argument("--step-tokens", type=int, default=None, metavar="N",
+    p.add_argument("--max-batch", type=count(1), default=16, help="requests decoded together per model")
+    p.add_argument("--max-queue", type=count(0), default=64, help="requests waiting for a slot before HTTP 429")
+    p.add_argument("--max-seq-len", type=count(1), default=4096,
+                   help="context per request (prompt + output); 128k = 131072")
+    p.add_argument("--step-tokens", type=count(1), default=None, metavar="N",
                    help="prompt tokens prefilled per engine step while others decode, counting one per decoding "
                         "request (default: as many as take one decode step's time, measured as it runs)")
-    p.add_argument("--prefix-cache-mib", type=float, default=256, metavar="MIB",
+    p.add_argument("--prefix-cache-mib", type=number(0), default=256, metavar="MIB",
                    help="memory for keys and values of prompt prefixes reused across requests (a shared system "
                         "prompt is prefilled once); 0 turns it off (default 256)")
     add_threads_flag(p)
@@ -509,16 +516,17 @@ def _add_serve_parsers(sub):
 
     p = sub.add_parser("bench-serve", help="load-test an OpenAI-compatible server: throughput, TTFT, ITL, cost")
     p.add_argument("url", help="server base URL, e.g. http://127.0.0.1:8000")
-    p.add_argument("--concurrency", type=int, default=8, help="clients streaming at once")
-    p.add_argument("--requests", type=int, default=32, help="requests in total")
-    p.add_argument("--max-tokens", type=int, default=128, help="max_tokens of each request")
-    p.add_argument("--usd-per-hour", type=float, default=None, help="machine price, for cost per 1M output tokens")
+    p.add_argument("--concurrency", type=count(1), default=8, help="clients streaming at once")
+    p.add_argument("--requests", type=count(1), default=32, help="requests in total")
+    p.add_argument("--max-tokens", type=count(1), default=128, help="max_tokens of each request")
+    p.add_argument("--usd-per-hour", type=number(0), default=None, help="machine price, for cost per 1M output tokens")
     p.add_argument("--model", default=None, help="model id (default: the server's first model)")
     p.add_argument("--api-key", default=None, help="bearer token for the server")
     p.add_argument("--prompt", default=None, help="one prompt for every request (default: a built-in set)")
     p.add_argument("--ignore-eos", action="store_true",
                    help="ask for exactly --max-tokens tokens per request (the vLLM / herd extension)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds before one request counts as failed")
+    p.add_argument("--timeout", type=number(0, above=True), default=600.0,
+                   help="seconds before one request counts as failed")
     p.set_defaults(func=cmd_bench_serve)
 
 
@@ -539,15 +547,15 @@ def _add_train_parsers(sub, argv):
     p = sub.add_parser("upcycle", help="grow a Llama-4-style MoE from a dense checkpoint's FFNs")
     p.add_argument("dense", help="dense checkpoint: HF folder or GGUF file ('default' for the default model)")
     p.add_argument("out", help="output folder (HF layout)")
-    p.add_argument("--experts", type=int, required=True, help="routed experts per MoE layer")
-    p.add_argument("--top-k", type=int, default=1, help="routed experts per token")
-    p.add_argument("--moe-every", type=int, default=1, help="MoE on every n-th layer (2 = Maverick-style)")
-    p.add_argument("--router-logit-std", type=float, default=0.005, help="std of the step-0 router logits")
+    p.add_argument("--experts", type=count(1), required=True, help="routed experts per MoE layer")
+    p.add_argument("--top-k", type=count(1), default=1, help="routed experts per token")
+    p.add_argument("--moe-every", type=count(1), default=1, help="MoE on every n-th layer (2 = Maverick-style)")
+    p.add_argument("--router-logit-std", type=number(0), default=0.005, help="std of the step-0 router logits")
     p.add_argument("--seed", type=int, default=0, help="router init seed")
     p.add_argument("--probe-text", default="The history of science is the study of how people came to understand "
                    "the natural world, from early astronomy and medicine to modern physics and biology.",
                    help="text on which step-0 closeness to the dense model is measured")
-    p.add_argument("--probe-tokens", type=int, default=256, help="at most this many probe tokens")
+    p.add_argument("--probe-tokens", type=count(1), default=256, help="at most this many probe tokens")
     p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("synth", help="a teacher model writes training text (JSONL) from a prompt file")
@@ -555,14 +563,14 @@ def _add_train_parsers(sub, argv):
     p.add_argument("--prompts", required=True, help="one prompt per line (.txt) or JSONL with 'prompt'")
     p.add_argument("--out", required=True, help="output JSONL: prompt, response, text (the chat transcript)")
     p.add_argument("--system", default=None, help="system message for every prompt")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts decoded together by the engine")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature")
-    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass")
+    p.add_argument("--batch-size", type=count(1), default=16, help="prompts decoded together by the engine")
+    p.add_argument("--max-tokens", type=count(1), default=256, help="most tokens per answer")
+    p.add_argument("--temperature", type=number(0), default=0.8, help="sampling temperature")
+    p.add_argument("--top-p", type=number(0, 1, above=True), default=0.95, help="nucleus sampling mass")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (reproducible output)")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="context to allocate per prompt + answer")
+    p.add_argument("--max-seq-len", type=count(1), default=1024, help="context to allocate per prompt + answer")
     p.add_argument("--bf16", action="store_true", help="run the teacher in bf16")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=count(1), default=None, help="torch CPU threads")
     p.set_defaults(func=cmd_synth)
 
 

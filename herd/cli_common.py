@@ -5,6 +5,7 @@ command."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 
@@ -16,6 +17,8 @@ def model_path(model_arg):
 
     if model_arg in (None, "default"):
         return default_model_path()
+    if not str(model_arg).strip():                          # Path("") would be ".", the current folder
+        raise FileNotFoundError("the model path is empty (a GGUF file, an HF checkpoint folder or 'default')")
     path = Path(model_arg)
     if not path.exists():
         raise FileNotFoundError(f"{model_arg}: no such file or folder (a GGUF file, an HF checkpoint folder or "
@@ -61,8 +64,41 @@ def load_model(model_arg, verbose=False, dequantize=False, threads=None, mmap_ex
     return path, model, tok
 
 
+def count(low: int, high: int | None = None):
+    """An argparse type: a whole number from low to high, plain or with a k / M suffix counted as context lengths
+    are (x1024, x1024^2: 128k = 131072; 10M = 10485760, Scout's window). A value out of range is refused while the
+    command line is read, before a model is loaded (`--max-batch 0` would start a server that admits nothing)."""
+    def parse(text: str) -> int:
+        t = text.strip()
+        scale = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20}.get(t[-1:], 1)
+        try:
+            n = int(t[:-1] if scale > 1 else t) * scale
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 4096, 128k, 10M)") from None
+        if n < low or (high is not None and n > high):
+            want = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{n} is out of range: expected {want}")
+        return n
+    return parse
+
+
+def number(low: float, high: float | None = None, above: bool = False):
+    """An argparse type: a finite number from low (or above it, if `above`) to high."""
+    def parse(text: str) -> float:
+        try:
+            x = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(x) or x < low or (above and x == low) or (high is not None and x > high):
+            want = (f"above {low}" if above else f"at least {low}") + (f" and at most {high}" if high is not None
+                                                                       else "")
+            raise argparse.ArgumentTypeError(f"{text} is out of range: expected a number {want}")
+        return x
+    return parse
+
+
 def add_threads_flag(p):
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=count(0), default=0,
                    help="CPU threads for the matmuls (0 = the cores this process may use: affinity and cgroup quota)")
 
 

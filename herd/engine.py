@@ -116,10 +116,13 @@ class Engine:
                  prefix_cache_mib: float = 256, prefix_block: int = 32):
         self.model = model
         self.cfg: ModelConfig = model.config
-        self.max_seq_len = min(max_seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
+        # a batch of 0 rows would queue every request for ever: refused here, not found as a hang
+        if max_batch < 1 or (max_seq_len is not None and max_seq_len < 1):
+            raise ValueError(f"max_batch and max_seq_len must be >= 1; got {max_batch}, {max_seq_len}")
         if prefill_chunk < 1 or (step_tokens is not None and step_tokens < 1) or prefix_cache_mib < 0:
             raise ValueError(f"prefill_chunk and step_tokens must be >= 1 and prefix_cache_mib >= 0; got "
                              f"{prefill_chunk}, {step_tokens}, {prefix_cache_mib}")
+        self.max_seq_len = min(max_seq_len or self.cfg.max_seq_len, self.cfg.max_seq_len)
         self.prefill_chunk, self.step_tokens = prefill_chunk, step_tokens
         p = next(model.parameters())
         self.device = p.device

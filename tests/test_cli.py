@@ -118,3 +118,45 @@ def test_length_generalization_writes_only_where_out_says():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.parse_args(["--quick"]).out is None
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["serve", "--max-batch", "0"], "argument --max-batch: 0 is out of range: expected at least 1"),
+    (["serve", "--port", "99999"], "argument --port: 99999 is out of range: expected from 1 to 65535"),
+    (["serve", "--max-queue", "-1"], "argument --max-queue: -1 is out of range: expected at least 0"),
+    (["serve", "--max-seq-len", "-1"], "argument --max-seq-len: -1 is out of range"),
+    (["serve", "--max-seq-len", "4k8"], "argument --max-seq-len: '4k8' is not a whole number"),
+    (["serve", "--max-body-mb", "nan"], "argument --max-body-mb: nan is out of range"),
+    (["serve", "--prefix-cache-mib", "-5"], "argument --prefix-cache-mib: -5 is out of range"),
+    (["run", "--max-tokens", "0", "hi"], "argument --max-tokens: 0 is out of range: expected at least 1"),
+    (["run", "--temperature", "inf", "hi"], "argument --temperature: inf is out of range"),
+    (["generate", "default", "hi", "--top-p", "0"], "expected a number above 0 and at most 1"),
+    (["generate", "default", "hi", "--top-k", "-1"], "argument --top-k: -1 is out of range"),
+    (["bench-serve", "http://127.0.0.1:9", "--timeout", "0"], "argument --timeout: 0 is out of range"),
+])
+def test_numbers_out_of_range_are_refused_before_anything_loads(argv, says, capsys):
+    """`herd serve --max-batch 0` used to start a server that queued every request for ever, `--max-seq-len -1` and
+    `--port 99999` to end in a traceback after the model had loaded: each is now refused as the command line is read,
+    naming the flag and the range (a model load can take minutes; this fails at once)."""
+    from herd.cli import main as cli_main
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_empty_prompt_is_refused_not_answered():
+    """`herd run ""` sent an empty user message and printed whatever the model made of it."""
+    for words in (["default", "  "], [""]):               # "" alone is no model either (Path("") is the cwd)
+        r = herd_cli("run", *words)
+        assert r.returncode == 1 and "the prompt is empty" in r.stderr and not r.stdout, words
+    r = herd_cli("generate", "", "Once upon")
+    assert r.returncode == 2 and "the model path is empty" in r.stderr
+
+
+def test_context_lengths_take_k_and_m():
+    """128k and 10M, as context lengths are written (x1024: Scout's 10M window is 10,485,760 tokens)."""
+    from herd.cli import build_parser
+    args = build_parser(["serve"]).parse_args(["serve", "--max-seq-len", "128k", "--max-batch", "4"])
+    assert (args.max_seq_len, args.max_batch) == (131072, 4)
+    args = build_parser(["plan"]).parse_args(["plan", "scout", "--device", "h100", "--context", "10M"])
+    assert args.context == 10 * 2**20

@@ -270,3 +270,13 @@ def test_bad_input():
     # generation stops at the context limit instead of overrunning the cache
     r = generate(model, [list(range(3, 60))], SamplingParams(max_tokens=100, ignore_eos=True), max_seq_len=64)[0]
     assert r.finish_reason == "length" and len(r.prompt) + len(r.output) == 64
+
+
+def test_bad_sizes_are_refused():
+    """A batch of no rows would queue every request for ever (a server that answers nothing): refused, as are a
+    negative context and the other sizes, with messages naming them."""
+    model = tiny("llama4")
+    for kw, name in (({"max_batch": 0}, "max_batch"), ({"max_seq_len": -1}, "max_seq_len"),
+                     ({"step_tokens": 0}, "step_tokens"), ({"prefix_cache_mib": -1}, "prefix_cache_mib")):
+        with pytest.raises(ValueError, match=name):
+            Engine(model, **kw)

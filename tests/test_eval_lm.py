@@ -151,3 +151,14 @@ def test_unknown_task_is_refused(monkeypatch):
     monkeypatch.setattr("lm_eval.tasks.TaskManager", Indexed)
     with pytest.raises(ValueError, match="unknown lm-eval task"):
         lm.task_manager(["no_such_task_here"])
+
+
+def test_task_whose_dataset_is_not_here_says_what_to_do(tiny, tmp_path):
+    """Offline, a task over a Hub dataset that is not in the local cache ended in a `datasets` traceback; it is a
+    ValueError (the CLI's clean error) that names the task and herd's offline tasks."""
+    (tmp_path / "hub_only.yaml").write_text(
+        "task: herd_test_hub_only\ndataset_path: herd-tests/no-such-dataset-anywhere\noutput_type: multiple_choice\n"
+        "test_split: test\ndoc_to_text: '{{q}}'\ndoc_to_target: 0\ndoc_to_choice: ['a', 'b']\n")
+    model, tok = tiny
+    with pytest.raises(ValueError, match=r"no-such-dataset-anywhere.*offline.*herd_test_hub_only.*herd_smoke"):
+        lm.evaluate_in_process(model, tok, ["herd_test_hub_only"], include=[str(tmp_path)])

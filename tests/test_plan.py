@@ -157,7 +157,9 @@ def test_cli_plan_bad_input(capsys):
     assert "invalid choice: 'tpu'" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         cli_main(["plan", "scout", "--device", "h100", "--context", "0"])
-    assert e.value.code == 2 and "context and batch must be at least 1" in capsys.readouterr().err
+    assert e.value.code == 2 and "argument --context: 0 is out of range: expected at least 1" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="context and batch must be at least 1"):
+        make_plan(preset("scout"), "h100", "int4", 0)           # the library's own check, for callers in Python
     with pytest.raises(SystemExit) as e:
         cli_main(["plan", "llama-9000", "--device", "h100"])
     assert e.value.code == 2

@@ -593,6 +593,25 @@ def test_full_queue_is_429_not_a_hang(one_slot_server):
     assert "herd_requests_total" in s.metrics_text() and s.metric("herd_queue_depth") == 0
 
 
+def test_settings_that_would_hang_or_crash_the_server_are_refused(tiny_folders):
+    """In Python as on the command line (tests/test_cli.py): a negative queue, a limit that is negative or not a
+    number, a port past 65535, each refused with the setting's name before anything listens."""
+    from herd.serve.app import serve
+    from herd.serve.limits import Limits
+    from herd.serve.worker import ServedModel
+    model, tok = herd.load(tiny_folders[0]), load_tokenizer(tiny_folders[0])
+    with pytest.raises(ValueError, match="max_queue must be >= 0"):
+        ServedModel("tiny", model, tok, max_queue=-1)
+    with pytest.raises(ValueError, match="max_batch and max_seq_len must be >= 1"):
+        ServedModel("tiny", model, tok, max_batch=0)
+    for bad in (-1, float("nan"), float("inf"), "16"):
+        with pytest.raises(ValueError, match=r"limit max_body_mb must be a number >= 0 \(herd serve --max-body-mb\)"):
+            Limits(max_body_mb=bad)
+    assert Limits(max_tools=0, default_max_tokens=0).max_tools == 0          # 0 is a limit too: no tools
+    with pytest.raises(ValueError, match="port must be from 0 to 65535"):
+        serve([ServedModel("tiny", model, tok)], port=70000)
+
+
 # ---- schemathesis: no input makes the server fail ------------------------------------------------------------------
 def test_schemathesis_finds_no_server_errors(tiny_folders, tmp_path):
     schemathesis = pytest.importorskip("schemathesis")

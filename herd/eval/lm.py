@@ -42,6 +42,22 @@ def task_manager(tasks: list[str], include: list[str] = ()):
     return tm
 
 
+@contextlib.contextmanager
+def datasets_on_this_machine(tasks: list[str]):
+    """A task whose dataset is on the Hub and not in the local cache fails, offline, deep inside `datasets` with
+    "Couldn't reach ... on the Hub": said instead as what to do about it."""
+    try:
+        yield
+    except ConnectionError as e:            # builtin ConnectionError: what `datasets` raises; HTTP clients' differ
+        if "on the Hub" not in str(e):
+            raise
+        raise ValueError(f"{e}: herd runs lm-eval offline (HF_DATASETS_OFFLINE=1), so a task's dataset must already "
+                         f"be in the local datasets cache. Tasks asked for: {', '.join(tasks)}. Run herd's own "
+                         "tasks (herd_smoke, herd_smoke_ci), --include a folder of task YAMLs over local files, or "
+                         "download the dataset once on a machine with the Hub (HF_DATASETS_OFFLINE=0) into "
+                         "this cache") from None
+
+
 def evaluate_in_process(model, tok, tasks: list[str], *, limit: int | None = None, batch_size: int = 16,
                         max_seq_len: int = 2048, include: list[str] = ()) -> dict:
     """lm-eval's simple_evaluate with harness.HerdLM over `model`."""
@@ -50,8 +66,9 @@ def evaluate_in_process(model, tok, tasks: list[str], *, limit: int | None = Non
     from .harness import HerdLM
 
     lm = HerdLM(model, tok, batch_size=batch_size, max_seq_len=max_seq_len)
-    return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, log_samples=False,
-                           bootstrap_iters=0)
+    with datasets_on_this_machine(tasks):
+        return simple_evaluate(model=lm, tasks=tasks, limit=limit, task_manager=tm, log_samples=False,
+                               bootstrap_iters=0)
 
 
 def evaluate_server(base_url: str, model_name: str, tasks: list[str], *, limit: int | None = None,
@@ -72,8 +89,9 @@ def evaluate_server(base_url: str, model_name: str, tasks: list[str], *, limit: 
         args["tokenizer"] = tokenizer
     if api_key:
         args["auth_token"], args["header"] = api_key, {"Authorization": f"Bearer {api_key}"}
-    return simple_evaluate(model="local-completions", model_args=args, tasks=tasks, limit=limit, task_manager=tm,
-                           log_samples=False, bootstrap_iters=0)
+    with datasets_on_this_machine(tasks):
+        return simple_evaluate(model="local-completions", model_args=args, tasks=tasks, limit=limit,
+                               task_manager=tm, log_samples=False, bootstrap_iters=0)
 
 
 def _free_port() -> int:

@@ -129,6 +129,9 @@ def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, 
     """Run the server until interrupted (SIGINT, SIGTERM: see the module's docstring)."""
     import uvicorn
 
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port must be from 0 to 65535, got {port}")
+
     class ClosingServer(uvicorn.Server):
         async def shutdown(self, sockets=None):
             for m in models:      # streams end with a 503 event by the grace's end, so connections close in time

@@ -8,6 +8,7 @@ imports nothing of FastAPI or pydantic: the CLI builds its flags from Limits."""
 from __future__ import annotations
 
 import json
+import math
 from contextvars import ContextVar
 from dataclasses import dataclass, field, fields
 
@@ -33,6 +34,12 @@ class Limits:
                                        "(grammar compiling grows faster: depth 300 took 4 s, 950 took 78 s)")
     default_max_tokens: int = _limit(1024, "a chat request's max_tokens when it gives none (0: the rest of the "
                                            "context, which can hold a batch slot for minutes)")
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < math.inf:
+                raise ValueError(f"limit {f.name} must be a number >= 0 (herd serve {flag(f.name)}), got {value!r}")
 
     @property
     def max_body_bytes(self) -> int:

@@ -55,6 +55,8 @@ class ServedModel:
     def __init__(self, name: str, model, tok: Tokenizer, max_batch: int = DEFAULT_MAX_BATCH,
                  max_seq_len: int = DEFAULT_MAX_SEQ_LEN, max_queue: int = DEFAULT_MAX_QUEUE, cache_dtype=None,
                  step_tokens: int | None = None, prefix_cache_mib: float = 256):
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 (0: no request waits for a slot), got {max_queue}")
         self.name, self.model, self.tok = name, model, tok
         self.engine = Engine(model, max_batch=max_batch, max_seq_len=max_seq_len, cache_dtype=cache_dtype,
                              step_tokens=step_tokens, prefix_cache_mib=prefix_cache_mib)
