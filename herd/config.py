@@ -282,7 +282,9 @@ def load_config(path: str | Path) -> ModelConfig:
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        # a file that is no GGUF is read as a config.json: say what else it could have been
+        raise ConfigError(f"{path}: not valid JSON ({e}); a model is a GGUF file, an HF checkpoint folder or its "
+                          "config.json") from None
     if not isinstance(d, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return from_hf_config(d, str(path))

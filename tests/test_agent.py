@@ -229,6 +229,9 @@ def test_tools_from_functions_json_and_files(tmp_path):
                                           "def _hidden():\n    pass\n")
     (py_tool,) = tools_from_python_file(tmp_path / "my_tools.py")
     assert py_tool.name == "add" and run_tool({"add": py_tool}, "add", {"a": 40}).text == "42"
+    (tmp_path / "broken.py").write_text("def ok():\n    pass\ndef f(: pass\n")
+    with pytest.raises(ToolError, match=r"broken.py:3: not valid Python \(invalid syntax\)"):
+        tools_from_python_file(tmp_path / "broken.py")
     for bad, message in [([{"name": "x", "handler": {"shell": "ls"}}], "no shell commands"),
                          ([{"name": "x y", "handler": {"argv": ["ls"]}}], "must be an identifier"),
                          ({"name": "x"}, "expected a JSON list"),

@@ -137,7 +137,10 @@ def tools_from_python_file(path: str | Path) -> list[Tool]:
     if spec is None:
         raise ToolError(f"{path}: not a Python file")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:           # the user's file, not herd: where and what, without herd's traceback
+        raise ToolError(f"{path}:{e.lineno}: not valid Python ({e.msg})") from None
     fns = [f for n, f in vars(module).items() if isinstance(f, types.FunctionType) and not n.startswith("_")
            and f.__module__ == module.__name__]
     if not fns:
