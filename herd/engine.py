@@ -50,6 +50,7 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logit_bias: dict[int, float] | None = None   # OpenAI's: added to these tokens' logits (-100 bans, 100 forces)
     logprobs: int | None = None       # None: none; 0: the chosen token's; n: also the top n
     prompt_logprobs: int | None = None   # the same for each prompt token given those before it (scoring)
 
@@ -64,7 +65,10 @@ class SamplingParams:
                   (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
                   (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
                   (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
-                  (not scoring or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]")]
+                  (not scoring or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
+                  (all(isinstance(t, int) and isinstance(b, (int, float)) and -100 <= b <= 100
+                       for t, b in (self.logit_bias or {}).items()),
+                   "logit_bias maps token ids (int) to biases from -100 to 100")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
@@ -85,6 +89,7 @@ class Request:
     generator: torch.Generator | None = None
     counts: torch.Tensor | None = None   # (V,) generated-token counts, for the penalties
     seen: torch.Tensor | None = None     # (V,) bool, prompt or generated
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None   # logit_bias as (ids, biases), each (n,)
     images: torch.Tensor | None = None   # pixel values for the prompt's image patch tokens, until admitted
     embeddings: torch.Tensor | None = None   # (1, T, dim) input rows of a prompt with images, until prefilled
     prefilled: int = 0                   # prompt tokens whose keys and values are in the cache row
@@ -149,9 +154,10 @@ class Engine:
         params = (params or SamplingParams()).validate()
         if not prompt:
             raise ValueError("empty prompt: at least one token is needed")
-        bad = [t for t in prompt if not 0 <= t < self.cfg.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
+        for what, ids in (("token ids", prompt), ("logit_bias token ids", params.logit_bias or ())):
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(f"{what} {bad[:5]} outside the vocabulary 0..{self.cfg.vocab_size - 1}")
         room = 1 if params.max_tokens else 0            # a prompt only scored (max_tokens 0) may fill the context
         if len(prompt) > self.max_seq_len - room:
             raise ContextLengthError(
@@ -169,6 +175,9 @@ class Engine:
             req.counts = torch.zeros(V, device=self.device)
             req.seen = torch.zeros(V, dtype=torch.bool, device=self.device)
             req.seen[torch.tensor(prompt, device=self.device)] = True
+        if params.logit_bias:
+            req.bias = (torch.tensor(list(params.logit_bias), dtype=torch.long, device=self.device),
+                        torch.tensor(list(params.logit_bias.values()), dtype=torch.float32, device=self.device))
         self.waiting.append(req)
         return req
 
@@ -378,7 +387,13 @@ class Engine:
             seen = torch.stack([r.seen if r.seen is not None else none.bool() for r in reqs])
             logits = apply_penalties(logits, counts, seen, f("repetition_penalty"), f("presence_penalty"),
                                      f("frequency_penalty"))
-        scores = logits                  # logprobs report the model's distribution, before any constraint
+        if any(r.bias is not None for r in reqs):
+            logits = logits.clone()      # (B, V): the model's own rows may be a view that is used again
+            for i, r in enumerate(reqs):
+                if r.bias is not None:
+                    logits[i, r.bias[0]] += r.bias[1]
+        # logprobs report the distribution sampled from after penalties and logit_bias, before any constraint
+        scores = logits
         if any(r.constraint is not None for r in reqs):
             logits = logits.clone()
             for i, r in enumerate(reqs):

@@ -280,3 +280,26 @@ def test_bad_sizes_are_refused():
                      ({"step_tokens": 0}, "step_tokens"), ({"prefix_cache_mib": -1}, "prefix_cache_mib")):
         with pytest.raises(ValueError, match=name):
             Engine(model, **kw)
+
+
+def test_logit_bias_bans_and_forces_tokens_per_request():
+    """OpenAI's logit_bias: -100 takes the greedy token out of play, +100 makes one token every answer; a request
+    without a bias batched beside them gets the tokens it gets alone, and the logprobs are the biased ones."""
+    model = tiny("llama4")
+    prompt = torch.randint(3, 512, (9,)).tolist()
+    params = SamplingParams(max_tokens=6, ignore_eos=True)
+    plain = generate(model, [prompt], params)[0].output
+    banned = SamplingParams(max_tokens=6, ignore_eos=True, logit_bias={plain[0]: -100.0, plain[1]: -100.0})
+    forced = SamplingParams(max_tokens=6, ignore_eos=True, logit_bias={77: 100}, logprobs=0)
+    engine = Engine(model, max_batch=3, max_seq_len=64)
+    reqs = [engine.add(prompt, p) for p in (params, banned, forced)]
+    while engine.has_work():
+        engine.step()
+    assert reqs[0].output == plain
+    assert plain[0] not in reqs[1].output and plain[1] not in reqs[1].output and reqs[1].output != plain
+    assert reqs[2].output == [77] * 6 and reqs[2].logprobs[0]["logprob"] > -1e-3    # biased: ~all the mass
+    for bad in ({5: 101}, {5: float("nan")}, {"5": 1.0}):
+        with pytest.raises(ValueError, match="logit_bias maps token ids"):
+            engine.add(prompt, SamplingParams(logit_bias=bad))
+    with pytest.raises(ValueError, match=r"logit_bias token ids \[99999\] outside the vocabulary"):
+        engine.add(prompt, SamplingParams(logit_bias={99999: 1.0}))

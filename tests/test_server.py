@@ -215,6 +215,29 @@ def test_sampling_fields(tiny_server, tiny_ref):
     assert r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
 
 
+def test_logit_bias(tiny_server, tiny_folders, tiny_ref):
+    """OpenAI's logit_bias reaches the sampler (it was accepted and ignored): +100 makes one token the whole answer,
+    on both endpoints; -100 keeps the greedy answer's first token out; a key that is no token id, a bias past 100 or
+    an id past the vocabulary is a 400 naming logit_bias."""
+    c, tok = tiny_server.client(), load_tokenizer(tiny_folders[0])
+    forced = tok.encode(" cat")[-1]
+    kw = dict(model="tiny", max_tokens=4, temperature=0, extra_body={"ignore_eos": True})
+    r = c.chat.completions.create(messages=user(PROMPTS[0]), logit_bias={str(forced): 100}, logprobs=True, **kw)
+    assert [e.token for e in r.choices[0].logprobs.content] == [tok.decode([forced])] * 4
+    r = c.completions.create(prompt="The quick brown", logit_bias={str(forced): 100}, **kw)
+    assert r.choices[0].text == tok.decode([forced] * 4)
+    _, greedy, _ = tiny_ref("tiny", user(PROMPTS[0]), 4)
+    plain = c.chat.completions.create(messages=user(PROMPTS[0]), **kw).choices[0].message.content
+    assert plain == tok.decode(greedy)
+    r = c.chat.completions.create(messages=user(PROMPTS[0]), logit_bias={str(greedy[0]): -100}, **kw)
+    assert r.choices[0].message.content != plain
+    for bias, says in (({"cat": 1}, "logit_bias.cat"), ({"5": 101}, "logit_bias.5"),
+                       ({"999999": 1}, "outside this model's vocabulary")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(messages=user("hi"), logit_bias=bias, **kw)
+        assert says in e.value.body["message"] and e.value.body["param"].startswith("logit_bias")
+
+
 def test_completions_endpoint(tiny_server, tiny_folders):
     c = tiny_server.client()
     model, tok = herd.load(tiny_folders[0]), load_tokenizer(tiny_folders[0])

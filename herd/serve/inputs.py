@@ -56,6 +56,11 @@ def check_context(sm: ServedModel, prompt_len: int, max_tokens: int | None, para
 def sampling_params(req: SamplingFields, sm: ServedModel, max_tokens: int, logprobs: int | None, index: int,
                      constrained: bool, prompt_logprobs: int | None = None) -> SamplingParams:
     ignore_eos = req.ignore_eos and not constrained      # a finished grammar must be able to stop
+    bias = {int(t): b for t, b in (req.logit_bias or {}).items()}
+    vocab = sm.model.config.vocab_size
+    if any(t >= vocab for t in bias):
+        raise APIError(400, f"logit_bias: token id {max(bias)} is outside this model's vocabulary (0..{vocab - 1})",
+                       param="logit_bias", code="invalid_value")
     return SamplingParams(
         max_tokens=max_tokens, temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else max(req.top_p, 1e-9), top_k=req.top_k or 0, min_p=req.min_p or 0.0,
@@ -63,7 +68,7 @@ def sampling_params(req: SamplingFields, sm: ServedModel, max_tokens: int, logpr
         frequency_penalty=req.frequency_penalty or 0.0,
         seed=None if req.seed is None else (req.seed + index) % 2 ** 63,
         stop_token_ids=() if ignore_eos else tuple(sm.stop_ids), ignore_eos=ignore_eos, logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs)
+        prompt_logprobs=prompt_logprobs, logit_bias=bias or None)
 
 
 def chat_messages(messages: list[ChatMessage]) -> list[dict]:

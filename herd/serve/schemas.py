@@ -186,6 +186,9 @@ class StreamOptions(_In):
     include_usage: bool = False
 
 
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]
+
+
 class SamplingFields(_In):
     @model_validator(mode="before")
     @classmethod
@@ -208,6 +211,8 @@ class SamplingFields(_In):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 63)
+    # token id (as a JSON key: text) -> bias added to its logit; the ids are checked against the model's vocabulary
+    logit_bias: dict[TokenIdKey, Annotated[float, Field(ge=-100, le=100)]] | None = None
     # extensions (vLLM spells them the same way)
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1)
