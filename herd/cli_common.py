@@ -1,7 +1,7 @@
 """What the `herd` commands share, whichever module holds their handler (herd/cli.py, herd/eval/cli.py,
 herd/agent/cli.py): the model argument read as a path, a model loaded as every command loads one (GGUF kept packed,
-prepared for the CPU, with its tokenizer), and the flags that choose how. Parses no command line itself and knows no
-command."""
+prepared for the CPU, with its tokenizer), the flags that choose how, and the argparse types of numbers (ranges
+checked as the command line is read). Parses no command line itself and knows no command."""
 from __future__ import annotations
 
 import argparse
