@@ -9,7 +9,8 @@ import sys
 # loaded CPU; measured 23 ms instead of 0.8 ms for one SmolLM2 FFN matmul with 2 spinning threads (bench/speed.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .cli_common import add_threads_flag, add_weight_flags, count, load_model, model_path, number  # noqa: E402
+from .cli_common import (add_threads_flag, add_weight_flags, count, load_model, model_path,  # noqa: E402
+                         new_checkpoint_folder, number)
 
 
 def _looks_like_path(word: str) -> bool:
@@ -240,6 +241,7 @@ def cmd_quantize(args):
     # bad flags fail before the (slow) load
     spec = make_spec(args.scheme, args.group_size, args.only, symmetric=not args.asymmetric)
     src = model_path(args.src)
+    new_checkpoint_folder(args.dst, src)
     if spec.only == "experts" and _config_of(str(src)).moe is None:        # known from the config: before the load
         raise ValueError(f"{args.src}: nothing to quantize with --only experts: the model has no routed experts "
                          "(a dense model: use --only all)")
@@ -326,6 +328,7 @@ def cmd_upcycle(args):
     from .train.upcycle import closeness, upcycle
 
     src = model_path(args.dense)
+    new_checkpoint_folder(args.out, src)
     dense = herd.load(src, progress=True).float()
     if dense.config.moe is not None:
         raise ValueError(f"{src}: already a mixture-of-experts model; upcycling starts from a dense one")
@@ -343,6 +346,8 @@ def cmd_upcycle(args):
 
 def cmd_synth(args):
     import json
+    from pathlib import Path
+
     import torch
     import herd
     from .engine import SamplingParams
@@ -352,6 +357,8 @@ def cmd_synth(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts)
+    if Path(args.out).exists() and Path(args.out).resolve() == Path(args.prompts).resolve():
+        raise ValueError(f"--out {args.out} is the prompt file: the answers would overwrite the prompts")
     path = model_path(args.teacher)
     model = herd.load(path, dtype=torch.bfloat16 if args.bf16 else None, progress=True)
     tok = load_tokenizer(path, eos_ids=model.config.eos_token_ids)

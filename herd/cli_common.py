@@ -26,6 +26,22 @@ def model_path(model_arg):
     return path
 
 
+def new_checkpoint_folder(dst, src) -> None:
+    """A folder a command writes a new checkpoint into (quantize, upcycle): refused while it holds one already
+    (config.json or safetensors), above all the source's own, which its derivative would overwrite (the float
+    weights gone, then a traceback). Checked before the model loads."""
+    from pathlib import Path
+
+    dst = Path(dst)
+    held = sorted(p.name for p in [dst / "config.json", *dst.glob("*.safetensors")] if p.is_file()) if dst.is_dir() \
+        else []
+    if held:
+        same = Path(src).is_dir() and dst.resolve() == Path(src).resolve()
+        raise ValueError(f"{dst}: " + ("is the source checkpoint; writing there would overwrite it" if same else
+                                       f"already holds a checkpoint ({', '.join(held[:3])})")
+                         + ": give a new or empty folder")
+
+
 def load_model(model_arg, verbose=False, dequantize=False, threads=None, mmap_experts=None):
     """(model path, model, tokenizer) for a CLI model argument; None means the default model. A GGUF file's Q4_0 /
     Q4_1 / Q8_0 weights stay packed for the int4 / int8 CPU kernels (herd/gguf.py: ~2x the fp32 decode speed on

@@ -160,3 +160,24 @@ def test_context_lengths_take_k_and_m():
     assert (args.max_seq_len, args.max_batch) == (131072, 4)
     args = build_parser(["plan"]).parse_args(["plan", "scout", "--device", "h100", "--context", "10M"])
     assert args.context == 10 * 2**20
+
+
+def test_outputs_never_overwrite_a_checkpoint_or_the_prompts(tiny_llama4, tmp_path):
+    """`herd quantize SRC SRC` quantized the source in place (its float weights gone) and then failed on copying the
+    tokenizer onto itself: a folder holding a checkpoint, the source's above all, is refused before the load, and
+    so is `herd synth --out` naming its own prompt file; nothing in either is touched."""
+    before = {p.name: p.read_bytes() for p in tiny_llama4.iterdir()}
+    for argv in (["quantize", str(tiny_llama4), str(tiny_llama4), "--scheme", "int8"],
+                 ["upcycle", str(tiny_llama4), str(tiny_llama4), "--experts", "2"]):
+        r = herd_cli(*argv)
+        assert r.returncode == 2 and "is the source checkpoint; writing there would overwrite it" in r.stderr, argv
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "model.safetensors").write_bytes(b"someone's weights")
+    r = herd_cli("quantize", str(tiny_llama4), str(tmp_path / "taken"), "--scheme", "int8")
+    assert r.returncode == 2 and "already holds a checkpoint (model.safetensors)" in r.stderr
+    assert (tmp_path / "taken" / "model.safetensors").read_bytes() == b"someone's weights"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Say hi.\n")
+    r = herd_cli("synth", str(tiny_llama4), "--prompts", str(prompts), "--out", str(prompts))
+    assert r.returncode == 2 and "is the prompt file" in r.stderr and prompts.read_text() == "Say hi.\n"
+    assert {p.name: p.read_bytes() for p in tiny_llama4.iterdir()} == before
