@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -110,6 +111,10 @@ def main():
               str(args.seq_len), "--batch-size", str(args.batch_size), "--lr", "3e-3", "--warmup", "30",
               "--bf16", "--threads", str(args.threads), "--eval-every", str(max(1, args.steps // 4)),
               "--log-every", "5", "--seed", "0"]
+    for old in (out / "baseline", out / "distilled"):       # this report's own runs: a rerun starts them again
+        if old.exists():
+            print(f"replacing the earlier run in {old}", flush=True)
+            shutil.rmtree(old)
     t0 = time.perf_counter()
     base = train(train_args(common + ["--out", str(out / "baseline")]))
     times["baseline_train_s"] = time.perf_counter() - t0

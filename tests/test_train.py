@@ -211,6 +211,21 @@ def test_resume_with_a_different_config(tmp_path):
         run(tmp_path, "--resume", tmp_path / "run", "--steps", 4, "--seq-len", 32, data=data, out="run2")
 
 
+def test_a_new_run_never_replaces_a_saved_one(tmp_path):
+    """The same command again without --resume used to rewrite the first run's log and, saving, delete its
+    checkpoints: refused, the run untouched; --resume goes on with it."""
+    data = make_text(tmp_path / "a.txt")
+    run(tmp_path, "--steps", 2, data=data)
+    saved = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    with pytest.raises(TrainingError, match=r"--out .*run already holds a run \(its checkpoint step_000002\): --resume"):
+        run(tmp_path, "--steps", 4, data=data)
+    run(tmp_path, "--steps", 2, data=data, out="other")
+    with pytest.raises(TrainingError, match="already holds a run"):     # resuming another run into it: the same
+        run(tmp_path, "--resume", tmp_path / "other", "--steps", 4, "--out", tmp_path / "run", data=data)
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == saved
+    assert run(tmp_path, "--resume", tmp_path / "run", "--steps", 3, data=data)["step"] == 3
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     real, calls = losses.cross_entropy, {"n": 0}
 

@@ -340,6 +340,11 @@ def run_identity(args, d: Dist) -> tuple[dict, Path | None, dict | None, Path]:
                                            else None)
     if out is None:
         raise TrainingError("give --out DIR")
+    held = find_checkpoint(out)
+    if held is not None and (resume is None or out.resolve() not in resume.resolve().parents):
+        # a new run there would rewrite its log at once and, at its first save, delete its checkpoints past --keep
+        raise TrainingError(f"--out {out} already holds a run (its checkpoint {held.name}): --resume {out} to go on "
+                            "with it, or give a new --out")
     return run, resume, saved, out
 
 
