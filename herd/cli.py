@@ -271,11 +271,12 @@ def cmd_plan(args):
 
 
 def cmd_serve(args):
-    from .serve.app import serve
+    from .serve.app import check_address, serve
     from .serve.limits import Limits, limit_fields
     from .serve.worker import ServedModel, short_name
 
     from .serve.guard import load_rails
+    check_address(args.host, args.port)                         # before the loads, which can take minutes
     rails = load_rails(args.guard_input, args.guard_output)     # a guard that fails to load stops the start here
     served = []
     for spec in args.models or ["default"]:

@@ -181,3 +181,18 @@ def test_outputs_never_overwrite_a_checkpoint_or_the_prompts(tiny_llama4, tmp_pa
     r = herd_cli("synth", str(tiny_llama4), "--prompts", str(prompts), "--out", str(prompts))
     assert r.returncode == 2 and "is the prompt file" in r.stderr and prompts.read_text() == "Say hi.\n"
     assert {p.name: p.read_bytes() for p in tiny_llama4.iterdir()} == before
+
+
+def test_serve_on_a_taken_port_says_so_before_loading():
+    """A port another server holds was uvicorn's error after every model had loaded (minutes for a large one), under
+    a '[serving ...]' line that said otherwise: now an error naming the address, before anything loads."""
+    import socket
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = herd_cli("serve", "default", "--port", str(port))
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr
+    assert "[loaded" not in r.stderr and "[serving" not in r.stderr
+    r = herd_cli("serve", "default", "--host", "no-such-host.invalid")
+    assert r.returncode == 2 and "--host no-such-host.invalid: not an address of this machine" in r.stderr

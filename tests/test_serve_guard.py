@@ -11,7 +11,7 @@ import pytest
 
 from herd.guard import DEFAULT_GUARD
 from test_guard_prompt import tiny_prompt_guard
-from test_server import LiveServer, openai
+from test_server import LiveServer, _free_port, openai
 from tiny_chat import write_tiny_chat_model
 
 pytestmark = pytest.mark.skipif(not (DEFAULT_GUARD / "config.json").exists(), reason="default guard not built")
@@ -166,13 +166,14 @@ def test_no_guard_no_moderations(servers):
 
 def test_guard_that_fails_to_load_stops_the_start(servers, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(DEFAULT_GUARD.parent.parent.parent)}
-    p = subprocess.run([sys.executable, "-m", "herd.cli", "serve", str(servers[2]), "--guard-input",
-                        str(tmp_path / "missing"), "--port", "1"], capture_output=True, text=True, timeout=120,
-                       env=env)
+
+    def serve(*flags):
+        return subprocess.run([sys.executable, "-m", "herd.cli", "serve", str(servers[2]), *flags, "--port",
+                               str(_free_port())], capture_output=True, text=True, timeout=120, env=env)
+    p = serve("--guard-input", str(tmp_path / "missing"))
     assert p.returncode == 2 and "cannot start with guard" in p.stderr and "no such guard folder" in p.stderr
     assert "serving" not in p.stderr
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text(json.dumps({"model_type": "bert"}))
-    p = subprocess.run([sys.executable, "-m", "herd.cli", "serve", str(servers[2]), "--guard-output",
-                        str(tmp_path / "broken"), "--port", "1"], capture_output=True, text=True, timeout=120, env=env)
+    p = serve("--guard-output", str(tmp_path / "broken"))
     assert p.returncode == 2 and "no guard herd knows" in p.stderr

@@ -123,6 +123,27 @@ def _declare_key(app: FastAPI):
     app.openapi = openapi
 
 
+def check_address(host: str, port: int):
+    """Whether this server could listen on host:port, tried before any model loads (minutes, for a large one):
+    an address in use or a host that is not this machine's is an error naming it, not uvicorn's after the load."""
+    import errno
+    import socket
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(f"--host {host}: not an address of this machine ({e})") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)      # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            s.bind(address)
+        except OSError as e:
+            hint = {errno.EADDRINUSE: "another server there? choose --port",
+                    errno.EADDRNOTAVAIL: "not an address of this machine: choose --host",
+                    errno.EACCES: "ports below 1024 need privileges: choose --port"}.get(e.errno, "")
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}" + (f" ({hint})" if hint else "")
+                             ) from None
+
+
 def serve(models: list[ServedModel], host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           log_level: str = "info", limits: Limits | None = None, cors_origins: list[str] | None = None,
           protect_metrics: bool = False, webui: bool = True, rails=None):
