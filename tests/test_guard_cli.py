@@ -15,10 +15,11 @@ from test_guard_prompt import tiny_prompt_guard
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def herd_guard(*args, timeout=120):
+def herd_guard(*args, timeout=120, stdin: bytes = b""):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "herd.cli", "guard", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    p = subprocess.run([sys.executable, "-m", "herd.cli", "guard", *map(str, args)], capture_output=True,
+                       input=stdin, timeout=timeout, env=env)
+    return subprocess.CompletedProcess(p.args, p.returncode, p.stdout.decode(), p.stderr.decode())
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +38,28 @@ def test_verdicts_and_exit_codes(pg, tmp_path):
     f = tmp_path / "doc.txt"
     f.write_text(" ".join(["w1"] * 1200 + ["INJECT"] + ["w2"] * 10))       # the attack in the 3rd window
     assert herd_guard("--model", pg, "--file", f).returncode == 1
+    # `--file -`: standard input, as `... | herd guard --file -` pipes it (it was "-: no such file")
+    assert herd_guard("--model", pg, "--file", "-", stdin=f.read_bytes()).returncode == 1
+    assert herd_guard("--model", pg, "--file", "-", stdin=b"w1 w2 w3").returncode == 0
 
 
 @pytest.mark.parametrize("case, match", [
     ("empty", "empty text"), ("huge", "at most 524,288 bytes"), ("latin1", "not UTF-8 text (byte 0xe9 at offset 3)"),
     ("neither", "give the text to check, or --file"), ("image", "reads text only"),
-    ("no-guard", "no such guard folder")])
+    ("no-guard", "no such guard folder"), ("huge-stdin", "standard input holds more than 524,288 bytes"),
+    ("latin1-stdin", "standard input: not UTF-8 text")])
 def test_bad_input(pg, tmp_path, case, match):
     args = {"empty": ["--model", pg, "   "], "neither": ["--model", pg],
             "huge": ["--model", pg, "--file", tmp_path / "big.txt"],
             "latin1": ["--model", pg, "--file", tmp_path / "l1.txt"],
             "image": ["--model", pg, "--image", tmp_path / "x.png", "hello"],
-            "no-guard": ["--model", tmp_path / "nothing", "hello"]}[case]
+            "no-guard": ["--model", tmp_path / "nothing", "hello"],
+            "huge-stdin": ["--model", pg, "--file", "-"], "latin1-stdin": ["--model", pg, "--file", "-"]}[case]
     (tmp_path / "big.txt").write_text("a" * (1 << 20))
     (tmp_path / "l1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
     (tmp_path / "x.png").write_bytes(b"\x89PNG not really")
-    p = herd_guard(*args)
+    stdin = {"huge-stdin": b"a" * (1 << 20), "latin1-stdin": "caf\xe9".encode("latin-1")}.get(case, b"")
+    p = herd_guard(*args, stdin=stdin)
     assert p.returncode == 2 and match in p.stderr, (p.returncode, p.stderr)
     assert "Traceback" not in p.stderr
 

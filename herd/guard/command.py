@@ -12,15 +12,22 @@ from .verdict import MAX_TEXT_BYTES, GuardError
 
 
 def read_text_file(path: str) -> str:
-    """A UTF-8 file's text, refused (never read whole) when larger than a guard scans."""
-    p = Path(path)
-    if not p.is_file():
-        raise GuardError(f"{path}: no such file")
-    size = p.stat().st_size
-    if size > MAX_TEXT_BYTES:
-        raise GuardError(f"{path} is {size:,} bytes; a guard scans at most {MAX_TEXT_BYTES:,} bytes per check "
-                         "(split the file and check the parts)")
-    raw = p.read_bytes()
+    """A UTF-8 file's text ("-": standard input, as a pipe gives it), refused (never read whole) when larger than a
+    guard scans."""
+    too_big = (f"a guard scans at most {MAX_TEXT_BYTES:,} bytes per check (split the text and check the parts)")
+    if path == "-":
+        raw = sys.stdin.buffer.read(MAX_TEXT_BYTES + 1)
+        if len(raw) > MAX_TEXT_BYTES:
+            raise GuardError(f"standard input holds more than {MAX_TEXT_BYTES:,} bytes; {too_big}")
+        path = "standard input"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise GuardError(f"{path}: no such file")
+        size = p.stat().st_size
+        if size > MAX_TEXT_BYTES:
+            raise GuardError(f"{path} is {size:,} bytes; {too_big}")
+        raw = p.read_bytes()
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -57,7 +64,7 @@ def add_guard_command(sub):
     p = sub.add_parser("guard", help="check a text with a safety guard (Llama Guard 4, Prompt Guard 2, or the "
                                      "injection guard trained here): verdict, score, categories, time")
     p.add_argument("text", nargs="?", default=None, help="the text to check (or --file)")
-    p.add_argument("--file", default=None, help="read the text from this UTF-8 file")
+    p.add_argument("--file", default=None, help="read the text from this UTF-8 file ('-': standard input)")
     p.add_argument("--model", default="default",
                    help="guard folder (Llama Guard 4 or Prompt Guard 2, HF layout), or 'default' (trained here)")
     p.add_argument("--image", action="append", default=[], help="an image in the text's turn (Llama Guard 4)")
