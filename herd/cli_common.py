@@ -33,6 +33,8 @@ def new_checkpoint_folder(dst, src) -> None:
     from pathlib import Path
 
     dst = Path(dst)
+    if dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst}: is a file; the output is a folder (config.json + model.safetensors)")
     held = sorted(p.name for p in [dst / "config.json", *dst.glob("*.safetensors")] if p.is_file()) if dst.is_dir() \
         else []
     if held:

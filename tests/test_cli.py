@@ -176,6 +176,8 @@ def test_outputs_never_overwrite_a_checkpoint_or_the_prompts(tiny_llama4, tmp_pa
     r = herd_cli("quantize", str(tiny_llama4), str(tmp_path / "taken"), "--scheme", "int8")
     assert r.returncode == 2 and "already holds a checkpoint (model.safetensors)" in r.stderr
     assert (tmp_path / "taken" / "model.safetensors").read_bytes() == b"someone's weights"
+    r = herd_cli("quantize", str(tiny_llama4), str(tmp_path / "taken" / "model.safetensors"), "--scheme", "int8")
+    assert r.returncode == 2 and "is a file; the output is a folder" in r.stderr
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("Say hi.\n")
     r = herd_cli("synth", str(tiny_llama4), "--prompts", str(prompts), "--out", str(prompts))
