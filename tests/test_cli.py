@@ -145,7 +145,8 @@ def test_numbers_out_of_range_are_refused_before_anything_loads(argv, says, caps
 
 
 def test_empty_prompt_is_refused_not_answered():
-    """`herd run ""` sent an empty user message and printed whatever the model made of it."""
+    """`herd run ""` took the current folder for a model (Path("") is "."), and `herd run default "  "` sent an
+    empty user message and printed whatever the model made of it: both are refused before anything loads."""
     for words in (["default", "  "], [""]):               # "" alone is no model either (Path("") is the cwd)
         r = herd_cli("run", *words)
         assert r.returncode == 1 and "the prompt is empty" in r.stderr and not r.stdout, words
