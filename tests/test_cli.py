@@ -133,6 +133,15 @@ def test_length_generalization_writes_only_where_out_says():
     (["generate", "default", "hi", "--top-p", "0"], "expected a number above 0 and at most 1"),
     (["generate", "default", "hi", "--top-k", "-1"], "argument --top-k: -1 is out of range"),
     (["bench-serve", "http://127.0.0.1:9", "--timeout", "0"], "argument --timeout: 0 is out of range"),
+    # train ran --grad-accum 0 to the end with loss 0.0 and no gradient; --seq-len 0 was a ZeroDivisionError
+    (["train", "--config", "debug", "--steps", "2", "--grad-accum", "0"], "argument --grad-accum: 0 is out of range"),
+    (["train", "--config", "debug", "--steps", "2", "--seq-len", "0"], "argument --seq-len: 0 is out of range"),
+    (["distill", "--teacher", "default", "--steps", "2", "--kd-weight", "1.5"],
+     "expected a number at least 0 and at most 1"),
+    # humaneval --limit 0 ran all 164 problems, and -1 all but the last
+    (["eval", "humaneval", "default", "--limit", "0"], "argument --limit: 0 is out of range: expected at least 1"),
+    (["eval", "perplexity", "default", "f.txt", "--window", "1"], "argument --window: 1 is out of range"),
+    (["agent", "hi", "--code-timeout", "-1"], "argument --code-timeout: -1 is out of range"),
 ])
 def test_numbers_out_of_range_are_refused_before_anything_loads(argv, says, capsys):
     """`herd serve --max-batch 0` used to start a server that queued every request for ever, `--max-seq-len -1` and

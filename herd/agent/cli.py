@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..cli_common import count, number
+
 
 def add_agent_parser(sub):
     p = sub.add_parser("agent", help="run a task with tools: a model (or a planner and an actor), user tools, the "
@@ -27,23 +29,23 @@ def add_agent_parser(sub):
                    help="tool definitions: a .json list of schemas with handlers, or a .py file whose public "
                         "functions are tools")
     p.add_argument("--no-code", action="store_true", help="leave out the code interpreter")
-    p.add_argument("--code-timeout", type=float, default=10, help="seconds per code-interpreter run")
-    p.add_argument("--code-memory-mb", type=int, default=512, help="memory per code-interpreter process")
+    p.add_argument("--code-timeout", type=number(0, above=True), default=10, help="seconds per code-interpreter run")
+    p.add_argument("--code-memory-mb", type=count(1), default=512, help="memory per code-interpreter process")
     p.add_argument("--tool-format", choices=["python_list", "json", "function_tag"], default="python_list",
                    help="Llama 4 models: the tool-call form asked for and written back into the prompt")
     p.add_argument("--guard", help="an input guard for tool results (herd.guard, issue 16: a guard folder or "
                                    "'default')")
     # Loop
-    p.add_argument("--max-steps", type=int, default=8, help="model replies at most (the actor's, in plan/act)")
-    p.add_argument("--max-plan-steps", type=int, default=6, help="plan/act: steps the planner may write")
+    p.add_argument("--max-steps", type=count(1), default=8, help="model replies at most (the actor's, in plan/act)")
+    p.add_argument("--max-plan-steps", type=count(1), default=6, help="plan/act: steps the planner may write")
     p.add_argument("--transcript", default="agent_transcript.jsonl", help="JSONL file of every event")
     p.add_argument("--quiet", action="store_true", help="print only the final answer")
     p.add_argument("--system", help="system message for a lone agent (default: herd's agent instructions)")
     # Sampling (local models)
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens per model reply")
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=count(1), default=512, help="tokens per model reply")
+    p.add_argument("--temperature", type=number(0), default=0.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--max-seq-len", type=int, default=8192, help="local models: context (prompt + reply)")
+    p.add_argument("--max-seq-len", type=count(1), default=8192, help="local models: context (prompt + reply)")
     p.set_defaults(func=cmd_agent)
     return p
 
@@ -105,8 +107,6 @@ def cmd_agent(args):
 
     if args.context and not args.planner:
         _refuse("--context is read by the planner: give --planner MODEL (and --actor MODEL)")
-    if args.max_steps < 1:
-        _refuse("--max-steps must be >= 1")
     try:
         tools = _tools(args)
     except SandboxUnavailable as e:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from ..cli_common import add_threads_flag, add_weight_flags, load_model
+from ..cli_common import add_threads_flag, add_weight_flags, count, load_model
 
 
 def add_eval_parser(sub):
@@ -14,7 +14,7 @@ def add_eval_parser(sub):
     p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
     p.add_argument("--lengths", default="1k,4k,16k,64k", help="prompt lengths in tokens (k = 1024)")
     p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle positions, 0 = start of the haystack")
-    p.add_argument("--samples", type=int, default=1, help="needles per cell (each a new city and number)")
+    p.add_argument("--samples", type=count(1), default=1, help="needles per cell (each a new city and number)")
     p.add_argument("--seed", type=int, default=0, help="picks the needles")
     p.add_argument("--no-chat", action="store_true", help="raw prompt even if the model has a chat format")
     add_weight_flags(p)
@@ -129,7 +129,7 @@ def _add_eval_suite_parsers(evals):
     p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
     p.add_argument("--tasks", default="herd_smoke", help="comma-separated lm-eval tasks or groups (herd_smoke, "
                    "herd_smoke_ci: herd/eval/tasks; others from --include folders or lm-eval's cached tasks)")
-    p.add_argument("--limit", type=int, default=None, help="at most this many items per task")
+    p.add_argument("--limit", type=count(1), default=None, help="at most this many items per task")
     p.add_argument("--server", action="store_true", help="start `herd serve MODEL` and measure it through lm-eval's "
                    "local-completions client (token-id prompts, echo + logprobs, the server's tokenizer endpoints)")
     p.add_argument("--url", default=None, help="measure an already running OpenAI-compatible server instead "
@@ -141,18 +141,18 @@ def _add_eval_suite_parsers(evals):
                    "servers that take no token arrays; they then tokenize it again themselves)")
     p.add_argument("--api-key", default=None, help="bearer token of a --url server")
     p.add_argument("--include", action="append", default=[], help="another folder of lm-eval task YAMLs")
-    p.add_argument("--batch-size", type=int, default=16, help="sequences scored together (engine rows, or prompts "
+    p.add_argument("--batch-size", type=count(1), default=16, help="sequences scored together (engine rows, or prompts "
                    "per request to the server)")
-    p.add_argument("--max-seq-len", type=int, default=2048, help="context; longer inputs are left-truncated")
+    p.add_argument("--max-seq-len", type=count(1), default=2048, help="context; longer inputs are left-truncated")
     p.add_argument("--out", default="eval_lm.json", help="JSON results to write")
     _eval_runtime_flags(p)
     p.set_defaults(func=cmd_eval_lm)
 
     p = evals.add_parser("humaneval", help="HumanEval pass@1 (greedy); the code runs only in herd's sandbox")
     p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
-    p.add_argument("--limit", type=int, default=None, help="the first N of the 164 problems")
-    p.add_argument("--batch-size", type=int, default=8, help="problems completed together on the engine")
-    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per completion")
+    p.add_argument("--limit", type=count(1), default=None, help="the first N of the 164 problems")
+    p.add_argument("--batch-size", type=count(1), default=8, help="problems completed together on the engine")
+    p.add_argument("--max-tokens", type=count(1), default=512, help="most tokens per completion")
     p.add_argument("--out", default="eval_humaneval.json", help="JSON results (every completion and outcome)")
     _eval_runtime_flags(p)
     p.set_defaults(func=cmd_eval_humaneval)
@@ -160,10 +160,10 @@ def _add_eval_suite_parsers(evals):
     p = evals.add_parser("perplexity", help="perplexity of a UTF-8 text file, in (sliding) windows")
     p.add_argument("model", help="GGUF file or HF folder ('default' for the default model)")
     p.add_argument("file", help="UTF-8 text file")
-    p.add_argument("--window", type=int, default=512, help="tokens per forward")
-    p.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: --window, "
+    p.add_argument("--window", type=count(2), default=512, help="tokens per forward")
+    p.add_argument("--stride", type=count(1), default=None, help="tokens between window starts (default: --window, "
                    "non-overlapping; smaller: a sliding window, each scored token sees >= window - stride before it)")
-    p.add_argument("--tokens", type=int, default=None, help="score only the first N tokens of the file")
+    p.add_argument("--tokens", type=count(2), default=None, help="score only the first N tokens of the file")
     p.add_argument("--out", default="eval_perplexity.json", help="JSON result to write")
     _eval_runtime_flags(p)
     p.set_defaults(func=cmd_eval_perplexity)
