@@ -358,7 +358,7 @@ def cmd_synth(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     prompts = read_prompts(args.prompts)
-    if Path(args.out).exists() and Path(args.out).resolve() == Path(args.prompts).resolve():
+    if Path(args.out).exists() and Path(args.out).samefile(args.prompts):
         raise ValueError(f"--out {args.out} is the prompt file: the answers would overwrite the prompts")
     path = model_path(args.teacher)
     model = herd.load(path, dtype=torch.bfloat16 if args.bf16 else None, progress=True)

@@ -38,7 +38,7 @@ def new_checkpoint_folder(dst, src) -> None:
     held = sorted(p.name for p in [dst / "config.json", *dst.glob("*.safetensors")] if p.is_file()) if dst.is_dir() \
         else []
     if held:
-        same = Path(src).is_dir() and dst.resolve() == Path(src).resolve()
+        same = dst.samefile(src)
         raise ValueError(f"{dst}: " + ("is the source checkpoint; writing there would overwrite it" if same else
                                        f"already holds a checkpoint ({', '.join(held[:3])})")
                          + ": give a new or empty folder")
