@@ -21,6 +21,9 @@ AGENT = [{"role": "user", "content": "What is the weather in Oslo?"},
          {"role": "assistant", "content": None, "tool_calls": [
              {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"q": "Oslo"}'}}]},
          {"role": "tool", "tool_call_id": "call_1", "content": INJECTION}]
+# Answers the cutting guard must see: sampled at temperature 1, the tiny model sometimes ends at once, and an empty
+# answer has nothing to flag (finish_reason stop, rightly); ignoring EOS, every answer is its max_tokens of text
+WHOLE = {"ignore_eos": True}
 
 
 def flag_everything(folder):
@@ -92,12 +95,12 @@ def test_moderations_with_the_openai_client(servers):
 
 def test_flagged_answer_is_cut(servers):
     cutting = servers[1]
-    r = cutting.client().chat.completions.create(model="tiny", messages=AGENT[:1], max_tokens=40)
+    r = cutting.client().chat.completions.create(model="tiny", messages=AGENT[:1], max_tokens=40, extra_body=WHOLE)
     c = r.choices[0]
     assert c.finish_reason == "content_filter" and c.message.content is None and "output guard" in c.message.refusal
     assert c.model_extra["herd_guard"]["rail"] == "output"
     chunks = list(cutting.client().chat.completions.create(model="tiny", messages=AGENT[:1], max_tokens=40,
-                                                            stream=True))
+                                                            stream=True, extra_body=WHOLE))
     # nothing unchecked was sent: the guard flagged the first text it saw, so no content delta went out
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)
     end = chunks[-1].choices[0]
@@ -116,11 +119,11 @@ def test_completions_are_guarded_too(servers):
                                                       stream=True))
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     assert chunks[-1].model_extra["herd_guard"]["message_index"] == 1
-    r = cutting.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=30)
+    r = cutting.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=30, extra_body=WHOLE)
     assert r.choices[0].finish_reason == "content_filter" and r.choices[0].text == ""
     assert r.choices[0].model_extra["herd_guard"]["rail"] == "output"
     chunks = list(cutting.client().completions.create(model="tiny", prompt="Once upon a time", max_tokens=30,
-                                                      stream=True))
+                                                      stream=True, extra_body=WHOLE))
     assert not any(c.choices[0].text for c in chunks) and chunks[-1].choices[0].finish_reason == "content_filter"
 
 
@@ -128,10 +131,10 @@ def test_cut_answer_keeps_no_logprobs_of_unsent_text(servers):
     """Logprobs spell tokens: a cut answer must not carry those of text the guard held back."""
     cutting = servers[1]
     r = cutting.client().chat.completions.create(model="tiny", messages=AGENT[:1], max_tokens=20, logprobs=True,
-                                                 top_logprobs=2)
+                                                 top_logprobs=2, extra_body=WHOLE)
     assert r.choices[0].finish_reason == "content_filter" and not r.choices[0].logprobs.content
     chunks = list(cutting.client().chat.completions.create(model="tiny", messages=AGENT[:1], max_tokens=20,
-                                                            logprobs=True, stream=True))
+                                                            logprobs=True, stream=True, extra_body=WHOLE))
     assert not any(c.choices[0].logprobs and c.choices[0].logprobs.content for c in chunks if c.choices)
 
 
@@ -144,7 +147,7 @@ def test_metrics_count_flagged(servers):
     # a long answer: the first check comes mid-stream, and the engine request is cancelled there (the engine thread
     # handles the cancel at its next step, which may come after the answer went out: so wait for the count)
     r = cutting.client().chat.completions.create(model="tiny", messages=AGENT[:1], max_tokens=300,
-                                                 extra_body={"ignore_eos": True})
+                                                 extra_body=WHOLE)
     assert r.choices[0].finish_reason == "content_filter" and r.usage.completion_tokens < 300
     assert cutting.metric("herd_guard_flagged_total", rail="output") >= 1
     assert cutting.wait_metric("herd_finished_requests_total", 1, reason="content_filter") >= 1
